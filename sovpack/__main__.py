@@ -1,0 +1,5 @@
+import sys
+
+from sovpack.cli import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""The command line: Typer commands that parse, call one core function, and render with rich.
+
+Command modules register themselves on `app`; heavy libraries are imported inside the
+commands that need them so that `sovpack --help` and `sovpack verify` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from sovpack import __version__
+from sovpack.errors import SovpackError
+
+app = typer.Typer(
+    name="sovpack",
+    help="Carry open-weight models across an air gap, with proof that every byte is the one approved.\n\n"
+    "Exit codes: 0 success; 1 refused (integrity, signature, trust, policy or format check failed); "
+    "2 usage error; 3 any other failure (I/O, network, missing dependency).",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sovpack {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    pass
+
+
+from sovpack.cli import bundle_commands  # noqa: E402,F401  (registers commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sovpack.cli.render import print_error
+
+    try:
+        result = app(args=argv, prog_name="sovpack", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print_error("interrupted; nothing half-written was left in place")
+        return 130
+    except SovpackError as e:
+        print_error(str(e))
+        return e.exit_code
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print_error(f"I/O error{where}: {e.strerror or e}")
+        return 3

@@ -1,0 +1,189 @@
+"""keygen, pack, sign, verify, inspect."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sovpack.cli import app
+from sovpack.cli.render import console, human_size, print_json
+from sovpack.errors import UsageError
+
+TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for several."
+
+
+def read_password(password_file: Optional[Path]) -> bytes | None:
+    if password_file is None:
+        return None
+    try:
+        password = password_file.read_bytes().rstrip(b"\r\n")
+    except OSError as e:
+        raise UsageError(f"cannot read --password-file {password_file}: {e.strerror}") from None
+    if not password:
+        raise UsageError(f"--password-file {password_file} is empty")
+    return password
+
+
+@app.command()
+def keygen(
+    name: str = typer.Argument(..., help="Key name: writes NAME.key (private, mode 0600) and NAME.pub."),
+    dir: Path = typer.Option(Path("."), "--dir", help="Directory to write the key files into."),
+    curve: str = typer.Option("p384", "--curve", help="p384 (default) or p256."),
+    password_file: Optional[Path] = typer.Option(None, "--password-file", help="Encrypt the private key with the password in this file."),
+) -> None:
+    """Create an ECDSA signing key pair as PEM files. Never overwrites an existing key."""
+    from sovpack.keys import generate_key_pair
+
+    key = generate_key_pair(name, dir, curve.lower(), read_password(password_file))
+    console.print(f"key id {key.key_id}\nprivate key {key.private_path} (keep it secret)\npublic key  {key.public_path} (give it to verifiers)")
+
+
+@app.command()
+def pack(
+    src: Path = typer.Argument(..., help="Local model directory (safetensors or GGUF, config, tokenizer, ...)."),
+    out: Path = typer.Option(..., "--out", help="New bundle directory to create."),
+    name: str = typer.Option(..., "--name", help="Bundle name (letters, digits, '.', '_', '-')."),
+    version: int = typer.Option(1, "--version", help="Bundle version; the store refuses to go back to a lower one."),
+    expires: Optional[str] = typer.Option(None, "--expires", help="Expiry: 90d, 2027-01-01 or 2027-01-01T00:00:00Z."),
+) -> None:
+    """Turn a local model directory into an unsigned bundle (files copied or hard-linked)."""
+    from datetime import datetime, timezone
+
+    from sovpack.metadata import parse_expiry
+    from sovpack.pack import pack as pack_bundle
+
+    now = datetime.now(timezone.utc)
+    metadata, skipped = pack_bundle(src, out, name, version=version, expires=parse_expiry(expires, now), now=now)
+    for s in skipped:
+        console.print(f"skipped {s} (git metadata)")
+    total = sum(f.size for f in metadata.files)
+    console.print(f"packed {metadata.name} v{metadata.version}: {len(metadata.files)} files, {human_size(total)} -> {out}")
+    console.print(f"next: sovpack sign {out} --key KEYFILE")
+
+
+@app.command()
+def sign(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    key: Path = typer.Option(..., "--key", help="Private key (PEM) from `sovpack keygen`."),
+    password_file: Optional[Path] = typer.Option(None, "--password-file", help="File holding the private key's password."),
+) -> None:
+    """Check the bundle's files against its inventory, then add this key's signature."""
+    from sovpack.keys import load_private_key, private_key_is_encrypted
+    from sovpack.sign import sign_bundle
+
+    password = read_password(password_file)
+    if password is None and private_key_is_encrypted(key) and sys.stdin.isatty():
+        password = typer.prompt(f"password for {key}", hide_input=True).encode()
+    result = sign_bundle(bundle, load_private_key(key, password))
+    action = "replaced the signature of" if result.replaced else "signed"
+    console.print(f"{action} {result.metadata.name} v{result.metadata.version} with key {result.key_id}: {result.path}")
+    for stale in result.stale:
+        console.print(f"[yellow]warning:[/] {stale} no longer matches this bundle; its signer must sign again")
+
+
+@app.command()
+def verify(
+    bundle: str = typer.Argument(..., help="Bundle directory."),
+    trust: list[Path] = typer.Option(..., "--trust", help=TRUST_HELP),
+    threshold: int = typer.Option(1, "--threshold", help="How many distinct trusted keys must have signed."),
+    json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report instead of a table."),
+) -> None:
+    """Check signatures, threshold, metadata, inventory, digests, formats and expiry, in that order."""
+    from sovpack.bundle import require_bundle_dir
+    from sovpack.trust import load_trust
+    from sovpack.verify import verify_bundle
+
+    policy = load_trust(trust, threshold)
+    root = Path(bundle)
+    require_bundle_dir(root)
+    report = verify_bundle(root, policy)
+    if json_output:
+        print_json(report.to_json())
+    else:
+        render_verify_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def render_verify_report(report) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    m = report.metadata
+    title = f"{m.name} v{m.version}" if m else report.bundle
+    table = Table(title=f"verify {escape(title)}", title_justify="left")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    for step, detail in report.checks:
+        table.add_row(step, "[green]ok[/]", escape(detail))
+    if report.failure:
+        table.add_row(report.failure.step, "[bold red]FAILED[/]", escape(str(report.failure)))
+    console.print(table)
+    for s in report.signatures:
+        who = f"{s.signer.name} ({s.key_id})" if s.signer else f"key {s.key_id}"
+        verdict = "[green]valid, trusted[/]" if s.status == "valid" else "[yellow]not in the trust set[/]"
+        console.print(f"  {escape(s.file)}: {escape(who)} {verdict}")
+    if report.ok:
+        console.print(f"[bold green]VERIFIED[/] {escape(title)}")
+    else:
+        console.print(f"[bold red]REFUSED[/] {escape(title)}: {escape(str(report.failure))}")
+
+
+@app.command()
+def inspect(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    json_output: bool = typer.Option(False, "--json", help="Print the documented JSON document."),
+) -> None:
+    """Show what a bundle holds (files, formats, sources, signatures) without keys or hashing."""
+    from sovpack.describe import describe_bundle
+
+    doc = describe_bundle(bundle)
+    if json_output:
+        print_json(doc)
+        return
+    render_description(doc)
+
+
+def render_description(doc: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    expiry = doc["expires"] or "never"
+    console.print(f"[bold]{escape(doc['name'])}[/] v{doc['version']}  created {doc['created']}  expires {expiry}  ({human_size(doc['total_size'])})")
+    table = Table(show_header=True)
+    for column in ("file", "size", "role", "format", "details", "source"):
+        table.add_column(column, overflow="fold")
+    for f in doc["files"]:
+        table.add_row(escape(f["path"]), human_size(f["size"]), f["role"], f["format"], escape(_details(f.get("details"))), escape(_source(f.get("source"))))
+    console.print(table)
+    if not doc["signatures"]:
+        console.print("signatures: none (unsigned)")
+    for s in doc["signatures"]:
+        state = "covers this metadata" if s["covers_metadata"] else f"[yellow]does not cover this metadata[/] {escape(s['problem'] or '')}"
+        console.print(f"signature {escape(s['file'])}: key {s['key_id']} {state}")
+
+
+def _details(details: dict | None) -> str:
+    if not details:
+        return ""
+    if "file_type" in details:
+        parts = [details.get("architecture") or "?", details.get("file_type") or "?", f"ctx {details.get('context_length')}"]
+        if details.get("chat_template_sha256"):
+            parts.append(f"template {details['chat_template_sha256'][:12]}")
+        return " ".join(str(p) for p in parts)
+    dtypes = ",".join(details.get("dtypes", {}))
+    return f"{details.get('tensor_count')} tensors {dtypes} {details.get('parameter_count'):,} params"
+
+
+def _source(source: dict | None) -> str:
+    if not source:
+        return ""
+    if source.get("type") == "hub":
+        return f"{source.get('repo')}@{str(source.get('commit'))[:12]}"
+    if source.get("type") == "quantized":
+        return f"{source.get('quantization')} from {source.get('input')}"
+    return source.get("type", "")

@@ -1,0 +1,45 @@
+"""What a bundle holds, read from its metadata and signature files, without keys or hashing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sovpack.bundle import read_metadata_bytes, require_bundle_dir, scan_tree
+from sovpack.errors import Refused
+from sovpack.hashing import sha256_bytes
+from sovpack.metadata import METADATA_FILE, format_time, parse_metadata
+from sovpack.signature import parse_signature, parse_statement
+
+
+def describe_bundle(root: Path) -> dict:
+    """The documented `inspect --json` document (docs/bundle-format.md)."""
+    require_bundle_dir(root)
+    raw = read_metadata_bytes(root)
+    metadata = parse_metadata(raw)
+    return {
+        "bundle": str(root),
+        "name": metadata.name,
+        "version": metadata.version,
+        "created": format_time(metadata.created),
+        "expires": format_time(metadata.expires) if metadata.expires else None,
+        "created_by": metadata.created_by,
+        "metadata_sha256": sha256_bytes(raw),
+        "total_size": sum(f.size for f in metadata.files),
+        "sources": metadata.sources,
+        "files": [f.to_json() | {"shards": len(f.shards)} for f in sorted(metadata.files, key=lambda f: f.path)],
+        "signatures": _signatures(root, sha256_bytes(raw)),
+    }
+
+
+def _signatures(root: Path, metadata_sha256: str) -> list[dict]:
+    found = []
+    for name in scan_tree(root).signatures:
+        try:
+            sig = parse_signature((root / name).read_bytes(), name)
+            statement = parse_statement(sig.payload, name)
+        except Refused as e:
+            found.append({"file": name, "key_id": None, "covers_metadata": False, "problem": str(e)})
+            continue
+        covers = statement.resources.get(METADATA_FILE) == metadata_sha256
+        found.append({"file": name, "key_id": sig.key_id, "covers_metadata": covers, "problem": None})
+    return found

@@ -1,0 +1,59 @@
+"""Add a signature to a bundle, after checking that its files still match its inventory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sovpack.bundle import read_metadata_bytes, require_bundle_dir, scan_tree, signature_path, write_atomically
+from sovpack.errors import Refused
+from sovpack.hashing import sha256_bytes
+from sovpack.keys import key_id
+from sovpack.metadata import METADATA_FILE, BundleMetadata, parse_metadata
+from sovpack.signature import build_statement, parse_signature, parse_statement, sign_statement
+from sovpack.verify import check_digests, check_formats, check_inventory
+
+
+@dataclass(frozen=True)
+class SignResult:
+    path: Path
+    key_id: str
+    metadata: BundleMetadata
+    replaced: bool  # this key had signed before; its old signature was replaced
+    stale: list[str]  # other signature files that no longer cover this bundle
+
+
+def statement_for(metadata: BundleMetadata, metadata_sha256: str) -> bytes:
+    resources = {f.path: f.sha256 for f in metadata.files} | {METADATA_FILE: metadata_sha256}
+    return build_statement(metadata.name, resources)
+
+
+def sign_bundle(root: Path, private_key: ec.EllipticCurvePrivateKey) -> SignResult:
+    require_bundle_dir(root)
+    raw = read_metadata_bytes(root)
+    metadata = parse_metadata(raw)
+    tree = scan_tree(root)
+    try:
+        check_inventory(metadata, tree, root)
+        check_digests(root, metadata)
+        check_formats(root, metadata)
+    except Refused as e:
+        raise Refused(f"refusing to sign {root}: {e}") from None
+    payload = statement_for(metadata, sha256_bytes(raw))
+    target = signature_path(root, key_id(private_key.public_key()))
+    target.parent.mkdir(exist_ok=True)
+    replaced = target.exists()
+    write_atomically(target, sign_statement(private_key, payload))
+    stale = [name for name in tree.signatures if root / name != target and not _covers(root / name, name, payload)]
+    return SignResult(target, key_id(private_key.public_key()), metadata, replaced, stale)
+
+
+def _covers(path: Path, name: str, payload: bytes) -> bool:
+    try:
+        theirs = parse_statement(parse_signature(path.read_bytes(), name).payload, name)
+    except Refused:
+        return False
+    return theirs.resources == parse_statement(payload, name).resources
+

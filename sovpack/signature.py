@@ -1,0 +1,160 @@
+"""Signature files in the OpenSSF model-signing v1.0 format.
+
+A signature file is a Sigstore bundle (media type v0.3) holding a DSSE envelope whose
+payload is an in-toto Statement with predicate type https://model_signing/signature/v1.0,
+serialization method "files": one whole-file SHA-256 per file. The key is identified by
+the SHA-256 of its PEM public key (`verificationMaterial.publicKey.hint`), exactly as
+model-signing's own key signer does, so `model_signing verify key` accepts these files.
+
+model-signing builds this statement by hashing the directory again and offers no public
+API to sign digests already computed, so the few lines of encoding live here, and the
+test suite checks them with the real model-signing verifier.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sovpack.errors import Refused
+from sovpack.keys import key_hint
+from sovpack.metadata import SIGNATURES_DIR
+
+BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://model_signing/signature/v1.0"
+SERIALIZATION = {"method": "files", "hash_type": "sha256", "allow_symlinks": False, "ignore_paths": [SIGNATURES_DIR]}
+MAX_SIGNATURE_BYTES = 64 * 1024 * 1024
+
+
+def _pae(payload: bytes) -> bytes:
+    """DSSE pre-authentication encoding: what the key actually signs."""
+    return b"DSSEv1 %d %s %d %s" % (len(PAYLOAD_TYPE), PAYLOAD_TYPE.encode(), len(payload), payload)
+
+
+def _hash_for(key) -> hashes.HashAlgorithm:
+    return hashes.SHA384() if key.curve.key_size == 384 else hashes.SHA256()
+
+
+def _root_digest(resources: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(resources):
+        h.update(bytes.fromhex(resources[name]))
+    return h.hexdigest()
+
+
+def build_statement(subject_name: str, resources: dict[str, str]) -> bytes:
+    """The in-toto statement over `resources` (bundle path -> SHA-256 hex)."""
+    statement = {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": subject_name, "digest": {"sha256": _root_digest(resources)}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "serialization": SERIALIZATION,
+            "resources": [{"name": n, "algorithm": "sha256", "digest": resources[n]} for n in sorted(resources)],
+        },
+    }
+    return json.dumps(statement, indent=2).encode("utf-8")
+
+
+def sign_statement(private_key: ec.EllipticCurvePrivateKey, payload: bytes) -> bytes:
+    """A complete signature file (Sigstore bundle JSON) over `payload`."""
+    public_key = private_key.public_key()
+    signature = private_key.sign(_pae(payload), ec.ECDSA(_hash_for(public_key)))
+    bundle = {
+        "mediaType": BUNDLE_MEDIA_TYPE,
+        "verificationMaterial": {"publicKey": {"hint": key_hint(public_key)}, "tlogEntries": []},
+        "dsseEnvelope": {
+            "payload": base64.b64encode(payload).decode(),
+            "payloadType": PAYLOAD_TYPE,
+            "signatures": [{"sig": base64.b64encode(signature).decode(), "keyid": ""}],
+        },
+    }
+    return json.dumps(bundle).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class SignatureFile:
+    """A parsed signature file; `verify` checks it against a public key."""
+
+    name: str  # the file's path inside the bundle, for messages
+    key_hint: str
+    payload: bytes
+    signature: bytes
+
+    @property
+    def key_id(self) -> str:
+        return self.key_hint[:16]
+
+    def verify(self, public_key: ec.EllipticCurvePublicKey) -> bool:
+        try:
+            public_key.verify(self.signature, _pae(self.payload), ec.ECDSA(_hash_for(public_key)))
+            return True
+        except InvalidSignature:
+            return False
+
+
+def parse_signature(raw: bytes, name: str) -> SignatureFile:
+    """Parse a signature file's structure (no cryptography yet); errors name the file."""
+
+    def bad(why: str) -> Refused:
+        return Refused(f"{name} is not a valid model-signing signature file: {why}")
+
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+        if doc["mediaType"] != BUNDLE_MEDIA_TYPE:
+            raise bad(f"media type {doc['mediaType']!r}, expected {BUNDLE_MEDIA_TYPE}")
+        hint = doc["verificationMaterial"]["publicKey"]["hint"]
+        envelope = doc["dsseEnvelope"]
+        if envelope["payloadType"] != PAYLOAD_TYPE:
+            raise bad(f"payload type {envelope['payloadType']!r}, expected {PAYLOAD_TYPE}")
+        if len(envelope["signatures"]) != 1:
+            raise bad(f"{len(envelope['signatures'])} signatures in the envelope, expected exactly 1")
+        payload = base64.b64decode(envelope["payload"], validate=True)
+        signature = base64.b64decode(envelope["signatures"][0]["sig"], validate=True)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, binascii.Error) as e:
+        raise bad(f"{type(e).__name__}: {e}") from None
+    if not isinstance(hint, str) or len(hint) != 64:
+        raise bad("the public key hint is not a SHA-256 hex digest")
+    return SignatureFile(name, hint.lower(), payload, signature)
+
+
+@dataclass(frozen=True)
+class Statement:
+    subject_name: str
+    resources: dict[str, str]  # path -> sha256 hex
+
+
+def parse_statement(payload: bytes, name: str) -> Statement:
+    """Read the signed statement; refuse anything but model-signing v1.0 'files' over SHA-256."""
+
+    def bad(why: str) -> Refused:
+        return Refused(f"{name}: the signed statement {why}")
+
+    try:
+        doc = json.loads(payload.decode("utf-8"))
+        if doc["_type"] != STATEMENT_TYPE or doc["predicateType"] != PREDICATE_TYPE:
+            raise bad(f"has type {doc['_type']!r} / predicate {doc['predicateType']!r}, expected model-signing v1.0")
+        serialization = doc["predicate"]["serialization"]
+        if serialization.get("method") != "files" or serialization.get("hash_type") != "sha256":
+            raise bad(f"uses serialization {serialization!r}; sovpack signs whole files with SHA-256")
+        resources = {}
+        for r in doc["predicate"]["resources"]:
+            if r["algorithm"] != "sha256" or r["name"] in resources:
+                raise bad(f"lists {r['name']!r} twice or with algorithm {r['algorithm']!r}")
+            resources[r["name"]] = r["digest"].lower()
+        (subject,) = doc["subject"]
+        subject_name, subject_digest = str(subject["name"]), subject["digest"].get("sha256")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise bad(f"is malformed ({type(e).__name__}: {e})") from None
+    if subject_digest != _root_digest(resources):
+        raise bad("is inconsistent: its subject digest does not match its resources")
+    return Statement(subject_name, resources)

