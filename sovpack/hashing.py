@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-SHARD_SIZE = 64 * 1024 * 1024
-READ_SIZE = 4 * 1024 * 1024
+MIB = 1024 * 1024
+SHARD_SIZE = 64 * MIB
+READ_SIZE = 4 * MIB
 
 _whole_file_pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()

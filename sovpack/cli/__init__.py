@@ -6,9 +6,8 @@ commands that need them so that `sovpack --help` and `sovpack verify` start fast
 
 from __future__ import annotations
 
-import sys
+import signal
 
-import click
 import typer
 
 from sovpack import __version__
@@ -41,20 +40,23 @@ def _root(
 from sovpack.cli import bundle_commands  # noqa: E402,F401  (registers commands)
 
 
+class Interrupted(SovpackError):
+    exit_code = 130
+
+
+def _interrupt(signum, frame):
+    raise Interrupted("interrupted; nothing half-written was left in place")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the documented exit code."""
     from sovpack.cli.render import print_error
 
+    previous = signal.signal(signal.SIGINT, _interrupt)
     try:
-        result = app(args=argv, prog_name="sovpack", standalone_mode=False)
-        return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        print_error("interrupted; nothing half-written was left in place")
-        return 130
+        app(args=argv, prog_name="sovpack")  # standalone: Typer prints usage errors itself and exits 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except SovpackError as e:
         print_error(str(e))
         return e.exit_code
@@ -62,3 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({e.filename})" if e.filename else ""
         print_error(f"I/O error{where}: {e.strerror or e}")
         return 3
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0
