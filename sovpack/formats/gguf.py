@@ -120,14 +120,28 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> _Value:
     if etype in _SCALARS:
         cur.take(count * struct.calcsize(_SCALARS[etype]))
     elif etype == _STRING:
-        for _ in range(count):
-            length = cur.u64()
-            if length > MAX_STRING:
-                raise ValueError(f"metadata key {key!r} holds a string of {length} bytes")
-            cur.take(length)
+        _skip_strings(cur, count, key)
     else:
         raise ValueError(f"metadata key {key!r} is an array of type {etype}, which GGUF readers do not accept")
     return _Value(array_length=count)
+
+
+_U64 = struct.Struct("<Q")
+
+
+def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
+    """Skip an array of strings (vocabularies: 10^5 entries) with bounds checks, in a tight loop."""
+    buf, pos, end, unpack = cur.buf, cur.pos, len(cur.buf), _U64.unpack_from
+    for _ in range(count):
+        if pos + 8 > end:
+            raise _Truncated(pos)
+        (length,) = unpack(buf, pos)
+        if length > MAX_STRING:
+            raise ValueError(f"metadata key {key!r} holds a string of {length} bytes")
+        pos += 8 + length
+    if pos > end:
+        raise _Truncated(end)
+    cur.pos = pos
 
 
 def _read_metadata(cur: _Cursor, kv_count: int) -> dict[str, _Value]:

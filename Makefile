@@ -1,0 +1,35 @@
+# make demo   - set everything up, then run the whole flow on the embedded default model
+# make test   - set everything up, then run the whole test suite
+# make bench  - run every benchmark in bench/ and regenerate docs/benchmarks.md
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: demo test bench model clean
+
+demo: $(STAMP) $(MODEL)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP) $(MODEL)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP) $(MODEL)
+	$(BIN)/python bench/run.py
+
+model: $(MODEL)
+
+# llama-cpp-python compiles llama.cpp from source the first time (about 5 minutes on 2 cores);
+# pip caches the built wheel, so later installs take seconds.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[serve,test]'
+	touch $(STAMP)
+
+$(MODEL): scripts/get_model.py | $(STAMP)
+	$(BIN)/python scripts/get_model.py $(MODEL)
+
+clean:
+	rm -rf $(VENV) demo-output bench/out
