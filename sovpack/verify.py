@@ -33,7 +33,7 @@ class StepFailed(Refused):
 class SignatureResult:
     file: str
     key_id: str
-    status: str  # "valid" (trusted key, good signature) or "untrusted" (key not in the trust set)
+    status: str  # "valid" (trusted, covers this sovpack.json), "stale" (trusted, covers another one), "untrusted"
     signer: TrustedKey | None = None
     statement: Statement | None = None
 
@@ -56,7 +56,8 @@ class VerifyReport:
 
     @property
     def signers(self) -> list[TrustedKey]:
-        return [s.signer for s in self.signatures if s.status == "valid"]
+        """Distinct trusted keys whose signature covers this bundle."""
+        return list({s.signer.hint: s.signer for s in self.signatures if s.status == "valid"}.values())
 
     def raise_for_failure(self) -> None:
         if self.failure:
@@ -79,7 +80,8 @@ class VerifyReport:
         }
 
 
-def check_signatures(root: Path, tree: Tree, policy: TrustPolicy) -> list[SignatureResult]:
+def check_signatures(root: Path, tree: Tree, policy: TrustPolicy, metadata_sha256: str) -> list[SignatureResult]:
+    """Read every signature; a trusted key's signature must verify cryptographically."""
     results = []
     for name in tree.signatures:
         if (root / name).stat().st_size > MAX_SIGNATURE_BYTES:
@@ -90,7 +92,9 @@ def check_signatures(root: Path, tree: Tree, policy: TrustPolicy) -> list[Signat
             results.append(SignatureResult(name, sig.key_id, "untrusted"))
             continue
         _check_cryptographic_signature(sig, signer)
-        results.append(SignatureResult(name, sig.key_id, "valid", signer, parse_statement(sig.payload, name)))
+        statement = parse_statement(sig.payload, name)
+        covers = statement.resources.get(METADATA_FILE) == metadata_sha256
+        results.append(SignatureResult(name, sig.key_id, "valid" if covers else "stale", signer, statement))
     return results
 
 
@@ -103,46 +107,42 @@ def _check_cryptographic_signature(sig: SignatureFile, signer: TrustedKey) -> No
         )
 
 
-def check_threshold(results: list[SignatureResult], policy: TrustPolicy) -> str:
-    valid = [r for r in results if r.status == "valid"]
-    if len(valid) >= policy.threshold:
-        return f"{len(valid)} of {policy.threshold} required trusted signer(s): " + ", ".join(r.signer.label for r in valid)
-    untrusted = [f"{r.file} (key {r.key_id})" for r in results if r.status == "untrusted"]
-    message = f"threshold not met: {len(valid)} of {policy.threshold} required trusted signature(s)"
-    if valid:
-        message += " (signed by " + ", ".join(r.signer.label for r in valid) + ")"
-    if untrusted:
-        message += "; signed by key(s) not in the trust set: " + ", ".join(untrusted)
-    if not results:
-        message += "; the bundle has no signatures (run `sovpack sign`)"
-    raise StepFailed("threshold", message, untrusted[0].split(" ")[0] if untrusted and not valid else None)
-
-
-def check_metadata(root: Path, results: list[SignatureResult]) -> tuple[BundleMetadata, str]:
-    raw = read_metadata_bytes(root)
-    actual = sha256_bytes(raw)
+def check_threshold(results: list[SignatureResult], policy: TrustPolicy, metadata_sha256: str) -> str:
+    """Count distinct trusted keys whose signature covers this very sovpack.json."""
+    signers = {r.signer.hint: r.signer for r in results if r.status == "valid"}
+    if len(signers) >= policy.threshold:
+        return f"{len(signers)} of {policy.threshold} required trusted signer(s): " + ", ".join(k.label for k in signers.values())
+    reasons = [f"threshold not met: {len(signers)} of {policy.threshold} required trusted signature(s)"]
+    if signers:
+        reasons[0] += " (signed by " + ", ".join(k.label for k in signers.values()) + ")"
     for r in results:
-        if r.status != "valid":
-            continue
-        signed = r.statement.resources.get(METADATA_FILE)
-        if signed != actual:
-            raise StepFailed(
-                "metadata",
-                f"{METADATA_FILE} does not match what {r.file} ({r.signer.label}) signed: the file's SHA-256 is {actual}, "
-                f"the signature covers {signed or 'no ' + METADATA_FILE} (statement for bundle '{r.statement.subject_name}'); "
-                f"the metadata was changed after signing or the signature belongs to another bundle",
-                METADATA_FILE,
+        if r.status == "stale":
+            reasons.append(
+                f"{r.file} ({r.signer.label}) does not cover this bundle: {METADATA_FILE} has SHA-256 {metadata_sha256} but the "
+                f"signature covers {r.statement.resources.get(METADATA_FILE) or 'no ' + METADATA_FILE} (statement for bundle "
+                f"'{r.statement.subject_name}'); the metadata was changed after signing or the signature belongs to another bundle"
             )
+    untrusted = [f"{r.file} (key {r.key_id})" for r in results if r.status == "untrusted"]
+    if untrusted:
+        reasons.append("signed by key(s) not in the trust set: " + ", ".join(untrusted))
+    if not results:
+        reasons.append("the bundle has no signatures (run `sovpack sign`)")
+    culprit = next((r.file for r in results if r.status != "valid"), None)
+    raise StepFailed("threshold", "; ".join(reasons), culprit)
+
+
+def check_metadata(raw: bytes, results: list[SignatureResult]) -> BundleMetadata:
+    """Parse sovpack.json and check that each counted statement lists exactly its inventory."""
     try:
         metadata = parse_metadata(raw)
     except Refused as e:
         raise StepFailed("metadata", str(e), METADATA_FILE) from None
-    expected = {f.path: f.sha256 for f in metadata.files} | {METADATA_FILE: actual}
+    expected = {f.path: f.sha256 for f in metadata.files} | {METADATA_FILE: sha256_bytes(raw)}
     for r in results:
         if r.status == "valid" and r.statement.resources != expected:
             odd = sorted(set(r.statement.resources.items()) ^ set(expected.items()))[0][0]
             raise StepFailed("metadata", f"{r.file} and {METADATA_FILE} disagree about {odd}", odd)
-    return metadata, actual
+    return metadata
 
 
 def check_inventory(metadata: BundleMetadata, tree: Tree, root: Path) -> None:
@@ -248,14 +248,17 @@ def verify_bundle(
     step = "inventory"
     try:
         tree = scan_tree(root)
+        step = "metadata"
+        raw = read_metadata_bytes(root)  # read once: every later step uses these very bytes
+        metadata_sha256 = sha256_bytes(raw)
         step = "signatures"
-        report.signatures = check_signatures(root, tree, policy)
+        report.signatures = check_signatures(root, tree, policy, metadata_sha256)
         report.checks.append(("signatures", f"{len(report.signatures)} signature file(s) read"))
         step = "threshold"
-        report.checks.append(("threshold", check_threshold(report.signatures, policy)))
+        report.checks.append(("threshold", check_threshold(report.signatures, policy, metadata_sha256)))
         step = "metadata"
-        report.metadata, digest = check_metadata(root, report.signatures)
-        report.checks.append(("metadata", f"{METADATA_FILE} sha256 {digest} matches the signed statement"))
+        report.metadata = check_metadata(raw, report.signatures)
+        report.checks.append(("metadata", f"{METADATA_FILE} sha256 {metadata_sha256} is what the signers signed"))
         step = "inventory"
         check_inventory(report.metadata, tree, root)
         report.checks.append(("inventory", f"{len(report.metadata.files)} files, nothing extra or missing"))

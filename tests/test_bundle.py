@@ -285,7 +285,8 @@ def test_metadata_edited_after_signing(cli, signed_bundle, keys):
     meta["version"] = 99
     (signed_bundle / "sovpack.json").write_text(json.dumps(meta))
     message = refused(cli, signed_bundle, keys / "alice.pub")
-    assert "sovpack.json does not match what signatures/" in message and "alice" in message
+    assert "threshold not met: 0 of 1" in message
+    assert "(alice (" in message and "does not cover this bundle: sovpack.json has SHA-256" in message
     assert "changed after signing" in message
 
 
@@ -313,7 +314,28 @@ def test_signature_copied_from_another_bundle(cli, tmp_path, signed_bundle, keys
     shutil.rmtree(signed_bundle / "signatures")
     shutil.copytree(other / "signatures", signed_bundle / "signatures")
     message = refused(cli, signed_bundle, keys / "alice.pub")
-    assert "sovpack.json does not match what signatures/" in message and "bundle 'other'" in message
+    assert "does not cover this bundle" in message and "statement for bundle 'other'" in message
+
+
+def test_copying_one_signature_twice_does_not_count_twice(cli, signed_bundle, keys):
+    sig = next((signed_bundle / "signatures").glob("*.sig"))
+    shutil.copy(sig, signed_bundle / "signatures" / "copy.sig")
+    message = refused(cli, signed_bundle, keys / "alice.pub", keys / "bob.pub", extra=("--threshold", "2"))
+    assert "threshold not met: 1 of 2" in message
+
+
+def test_stale_signature_is_reported_but_a_current_one_suffices(cli, signed_bundle, keys):
+    meta = json.loads((signed_bundle / "sovpack.json").read_text())
+    meta["version"] = 4
+    (signed_bundle / "sovpack.json").write_text(json.dumps(meta))
+    result = cli("sign", signed_bundle, "--key", keys / "bob.key")
+    assert result.code == 0 and "no longer matches this bundle" in result.out
+    ok = cli("verify", signed_bundle, "--trust", keys / "alice.pub", "--trust", keys / "bob.pub", "--json")
+    report = json.loads(ok.out)
+    assert ok.code == 0 and report["version"] == 4
+    assert sorted(s["status"] for s in report["signatures"]) == ["stale", "valid"]
+    two = refused(cli, signed_bundle, keys / "alice.pub", keys / "bob.pub", extra=("--threshold", "2"))
+    assert "threshold not met: 1 of 2" in two and "alice" in two and "does not cover this bundle" in two
 
 
 def test_forged_signature_bytes(cli, signed_bundle, keys):

@@ -125,7 +125,7 @@ def render_verify_report(report) -> None:
     console.print(table)
     for s in report.signatures:
         who = f"{s.signer.name} ({s.key_id})" if s.signer else f"key {s.key_id}"
-        verdict = "[green]valid, trusted[/]" if s.status == "valid" else "[yellow]not in the trust set[/]"
+        verdict = {"valid": "[green]valid, trusted[/]", "stale": "[yellow]trusted, but signs another version of sovpack.json[/]"}.get(s.status, "[yellow]not in the trust set[/]")
         console.print(f"  {escape(s.file)}: {escape(who)} {verdict}")
     if report.ok:
         console.print(f"[bold green]VERIFIED[/] {escape(title)}")
