@@ -103,11 +103,12 @@ class _Fields:
     """Typed access to one JSON object of the metadata, with errors naming the field."""
 
     def __init__(self, data: object, where: str, allowed: set[str]):
+        what = where or "the top level"
         if not isinstance(data, dict):
-            raise Refused(f"{METADATA_FILE}: {where} must be a JSON object")
+            raise Refused(f"{METADATA_FILE}: {what} must be a JSON object")
         unknown = set(data) - allowed
         if unknown:
-            raise Refused(f"{METADATA_FILE}: {where} has unknown field(s) {', '.join(sorted(unknown))}")
+            raise Refused(f"{METADATA_FILE}: {what} has unknown field(s) {', '.join(sorted(unknown))}")
         self.data, self.where = data, where
 
     def get(self, key: str, kind: type | tuple, *, optional: bool = False):
@@ -116,7 +117,8 @@ class _Fields:
         value = self.data.get(key)
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if not ok and not (optional and value is None):
-            raise Refused(f"{METADATA_FILE}: field {self.where}.{key} is missing or not a {getattr(kind, '__name__', kind)}")
+            field_name = f"{self.where}.{key}" if self.where else key
+            raise Refused(f"{METADATA_FILE}: field {field_name!r} is missing or not of type {getattr(kind, '__name__', kind)}")
         return value
 
 
@@ -141,7 +143,7 @@ def parse_metadata(raw: bytes) -> BundleMetadata:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise Refused(f"{METADATA_FILE} is not valid JSON: {e}") from None
-    top = _Fields(data, "the top level", {
+    top = _Fields(data, "", {
         "format", "format_version", "name", "version", "created", "expires", "created_by", "shard_size", "sources", "files",
     })  # fmt: skip
     if top.get("format", str) != FORMAT:
