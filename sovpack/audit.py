@@ -37,9 +37,10 @@ class AuditLog:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
         with os.fdopen(fd, "r+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
+            _end_cut_line(f)
             last = _last_line(f)
             record = {
-                "seq": (json.loads(last)["seq"] + 1) if last else 1,
+                "seq": _next_seq(f, last),
                 "time": format_time(datetime.now(timezone.utc)),
                 "event": event,
                 **fields,
@@ -53,7 +54,16 @@ class AuditLog:
     def records(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_bytes().splitlines() if line]
+        records = []
+        for number, line in enumerate(self.path.read_bytes().splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                raise Refused(f"{self.path}: line {number} is not an audit record (see `sovpack audit verify`)")
+            records.append(record)
+        return records
 
     def verify_chain(self) -> ChainStatus:
         """Check every link; raise Refused naming the first broken line."""
@@ -89,3 +99,22 @@ def _last_line(f) -> bytes | None:
         if b"\n" in tail or block == size:
             return tail.rsplit(b"\n", 1)[-1]
         block = min(size, block * 4)
+
+
+def _end_cut_line(f) -> None:
+    """A write cut off by a crash leaves a line without its newline: close it, so the next record stays whole."""
+    size = f.seek(0, os.SEEK_END)
+    if size:
+        f.seek(size - 1)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+
+
+def _next_seq(f, last: bytes | None) -> int:
+    if not last:
+        return 1
+    try:
+        return int(json.loads(last)["seq"]) + 1
+    except (ValueError, KeyError, TypeError):  # the last line was tampered with: count lines instead
+        f.seek(0)
+        return sum(1 for _ in f) + 1

@@ -3,21 +3,32 @@
 Layout (documented in docs/store.md):
 
     STORE/
-      trust/keys/NAME.pub      keys the organisation trusts
-      trust/policy.json        {"threshold": K}
-      bundles/NAME/VERSION/    installed bundles, read-only, exactly as signed
-      records/NAME/VERSION.json  how each bundle was accepted (keys, threshold, when)
-      state/versions.json      highest version ever installed per name (rollback protection)
-      objects/sha256/AB/DIGEST content-addressed files, hard-linked into bundles/ (dedup)
-      tmp/                     staging for imports, on the same filesystem
-      audit.log                hash-chained JSON lines
+      trust/keys/NAME.pub          keys the organisation trusts
+      trust/policy.json            {"threshold": K}
+      bundles/NAME/VERSION/        installed bundles exactly as signed; files read-only (0444)
+      records/NAME/VERSION.json    how each bundle was accepted (keys, threshold, when, from where)
+      state/versions.json          highest version ever installed per name (rollback protection)
+      objects/sha256/AB/DIGEST     one inode per distinct content, hard-linked into bundles/ (dedup)
+      tmp/                         imports being staged and removals, on the same file system
+      audit.log                    hash-chained JSON lines
+      .lock                        held while bundles are installed or removed
+
+A bundle directory is installed by one rename from tmp/ (the commit point); the record and
+the high-water mark are written right after, and a re-run of the same import completes
+them if the process was killed in between.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import shutil
+import stat
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +36,7 @@ from sovpack.audit import AuditLog
 from sovpack.bundle import write_atomically
 from sovpack.errors import Refused, UsageError
 from sovpack.keys import public_pem
-from sovpack.metadata import check_name
+from sovpack.metadata import METADATA_FILE, BundleMetadata, check_name, parse_metadata
 from sovpack.trust import TrustedKey, TrustPolicy, trusted_key_from_file
 
 STORE_ENV = "SOVPACK_HOME"
@@ -152,14 +163,179 @@ class Store:
         return candidates[0]
 
     def highest_versions(self) -> dict[str, int]:
-        if not self.versions_path.exists():
-            return {}
-        return json.loads(self.versions_path.read_text())
+        """Highest version ever installed per name, including bundles installed right before a crash."""
+        versions = json.loads(self.versions_path.read_text()) if self.versions_path.exists() else {}
+        for b in self.installed():
+            versions[b.name] = max(versions.get(b.name, 0), b.version)
+        return versions
+
+    def highest_version(self, name: str) -> int:
+        return self.highest_versions().get(name, 0)
 
     def record_version(self, name: str, version: int) -> None:
-        versions = self.highest_versions()
+        versions = json.loads(self.versions_path.read_text()) if self.versions_path.exists() else {}
         if version > versions.get(name, 0):
             versions[name] = version
             self.versions_path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(self.versions_path, json.dumps(versions, indent=2, sort_keys=True).encode())
 
+
+    # installing and removing
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive among sovpack processes while bundles, records and objects change."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def object_path(self, sha256: str) -> Path:
+        return self.objects_dir / sha256[:2] / sha256
+
+    def find_object(self, sha256: str, size: int) -> Path | None:
+        """The store's file with this content, if it holds one."""
+        path = self.object_path(sha256)
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return None
+        return path if stat.S_ISREG(st.st_mode) and st.st_size == size else None
+
+    def commit(self, staging: Path, name: str, version: int) -> Path:
+        """Make a verified staging directory the installed bundle NAME vVERSION: one rename."""
+        for path in _files(staging):
+            os.chmod(path, 0o444)
+        target = self.bundle_path(name, version)
+        with self.lock():
+            if target.exists():
+                raise Refused(f"{name} v{version} is already installed in {self.root}; remove it first (`sovpack remove {name}@{version}`)")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staging, target)
+            _fsync_directory(target.parent)
+        return target
+
+    def complete_install(self, installed: InstalledBundle, record: dict | None = None) -> InstalledBundle:
+        """The steps after the commit, each idempotent: record, shared objects, high-water mark."""
+        if record is not None:
+            path = self.record_path(installed.name, installed.version)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, json.dumps(record, indent=2, sort_keys=True).encode())
+            installed = InstalledBundle(installed.name, installed.version, installed.path, record)
+        metadata = self.read_installed_metadata(installed)
+        with self.lock():
+            for f in metadata.files:
+                self._share(installed.path / f.path, f.sha256)
+            self.record_version(installed.name, installed.version)
+        return installed
+
+    def _share(self, path: Path, sha256: str) -> None:
+        obj = self.object_path(sha256)
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, obj)
+        except FileExistsError:
+            pass  # already shared (this very inode, or an identical file of another bundle)
+
+    def read_installed_metadata(self, installed: InstalledBundle) -> BundleMetadata:
+        return parse_metadata((installed.path / METADATA_FILE).read_bytes())
+
+    def remove(self, spec: str) -> InstalledBundle:
+        """Remove NAME@VERSION (or NAME when one version is installed); the rollback mark stays."""
+        name, _, version = spec.partition("@")
+        candidates = [b for b in self.installed(check_name(name)) if not version or str(b.version) == version]
+        if not candidates:
+            raise UsageError(f"{spec} is not installed in the store at {self.root} (see `sovpack list`)")
+        if len(candidates) > 1:
+            versions = ", ".join(str(b.version) for b in candidates)
+            raise UsageError(f"{name} has {len(candidates)} versions installed ({versions}): give NAME@VERSION")
+        bundle = candidates[0]
+        with self.lock():
+            self.record_version(bundle.name, bundle.version)  # removing never lowers the high-water mark
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            trash = self.tmp_dir / f"remove-{bundle.name}-{bundle.version}-{uuid.uuid4().hex[:8]}"
+            os.rename(bundle.path, trash)
+            self.record_path(bundle.name, bundle.version).unlink(missing_ok=True)
+            _remove_empty(bundle.path.parent)
+            self.sweep_removals()
+        self.audit.append("remove", name=bundle.name, version=bundle.version,
+                          metadata_sha256=bundle.record.get("metadata_sha256"))  # fmt: skip
+        return bundle
+
+    def sweep_removals(self) -> int:
+        """Delete removed bundles (also those of a removal that was killed) and objects no bundle uses.
+
+        An object is in use while another hard link to it exists: in bundles/ or in an import
+        being staged in tmp/. Call with the lock held.
+        """
+        if self.tmp_dir.is_dir():
+            for trash in self.tmp_dir.glob("remove-*"):
+                remove_tree(trash)
+        deleted = 0
+        if self.objects_dir.is_dir():
+            for obj in self.objects_dir.glob("*/*"):
+                if obj.lstat().st_nlink == 1:
+                    obj.unlink()
+                    deleted += 1
+                    _remove_empty(obj.parent)
+        return deleted
+
+
+def installed_summary(store: Store, bundle: InstalledBundle) -> dict:
+    """One row of `sovpack list --json` (docs/store.md)."""
+    try:
+        metadata = store.read_installed_metadata(bundle)
+    except (OSError, Refused) as e:
+        metadata, problem = None, str(e)
+    else:
+        problem = None
+    record = bundle.record
+    return {
+        "name": bundle.name,
+        "version": bundle.version,
+        "path": str(bundle.path),
+        "size": record.get("size", sum(f.size for f in metadata.files) if metadata else None),
+        "signers": [a.get("name") for a in record.get("accepted_by", [])],
+        "threshold": record.get("threshold"),
+        "imported": record.get("imported"),
+        "created": metadata and _time(metadata.created),
+        "expires": metadata and metadata.expires and _time(metadata.expires),
+        "gguf_variants": sorted({(f.details or {}).get("file_type") or "unknown" for f in metadata.files if f.format == "gguf"}) if metadata else [],
+        "metadata_sha256": record.get("metadata_sha256"),
+        "problem": problem if problem else (None if record else "no import record: run the import again to complete it"),
+    }
+
+
+def _time(t) -> str:
+    from sovpack.metadata import format_time
+
+    return format_time(t)
+
+
+def _files(root: Path) -> Iterator[Path]:
+    for directory, _, files in os.walk(root):
+        for name in files:
+            yield Path(directory, name)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a tree whose files are read-only (its directories are not)."""
+    shutil.rmtree(path, ignore_errors=not path.exists())

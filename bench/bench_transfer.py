@@ -1,0 +1,141 @@
+"""Export and import of a 2 GiB bundle vs a plain `cp` of the same bytes on the same disk; peak memory.
+
+Targets (DESIGN.md, issue 5): export and import each within 1.5x the time of `cp`, and memory
+flat in the model's size (peak RSS of the export and import processes for a small and a large
+bundle). Warm page cache for every run, as for the reference.
+Usage: python bench/bench_transfer.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SOVPACK, Result, interleaved, write_results  # noqa: E402
+
+MiB = 1 << 20
+
+
+def write_model(directory: Path, size: int) -> Path:
+    """A model directory whose weights are one safetensors file of `size` random bytes."""
+    directory.mkdir(parents=True)
+    header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+    with open(directory / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for offset in range(0, size, 16 * MiB):
+            f.write(os.urandom(min(16 * MiB, size - offset)))
+    (directory / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    return directory
+
+
+def signed_bundle(work: Path, size: int, keys: Path) -> Path:
+    model = write_model(work / f"model-{size}", size)
+    bundle = work / f"bundle-{size}"
+    run([*SOVPACK, "pack", model, "--out", bundle, "--name", f"bench{size // MiB}", "--version", "1"])
+    run([*SOVPACK, "sign", bundle, "--key", keys / "alice.key"])
+    shutil.rmtree(model)
+    return bundle
+
+
+def run(cmd: list) -> None:
+    subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL)
+
+
+def run_measured(cmd: list) -> tuple[float, int]:
+    """Wall time and peak RSS (bytes) of one command, from the kernel's accounting of that very child."""
+    start = time.perf_counter()
+    process = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd} failed with {status}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+class Scenario:
+    """One bundle: fresh export directory, store and copy destination for every repetition."""
+
+    def __init__(self, work: Path, bundle: Path, keys: Path):
+        self.work, self.bundle, self.keys = work, bundle, keys
+        self.out, self.store, self.copy = work / "out", work / "store", work / "copy"
+        self.rss: dict[str, int] = {}
+        self.export()  # volumes for the import runs, and a warm page cache for everyone
+
+    def _clear(self, *paths: Path) -> None:
+        for p in paths:
+            if p.exists():
+                subprocess.run(["rm", "-rf", str(p)], check=True)
+
+    def export(self) -> float:
+        self._clear(self.out)
+        elapsed, rss = run_measured([*SOVPACK, "export", self.bundle, "--to", self.out])
+        self.rss["export"] = max(self.rss.get("export", 0), rss)
+        return elapsed
+
+    def import_(self) -> float:
+        self._clear(self.store)
+        elapsed, rss = run_measured([*SOVPACK, "import", self.out, "--trust", self.keys / "alice.pub", "--store", self.store])
+        self.rss["import"] = max(self.rss.get("import", 0), rss)
+        return elapsed
+
+    def cp_bundle(self) -> float:
+        self._clear(self.copy)
+        return run_measured(["cp", "-r", self.bundle, self.copy])[0]
+
+    def cp_volumes(self) -> float:
+        self._clear(self.copy)
+        return run_measured(["cp", "-r", self.out, self.copy])[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small bundles (64 MiB and 256 MiB), one repetition")
+    args = parser.parse_args()
+    small, large = (64 * MiB, 256 * MiB) if args.quick else (256 * MiB, 2048 * MiB)
+    repetitions = 1 if args.quick else 3
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as tmp:  # the disk the project is on
+        work = Path(tmp)
+        keys = work / "keys"
+        run([*SOVPACK, "keygen", "alice", "--dir", keys])
+        scenarios = {}
+        for size in (small, large):
+            (work / str(size)).mkdir()
+            scenarios[size] = Scenario(work / str(size), signed_bundle(work / str(size), size, keys), keys)
+        big = scenarios[large]
+        times = interleaved(repetitions, cp_bundle=big.cp_bundle, export=big.export, cp_volumes=big.cp_volumes, import_=big.import_)
+        for s in scenarios.values():
+            s.import_()
+        label = f"{large // MiB} MiB bundle"
+        results = [
+            Result(f"export {label} vs cp", times["export"] / times["cp_bundle"], "<= 1.5x cp", times["export"] <= 1.5 * times["cp_bundle"],
+                   "cp -r of the bundle directory on the same disk", {"export_s": times["export"], "cp_s": times["cp_bundle"]}),
+            Result(f"import {label} vs cp", times["import_"] / times["cp_volumes"], "<= 1.5x cp", times["import_"] <= 1.5 * times["cp_volumes"],
+                   "cp -r of the volumes on the same disk", {"import_s": times["import_"], "cp_s": times["cp_volumes"]}),
+        ]  # fmt: skip
+        for step in ("export", "import"):
+            low, high = scenarios[small].rss[step], scenarios[large].rss[step]
+            results.append(Result(
+                f"{step} peak RSS, {large // MiB} MiB vs {small // MiB} MiB bundle", high / low, "<= 1.25x (flat in model size)",
+                high <= 1.25 * low, f"peak RSS of the same command on the {small // MiB} MiB bundle",
+                {f"rss_{small // MiB}MiB_bytes": low, f"rss_{large // MiB}MiB_bytes": high},
+            ))  # fmt: skip
+    notes = [
+        "Warm page cache for sovpack and cp alike. export re-checks every digest of the bundle, then writes one "
+        "tar stream cut into volumes (fsync'd, hashed while written); import checks every volume, reassembles, "
+        "runs the full verification and installs by rename. cp does none of that checking and does not fsync.",
+        f"{repetitions} interleaved repetition(s), median.",
+    ]
+    write_results("transfer", "Export and import vs cp", results, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""A bundle as one POSIX tar stream: what export cuts into volumes, and what import reads back safely.
+
+Every member lives under the top directory NAME-vVERSION/: `sovpack.json` first (so that the
+reader knows the inventory before any other byte), then `signatures/*.sig`, then the inventory
+files sorted by path. Regular files only, mode 0444, owner 0, time = the bundle's creation
+time: the same bundle always gives the same bytes, and `cat NAME-vV.* | tar x` gives back the
+bundle directory.
+
+Reading trusts nothing in the stream: only regular files (and directories, which are
+ignored), only safe relative paths under the expected top directory, only `sovpack.json`,
+signature files and files listed in that `sovpack.json`, each at exactly its listed size.
+Everything else is refused before a byte of it is written.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sovpack.bundle import SIGNATURE_SUFFIX
+from sovpack.errors import Failure, Refused
+from sovpack.metadata import MAX_METADATA_BYTES, METADATA_FILE, SIGNATURES_DIR, BundleMetadata, FileEntry, parse_metadata
+from sovpack.safepath import unsafe_reason
+from sovpack.signature import MAX_SIGNATURE_BYTES
+from sovpack.volumes import ConcatenatedReader
+
+TAR_FORMAT = tarfile.PAX_FORMAT
+COPY_SIZE = 4 * 1024 * 1024
+MAX_SIGNATURE_FILES = 256
+MAX_HEADER_BYTES = 1 << 20  # tar/pax headers tarfile reads whole into memory; real ones are tiny
+
+
+@dataclass(frozen=True)
+class ArchivePlan:
+    """What goes into the stream, in order, and exactly how many bytes it will be."""
+
+    root: Path
+    top: str
+    mtime: int
+    members: list[tuple[str, int]]  # (path inside the bundle, size)
+
+    def tarinfo(self, path: str, size: int) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(f"{self.top}/{path}")
+        info.size, info.mtime, info.mode = size, self.mtime, 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info
+
+    @property
+    def size(self) -> int:
+        total = 0
+        for path, size in self.members:
+            total += len(self.tarinfo(path, size).tobuf(TAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+            total += -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        total += 2 * tarfile.BLOCKSIZE  # end-of-archive marker
+        return -(-total // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def plan_archive(root: Path, metadata: BundleMetadata, signatures: list[str], leave_out: set[str]) -> ArchivePlan:
+    members = [(METADATA_FILE, (root / METADATA_FILE).stat().st_size)]
+    members += [(s, (root / s).stat().st_size) for s in sorted(signatures)]
+    members += [(f.path, f.size) for f in sorted(metadata.files, key=lambda f: f.path) if f.path not in leave_out]
+    return ArchivePlan(root, f"{metadata.name}-v{metadata.version}", int(metadata.created.timestamp()), members)
+
+
+def write_archive(plan: ArchivePlan, fileobj) -> None:
+    """Write the tar stream to `fileobj` (anything with write and tell), reading each file once."""
+    with tarfile.open(fileobj=fileobj, mode="w", format=TAR_FORMAT, copybufsize=COPY_SIZE) as tar:
+        for path, size in plan.members:
+            try:
+                with open(plan.root / path, "rb") as f:
+                    tar.addfile(plan.tarinfo(path, size), f)
+            except OSError as e:
+                if e.filename is None and not e.errno:  # tarfile's "unexpected end of data": the file shrank
+                    raise Refused(f"{path} changed while it was being exported; export again") from None
+                if e.filename:
+                    raise Failure(f"cannot read {path} from {plan.root}: {e.strerror}") from None
+                raise
+
+
+# ---- reading
+
+
+@dataclass
+class Extracted:
+    metadata: BundleMetadata  # as read from the stream: NOT verified yet
+    metadata_raw: bytes
+    written: list[str] = field(default_factory=list)  # files whose bytes came from the stream
+    linked: list[str] = field(default_factory=list)  # files taken from the store (already held, or left out of a delta export)
+
+
+FindObject = Callable[[str, int], "Path | None"]  # (sha256, size) -> a file the store already holds with that digest
+
+
+def extract_archive(
+    reader: ConcatenatedReader,
+    staging: Path,
+    *,
+    find_object: FindObject,
+    top: str | None = None,
+    on_metadata: Callable[[BundleMetadata, bytes], None] | None = None,
+    missing_hint: Callable[[FileEntry], str] | None = None,
+) -> Extracted:
+    """Rebuild the bundle in `staging` from the stream; files the store holds are linked, not written."""
+    staging.mkdir(parents=True, exist_ok=True)
+    reader.max_read = MAX_HEADER_BYTES
+    try:
+        tar = tarfile.open(fileobj=reader, mode="r:")
+    except tarfile.TarError as e:
+        raise Refused(f"{reader.where} does not hold a tar stream of a bundle ({e})") from None
+    extraction = _Extraction(reader, staging, find_object, top, on_metadata)
+    while (member := _next_member(tar, reader)) is not None:
+        extraction.add(member)
+    return extraction.finish(missing_hint)
+
+
+def _next_member(tar: tarfile.TarFile, reader: ConcatenatedReader) -> tarfile.TarInfo | None:
+    try:
+        return tar.next()
+    except (tarfile.TarError, EOFError) as e:
+        raise Refused(f"{reader.where}: the tar stream is damaged or cut short ({e})") from None
+
+
+class _Extraction:
+    def __init__(self, reader: ConcatenatedReader, staging: Path, find_object: FindObject, top: str | None, on_metadata):
+        self.reader, self.staging, self.find_object, self.top, self.on_metadata = reader, staging, find_object, top, on_metadata
+        self.metadata: BundleMetadata | None = None
+        self.raw = b""
+        self.seen: set[str] = set()
+        self.signatures = 0
+        self.by_digest: dict[str, Path] = {}  # files of this bundle already in staging, for identical copies
+        self.result: Extracted | None = None
+
+    def add(self, member: tarfile.TarInfo) -> None:
+        rel = self._relative_path(member)
+        if member.isdir() and member.type == tarfile.DIRTYPE:
+            return
+        if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            kind = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
+                    tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a pipe"}.get(member.type, "not a regular file")  # fmt: skip
+            raise Refused(f"{member.name} in {self.reader.where} is {kind}; bundles hold only regular files")
+        if rel in self.seen:
+            raise Refused(f"{member.name} appears twice in {self.reader.where}")
+        self.seen.add(rel)
+        if self.metadata is None:
+            self._read_metadata(member, rel)
+        elif rel.split("/")[0] == SIGNATURES_DIR:
+            self._add_signature(member, rel)
+        else:
+            self._add_file(member, rel)
+
+    def _relative_path(self, member: tarfile.TarInfo) -> str:
+        name = member.name.rstrip("/") if member.isdir() else member.name
+        top, _, rel = name.partition("/")
+        if self.top is None and self.metadata is None:
+            self.top = top  # a stream names its bundle with its first member; checked against sovpack.json below
+        if top != self.top or (not rel and not member.isdir()):
+            raise Refused(f"{member.name} in {self.reader.where} is outside the bundle directory {self.top}/")
+        reason = unsafe_reason(rel) if rel else None
+        if reason:
+            raise Refused(f"unsafe path {member.name!r} in {self.reader.where}: {reason}")
+        return rel
+
+    def _read_metadata(self, member: tarfile.TarInfo, rel: str) -> None:
+        if rel != METADATA_FILE:
+            raise Refused(f"{self.reader.where} starts with {member.name}, not {self.top}/{METADATA_FILE}: not a sovpack export")
+        if member.size > MAX_METADATA_BYTES:
+            raise Refused(f"{member.name} in {self.reader.where} is larger than {MAX_METADATA_BYTES} bytes")
+        self.raw = self._read_exactly(member.size, member.name)
+        self.metadata = parse_metadata(self.raw)
+        expected_top = f"{self.metadata.name}-v{self.metadata.version}"
+        if self.top != expected_top:
+            raise Refused(f"the stream's directory {self.top}/ does not match the bundle it holds ({expected_top})")
+        if self.on_metadata:
+            self.on_metadata(self.metadata, self.raw)
+        self._write_bytes(METADATA_FILE, self.raw)
+        self.result = Extracted(self.metadata, self.raw)
+
+    def _add_signature(self, member: tarfile.TarInfo, rel: str) -> None:
+        self.signatures += 1
+        if "/" in rel[len(SIGNATURES_DIR) + 1 :] or not rel.endswith(SIGNATURE_SUFFIX) or self.signatures > MAX_SIGNATURE_FILES:
+            raise Refused(f"{member.name} in {self.reader.where} does not belong in {SIGNATURES_DIR}/")
+        if member.size > MAX_SIGNATURE_BYTES:
+            raise Refused(f"{member.name} in {self.reader.where} is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature")
+        self._write_bytes(rel, self._read_exactly(member.size, member.name))
+
+    def _add_file(self, member: tarfile.TarInfo, rel: str) -> None:
+        entry = self.metadata.file(rel)
+        if entry is None:
+            raise Refused(f"{member.name} in {self.reader.where} is not listed in the bundle's {METADATA_FILE}; refused before writing it")
+        if member.size != entry.size:
+            raise Refused(f"{member.name} in {self.reader.where} has {member.size} bytes, {METADATA_FILE} lists {entry.size}")
+        if self._link_known(entry):
+            self.result.linked.append(rel)  # tarfile seeks past the bytes: held already, not written twice
+            return
+        self._copy_from_stream(entry)
+        self.result.written.append(rel)
+        self.by_digest.setdefault(entry.sha256, self.staging / rel)
+
+    def _link_known(self, entry: FileEntry) -> bool:
+        """Hard-link a file the store (or this bundle) already holds with the listed digest; verify checks it later."""
+        for source in (self.by_digest.get(entry.sha256), self.find_object(entry.sha256, entry.size)):
+            if source is None:
+                continue
+            target = self._target(entry.path)
+            try:
+                os.link(source, target)
+                return True
+            except FileNotFoundError:  # the store collected it meanwhile: take the bytes from the stream
+                continue
+            except OSError as e:
+                raise Failure(f"cannot link {entry.path} from the store's objects: {e.strerror}") from None
+        return False
+
+    def _target(self, rel: str) -> Path:
+        target = self.staging / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def _read_exactly(self, size: int, name: str) -> bytes:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        done = 0
+        while done < size:
+            n = self.reader.readinto(view[done:])
+            if not n:
+                raise Refused(f"{self.reader.where} ends inside {name} ({done} of {size} bytes): a volume is cut short")
+            done += n
+        return bytes(buffer)
+
+    def _write_bytes(self, rel: str, data: bytes) -> None:
+        with self._create(rel) as f:
+            f.write(data)
+
+    def _create(self, rel: str):
+        try:
+            fd = os.open(self._target(rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise _write_failure(rel, self.staging, e) from None
+        return os.fdopen(fd, "wb", buffering=0)
+
+    def _copy_from_stream(self, entry: FileEntry) -> None:
+        buffer = bytearray(min(COPY_SIZE, max(entry.size, 1)))
+        view = memoryview(buffer)
+        done = 0
+        with self._create(entry.path) as f:
+            while done < entry.size:
+                n = self.reader.readinto(view[: min(len(view), entry.size - done)])
+                if not n:
+                    raise Refused(f"{self.reader.where} ends inside {entry.path} ({done} of {entry.size} bytes): a volume is cut short")
+                try:
+                    chunk = view[:n]
+                    while chunk:
+                        chunk = chunk[f.write(chunk) :]
+                except OSError as e:
+                    raise _write_failure(entry.path, self.staging, e) from None
+                done += n
+
+    def finish(self, missing_hint: Callable[[FileEntry], str] | None) -> Extracted:
+        if self.metadata is None:
+            raise Refused(f"{self.reader.where} holds no bundle (no {METADATA_FILE})")
+        for entry in self.metadata.files:
+            if entry.path in self.seen:
+                continue
+            if not self._link_known(entry):
+                hint = missing_hint(entry) if missing_hint else ""
+                raise Refused(f"{entry.path} ({entry.size} bytes, sha256 {entry.sha256}) is listed in {METADATA_FILE} but is "
+                              f"neither in {self.reader.where} nor in the store{hint}")  # fmt: skip
+            self.result.linked.append(entry.path)
+        for rel in self.result.written:  # the bytes must be on disk before the install renames them into place
+            _fsync(self.staging / rel)
+        return self.result
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_failure(rel: str, staging: Path, e: OSError) -> Failure:
+    full = " (the store's disk is full or does not allow files this large)" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+    return Failure(f"cannot write {rel} into the store's staging directory {staging}: {e.strerror}{full}")

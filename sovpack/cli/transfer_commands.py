@@ -1,0 +1,209 @@
+"""export, check-volumes, import: crossing the gap (docs/transfer.md)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sovpack.cli import app
+from sovpack.cli.render import console, err_console, human_size, print_json
+from sovpack.errors import UsageError
+from sovpack.volumes import Progress
+
+TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for several. Default: the store's trusted keys."
+STORE_HELP = "Store directory (default $SOVPACK_HOME or the platform data directory)."
+
+
+class TerminalProgress(Progress):
+    """Progress bars on a terminal (on stderr, so that a stream on stdout stays clean); volume lines always."""
+
+    def __init__(self, out):
+        self.out = out
+        self.bars = None
+        self.task = None
+        if err_console.is_terminal:
+            from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+            from rich.progress import Progress as Bars
+
+            self.bars = Bars(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                             TimeRemainingColumn(), console=err_console, transient=True)  # fmt: skip
+
+    def __enter__(self) -> "TerminalProgress":
+        if self.bars:
+            self.bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bars:
+            self.bars.stop()
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        if self.bars:
+            if self.task is not None:
+                self.bars.remove_task(self.task)
+            self.task = self.bars.add_task(name, total=total)
+
+    def advance(self, n: int) -> None:
+        if self.bars and self.task is not None:
+            self.bars.advance(self.task, n)
+
+    def volume(self, status) -> None:
+        from rich.markup import escape
+
+        colour = {"ok": "green", "reused": "green", "damaged": "bold red", "missing": "bold red"}[status.state]
+        label = "OK" if status.state == "reused" else status.state.upper()
+        detail = f"  {escape(status.detail)}" if status.detail else ""
+        self.out.print(f"  {escape(status.file)}  [{colour}]{label}[/]{detail}")
+
+    def note(self, message: str) -> None:
+        from rich.markup import escape
+
+        self.out.print(f"[yellow]warning:[/] {escape(message)}")
+
+
+def _policy(trust: Optional[list[Path]], threshold: Optional[int], store, *, required: bool = True):
+    from sovpack.trust import load_trust
+
+    if trust:
+        return load_trust(trust, threshold or 1)
+    if not required and not store.trusted_keys():
+        return None
+    return store.trust_policy(threshold)
+
+
+@app.command()
+def export(
+    bundle: Path = typer.Argument(..., help="Signed bundle directory."),
+    to: str = typer.Option(..., "--to", help="Directory for the volumes and their index, or - for one stream on standard output (data diode)."),
+    volume_size: Optional[str] = typer.Option(None, "--volume-size", help="Largest volume: 700M, 4G, 4.7G (decimal, as media are labelled) or 4095MiB (binary). Default 4095MiB, which fits FAT32."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Also sign the index (and so every volume) with this private key."),
+    password_file: Optional[Path] = typer.Option(None, "--password-file", help="File holding the --key password."),
+    since: Optional[Path] = typer.Option(None, "--since", help="Leave out files the secure side already holds: the index of an earlier export, or the earlier bundle."),
+) -> None:
+    """Write a signed bundle as volumes for media (FAT32-sized by default), with an index; or as one stream."""
+    from sovpack.exporter import export_stream, export_volumes
+    from sovpack.volumes import DEFAULT_VOLUME_SIZE, parse_volume_size
+
+    if to == "-":
+        if key or volume_size:
+            raise UsageError("--key and --volume-size apply to volumes; a stream (--to -) has neither index nor volumes")
+        with TerminalProgress(err_console) as progress:
+            result = export_stream(bundle, sys.stdout.buffer, since=since, progress=progress)
+        _render_export(result, err_console)
+        return
+    size = parse_volume_size(volume_size) if volume_size else DEFAULT_VOLUME_SIZE
+    private_key = _load_key(key, password_file) if key else None
+    with TerminalProgress(console) as progress:
+        result = export_volumes(bundle, Path(to), volume_size=size, private_key=private_key, since=since, progress=progress)
+    _render_export(result, console)
+
+
+def _load_key(key: Path, password_file: Optional[Path]):
+    from sovpack.cli.bundle_commands import read_password
+    from sovpack.keys import load_private_key, private_key_is_encrypted
+
+    password = read_password(password_file)
+    if password is None and private_key_is_encrypted(key) and sys.stdin.isatty():
+        password = typer.prompt(f"password for {key}", hide_input=True).encode()
+    return load_private_key(key, password)
+
+
+def _render_export(result, out) -> None:
+    from rich.markup import escape
+
+    for warning in result.warnings:
+        out.print(f"[yellow]warning:[/] {escape(warning)}")
+    for v in result.volumes:
+        out.print(f"  {escape(v.file)}  {human_size(v.size):>10}  sha256 {v.sha256}")
+    for f in result.left_out:
+        out.print(f"  left out (the secure side holds it): {escape(f.path)} ({human_size(f.size)})")
+    where = f"{len(result.volumes)} volume(s) + {escape(result.index_path.name)}" if result.index_path else "one stream"
+    signed = f", index signed ({escape(result.signature_path.name)})" if result.signature_path else ""
+    out.print(f"exported {escape(result.identity.label)}: {human_size(result.archive_size)} as {where}{signed}")
+    if result.index_path:
+        out.print(f"next: carry {escape(str(result.index_path.parent))} across; on the secure side: sovpack import DIR")
+
+
+@app.command("check-volumes")
+def check_volumes_command(
+    directory: Path = typer.Argument(..., help="Directory holding the volumes and their index (or the index file)."),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP + " Used to check the index signature."),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report."),
+) -> None:
+    """Check every volume on its own against the index: OK, damaged or missing. Nothing is written."""
+    from sovpack.store import Store
+    from sovpack.volumes import check_volumes, find_index
+
+    policy = _policy(trust, None, Store(store), required=False)
+    progress = TerminalProgress(err_console if json_output else console)
+    if json_output:
+        progress.volume = lambda status: None
+    with progress:
+        report = check_volumes(find_index(directory), policy, progress=progress)
+    if json_output:
+        print_json(_volume_report_json(report))
+    else:
+        _render_volume_summary(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _volume_report_json(report) -> dict:
+    return {
+        "ok": report.ok,
+        "index": str(report.index_path),
+        "bundle": report.index.bundle.to_json(),
+        "signature": report.signature,
+        "volumes": [{"file": v.file, "state": v.state, "detail": v.detail} for v in report.volumes],
+        "foreign": report.foreign,
+        "left_out": [f.to_json() for f in report.index.left_out],
+    }
+
+
+def _render_volume_summary(report) -> None:
+    from rich.markup import escape
+
+    console.print(escape(report.signature))
+    for name in report.foreign:
+        console.print(f"[yellow]not part of this export:[/] {escape(name)}")
+    if report.ok:
+        console.print(f"[bold green]OK[/] all {len(report.volumes)} volume(s) of {escape(report.index.bundle.label)} are intact")
+    else:
+        console.print(f"[bold red]DAMAGED[/] {escape(report.failure_message())}")
+
+
+@app.command("import")
+def import_command(
+    source: str = typer.Argument(..., help="Directory holding the volumes and their index, the index file, or - for a stream on standard input."),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP),
+    threshold: Optional[int] = typer.Option(None, "--threshold", help="How many distinct trusted keys must have signed (default: the store's threshold, or 1 with --trust)."),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    allow_downgrade: bool = typer.Option(False, "--allow-downgrade", help="Install a version not newer than the highest ever installed."),
+) -> None:
+    """Check the volumes, reassemble and fully verify the bundle, then install it into the store atomically."""
+    from rich.markup import escape
+
+    from sovpack.installer import import_bundle
+    from sovpack.store import Store
+
+    target = Store(store)
+    policy = _policy(trust, threshold, target)
+    with TerminalProgress(console) as progress:
+        result = import_bundle(source, target, policy, allow_downgrade=allow_downgrade, stdin=sys.stdin.buffer, progress=progress)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    b = result.installed
+    signers = ", ".join(a["name"] for a in b.record.get("accepted_by", [])) or "?"
+    if result.outcome == "already-installed":
+        console.print(f"{escape(b.name)} v{b.version} is already installed (same signed sovpack.json) at {escape(str(b.path))}")
+        return
+    if result.reassembled_before:
+        origin = "reassembled in an earlier run, verified again"
+    else:
+        origin = f"{result.written} file(s) from the media" + (f", {result.linked} already held by the store" if result.linked else "")
+    console.print(f"[bold green]INSTALLED[/] {escape(b.name)} v{b.version} ({human_size(b.record.get('size', 0))}, {origin}), "
+                  f"accepted by {escape(signers)} -> {escape(str(b.path))}", soft_wrap=True)  # fmt: skip

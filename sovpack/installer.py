@@ -1,0 +1,394 @@
+"""Import: a bundle from volumes (or a stream) into the store, installed only once fully verified.
+
+Phases, each leaving the installed store untouched until the last one:
+
+1. read the index; refuse early a version not newer than the store's high-water mark;
+2. check every volume on its own (OK / damaged / missing), remembering the intact ones in a
+   journal so that a re-run does not read them again;
+3. reassemble the bundle into tmp/import-<index digest>/bundle, on the store's file system;
+   files the store already holds (same SHA-256, or left out of a delta export) are
+   hard-linked from objects/ instead of being written;
+4. run the full verification (signatures, threshold, inventory, digests, formats, expiry);
+5. install: one rename into bundles/NAME/VERSION (the commit point), then the record, the
+   shared objects and the high-water mark, which a re-run completes if it was interrupted.
+
+Every outcome, accepted or refused, is appended to the audit log.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO
+
+from sovpack.archive import extract_archive
+from sovpack.errors import Failure, Refused, SovpackError
+from sovpack.hashing import sha256_bytes
+from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time
+from sovpack.store import InstalledBundle, Store, remove_tree
+from sovpack.trust import TrustPolicy
+from sovpack.verify import VerifyReport, verify_bundle
+from sovpack.volumes import (
+    BundleIdentity,
+    CheckJournal,
+    ConcatenatedReader,
+    ExportIndex,
+    Progress,
+    VolumeReport,
+    check_volumes,
+    find_index,
+    read_index,
+)
+
+REASSEMBLED = "reassembled"  # journal key: the staging directory holds the whole bundle
+
+
+@dataclass
+class ImportResult:
+    outcome: str  # "installed", or "already-installed" (the same bundle was installed before: nothing to do)
+    installed: InstalledBundle
+    report: VerifyReport | None = None
+    volumes: VolumeReport | None = None
+    written: int = 0  # files whose bytes came from the media
+    linked: int = 0  # files the store already held (dedup, or left out of a delta export)
+    reassembled_before: bool = False  # a killed run had reassembled the bundle; only verification was redone
+    warnings: list[str] = field(default_factory=list)
+
+
+class _AlreadyInstalled(Exception):
+    def __init__(self, installed: InstalledBundle):
+        self.installed = installed
+
+
+class ImportJob:
+    """tmp/<id>/: a lock (one import of an export at a time), the journal, the staging directory."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.staging = directory / "bundle"
+        self.journal = CheckJournal(directory / "journal.json")
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> "ImportJob":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _try_lock(self.directory / "lock")
+        if self._lock_fd is None:
+            raise Failure(f"another sovpack import of this export is running (it holds {self.directory / 'lock'}); wait for it to finish")
+        self.journal = CheckJournal(self.directory / "journal.json")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @property
+    def reassembled(self) -> bool:
+        return self.journal[REASSEMBLED] is True and self.staging.is_dir()
+
+    def start_staging(self) -> None:
+        self.journal[REASSEMBLED] = False
+        remove_tree(self.staging)
+
+    def mark_reassembled(self) -> None:
+        self.journal[REASSEMBLED] = True
+
+    def discard_staging(self) -> None:
+        """After a refusal or failure: keep only the journal of intact volumes."""
+        if self.journal[REASSEMBLED] is not None:
+            self.journal[REASSEMBLED] = False
+        remove_tree(self.staging)
+
+    def remove(self) -> None:
+        remove_tree(self.directory)
+
+
+def _try_lock(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def sweep_staging(store: Store) -> None:
+    """Clear what killed imports left in tmp/: partial stagings (a re-run redoes them) and streams."""
+    if not store.tmp_dir.is_dir():
+        return
+    for directory in store.tmp_dir.iterdir():
+        if not directory.name.startswith(("import-", "stream-")):
+            continue
+        fd = _try_lock(directory / "lock") if directory.is_dir() else None
+        if fd is None:
+            continue  # running
+        try:
+            if directory.name.startswith("stream-"):
+                remove_tree(directory)
+            elif CheckJournal(directory / "journal.json")[REASSEMBLED] is not True:
+                remove_tree(directory / "bundle")
+        finally:
+            os.close(fd)
+
+
+def import_bundle(
+    source: str,
+    store: Store,
+    policy: TrustPolicy,
+    *,
+    allow_downgrade: bool = False,
+    stdin: BinaryIO | None = None,
+    progress: Progress | None = None,
+    now: datetime | None = None,
+) -> ImportResult:
+    """Import from a directory of volumes, an index file, or "-" (a stream on `stdin`)."""
+    importer = _Importer(store, policy, allow_downgrade, progress or Progress(), now)
+    try:
+        sweep_staging(store)
+        if source == "-":
+            return importer.from_stream(stdin)
+        return importer.from_volumes(Path(source))
+    except SovpackError as e:
+        importer.audit_failure(e)
+        raise
+
+
+class _Importer:
+    def __init__(self, store: Store, policy: TrustPolicy, allow_downgrade: bool, progress: Progress, now: datetime | None):
+        self.store, self.policy, self.allow_downgrade, self.progress, self.now = store, policy, allow_downgrade, progress, now
+        self.identity: BundleIdentity | None = None
+        self.source: dict | None = None
+        self.result = ImportResult("installed", None)  # type: ignore[arg-type]
+
+    # -- the two kinds of source
+
+    def from_volumes(self, path: Path) -> ImportResult:
+        index_path = find_index(path)
+        self.source = {"kind": "volumes", "index": str(index_path.resolve())}
+        index, raw_index = read_index(index_path)
+        self.identity = index.bundle
+        self.source |= {"index_sha256": sha256_bytes(raw_index), "volumes": len(index.volumes), "left_out": [f.path for f in index.left_out]}
+        job_dir = self.store.tmp_dir / f"import-{self.source['index_sha256'][:16]}"
+        try:
+            self._check_version(index.bundle.name, index.bundle.version, index.bundle.metadata_sha256, claimed=True)
+        except _AlreadyInstalled as done:
+            if job_dir.exists():  # left by a run killed right after its commit
+                with ImportJob(job_dir) as job:
+                    job.remove()
+            return self._already_installed(done.installed)
+        with ImportJob(job_dir) as job:
+            self.result.volumes = report = check_volumes(index_path, self.policy, journal=job.journal, progress=self.progress)
+            if not report.ok:
+                raise Refused(report.failure_message())
+            self._note_volume_warnings(report)
+            try:
+                if job.reassembled:
+                    self.result.reassembled_before = True
+                else:
+                    self._reassemble_volumes(job, index_path.parent, index)
+                result = self._verify_and_install(job.staging, index.bundle)
+            except BaseException:
+                job.discard_staging()
+                raise
+            job.remove()
+            return result
+
+    def from_stream(self, stream: BinaryIO) -> ImportResult:
+        self.source = {"kind": "stream"}
+        with ImportJob(self.store.tmp_dir / f"stream-{uuid.uuid4().hex[:16]}") as job:
+            try:
+                reader = ConcatenatedReader(stream=stream, progress=self.progress)
+                self.progress.phase("receiving the stream")
+                job.start_staging()
+                try:
+                    extracted = extract_archive(reader, job.staging, find_object=self.store.find_object,
+                                                on_metadata=self._on_stream_metadata)  # fmt: skip
+                except _AlreadyInstalled as done:
+                    return self._already_installed(done.installed)
+                self.result.written, self.result.linked = len(extracted.written), len(extracted.linked)
+                return self._verify_and_install(job.staging, None)
+            finally:
+                job.remove()
+
+    # -- phases
+
+    def _note_volume_warnings(self, report: VolumeReport) -> None:
+        if report.foreign:
+            self.result.warnings.append(f"ignored files of another export in the same directory: {', '.join(report.foreign)}")
+        if "not in the trust set" in report.signature:
+            self.result.warnings.append(report.signature)
+
+    def _reassemble_volumes(self, job: ImportJob, directory: Path, index: ExportIndex) -> None:
+        job.start_staging()
+        left_out = {f.path for f in index.left_out}
+        needed = sum(f.size for f in index.files if f.path not in left_out and not self.store.find_object(f.sha256, f.size))
+        self._check_free_space(job.directory, needed, index.bundle.label)
+        reader = ConcatenatedReader.of_volumes(directory, index, self.progress)
+        self.progress.phase("reassembling", index.archive_size)
+        try:
+            extracted = extract_archive(
+                reader, job.staging, find_object=self.store.find_object, top=index.bundle.stem,
+                on_metadata=lambda metadata, raw: self._expect_identity(metadata, raw, index.bundle),
+                missing_hint=lambda entry: _left_out_hint(entry, index),
+            )  # fmt: skip
+        finally:
+            reader.close()
+        self.result.written, self.result.linked = len(extracted.written), len(extracted.linked)
+        job.mark_reassembled()
+
+    def _on_stream_metadata(self, metadata: BundleMetadata, raw: bytes) -> None:
+        self.identity = BundleIdentity(metadata.name, metadata.version, sha256_bytes(raw), format_time(metadata.created),
+                                       format_time(metadata.expires) if metadata.expires else None,
+                                       sum(f.size for f in metadata.files))  # fmt: skip
+        self._check_version(metadata.name, metadata.version, self.identity.metadata_sha256, claimed=True)
+        needed = sum(f.size for f in metadata.files if not self.store.find_object(f.sha256, f.size))
+        self._check_free_space(self.store.tmp_dir, needed, self.identity.label)
+
+    def _expect_identity(self, metadata: BundleMetadata, raw: bytes, expected: BundleIdentity) -> None:
+        found = sha256_bytes(raw)
+        if (metadata.name, metadata.version, found) != (expected.name, expected.version, expected.metadata_sha256):
+            raise Refused(f"the volumes hold {metadata.name} v{metadata.version} (sovpack.json sha256 {found}) but the index "
+                          f"describes {expected.label} (sha256 {expected.metadata_sha256}): volumes of two exports are mixed")  # fmt: skip
+
+    def _check_free_space(self, directory: Path, needed: int, label: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(directory).free
+        if needed > free:
+            raise Failure(f"the store at {self.store.root} has {free} bytes free but importing {label} needs {needed} more; "
+                          "free some space (`sovpack remove`) or import into a larger --store")  # fmt: skip
+
+    def _check_version(self, name: str, version: int, metadata_sha256: str, *, claimed: bool) -> None:
+        """Rollback protection; raises _AlreadyInstalled when this very bundle is installed."""
+        same = [b for b in self.store.installed(name) if b.version == version]
+        if same and _installed_metadata_sha256(same[0]) == metadata_sha256:
+            raise _AlreadyInstalled(same[0])
+        highest = self.store.highest_version(name)
+        if version <= highest and not self.allow_downgrade:
+            said = " (as its index says)" if claimed and self.source and self.source["kind"] == "volumes" else ""
+            raise Refused(f"{name} v{version}{said} is not newer than v{highest}, the highest version of {name} ever installed in "
+                          f"the store at {self.store.root}: refusing a rollback (pass --allow-downgrade to install it anyway)")  # fmt: skip
+        if same:
+            raise Refused(f"{name} v{version} is already installed with different contents; remove it first "
+                          f"(`sovpack remove {name}@{version}`) to replace it")  # fmt: skip
+
+    def _verify_and_install(self, staging: Path, expected: BundleIdentity | None) -> ImportResult:
+        metadata_sha256 = sha256_bytes((staging / METADATA_FILE).read_bytes())
+        label = expected.label if expected else self.identity.label
+        self.progress.phase("verifying", expected.size if expected else self.identity.size)
+        report = verify_bundle(staging, self.policy, now=self.now, on_progress=self.progress.advance)
+        self.result.report = report
+        if not report.ok:
+            raise Refused(f"{label} failed verification ({report.failure.step}): {report.failure}")
+        metadata = report.metadata
+        if expected and (metadata.name, metadata.version, metadata_sha256) != (expected.name, expected.version, expected.metadata_sha256):
+            raise Refused(f"the reassembled bundle is {metadata.name} v{metadata.version} (sha256 {metadata_sha256}), "
+                          f"not {expected.label} as the index says: volumes of two exports are mixed")  # fmt: skip
+        try:
+            self._check_version(metadata.name, metadata.version, metadata_sha256, claimed=False)
+        except _AlreadyInstalled as done:
+            return self._already_installed(done.installed)
+        self.progress.phase("installing")
+        path = self.store.commit(staging, metadata.name, metadata.version)
+        installed = InstalledBundle(metadata.name, metadata.version, path, {})
+        return self._complete(installed, self._record(report, metadata_sha256), "installed")
+
+    def _record(self, report: VerifyReport, metadata_sha256: str) -> dict:
+        m = report.metadata
+        return {
+            "name": m.name,
+            "version": m.version,
+            "metadata_sha256": metadata_sha256,
+            "imported": format_time(datetime.now(timezone.utc)),
+            "accepted_by": [{"name": k.name, "hint": k.hint, "key_id": k.key_id} for k in report.signers],
+            "threshold": self.policy.threshold,
+            "size": sum(f.size for f in m.files),
+            "files": len(m.files),
+            "created": format_time(m.created),
+            "expires": format_time(m.expires) if m.expires else None,
+            "source": self.source,
+        }
+
+    def _complete(self, installed: InstalledBundle, record: dict | None, outcome: str) -> ImportResult:
+        installed = self.store.complete_install(installed, record)
+        self.result.outcome, self.result.installed = outcome, installed
+        self._warn_untrusted_signers(installed)
+        self.store.audit.append("import", outcome="accepted" if outcome == "installed" else outcome, name=installed.name,
+                                version=installed.version, metadata_sha256=installed.record.get("metadata_sha256"),
+                                accepted_by=[a["name"] for a in installed.record.get("accepted_by", [])],
+                                threshold=installed.record.get("threshold"), source=self.source)  # fmt: skip
+        return self.result
+
+    def _already_installed(self, installed: InstalledBundle) -> ImportResult:
+        """The same bundle is installed: finish what an interrupted import may have left undone."""
+        record = None
+        if not installed.record:
+            report = verify_bundle(installed.path, self.policy, now=self.now)
+            if not report.ok:
+                raise Refused(f"{installed.name} v{installed.version} is installed but has no import record, and verifying it "
+                              f"failed ({report.failure.step}): {report.failure}")  # fmt: skip
+            self.result.report = report
+            record = self._record(report, _installed_metadata_sha256(installed))
+        return self._complete(installed, record, "already-installed")
+
+    def _warn_untrusted_signers(self, installed: InstalledBundle) -> None:
+        store_keys = {k.hint for k in self.store.trusted_keys()}
+        outside = [a["name"] for a in installed.record.get("accepted_by", []) if a["hint"] not in store_keys]
+        if outside:
+            self.result.warnings.append(
+                f"accepted with --trust key(s) the store does not trust ({', '.join(outside)}): `sovpack serve "
+                f"{installed.name}` will refuse it until they are added with `sovpack trust add`"
+            )
+
+    def audit_failure(self, error: SovpackError) -> None:
+        if self.source is None and error.exit_code == 2:
+            return  # the command was called wrongly before any media was read: not an import attempt
+        identity = {"name": self.identity.name, "version": self.identity.version,
+                    "metadata_sha256": self.identity.metadata_sha256} if self.identity else {}  # fmt: skip
+        try:
+            self.store.audit.append("import", outcome="refused" if error.exit_code == 1 else "failed", reason=str(error),
+                                    exit_code=error.exit_code, source=self.source, **identity)  # fmt: skip
+        except OSError:
+            pass  # a full disk must not hide the original error
+
+
+def _installed_metadata_sha256(installed: InstalledBundle) -> str | None:
+    recorded = installed.record.get("metadata_sha256")
+    if recorded:
+        return recorded
+    try:
+        return sha256_bytes((installed.path / METADATA_FILE).read_bytes())
+    except OSError:
+        return None
+
+
+def _left_out_hint(entry: FileEntry, index: ExportIndex) -> str:
+    if any(f.path == entry.path for f in index.left_out):
+        since = index.since or {}
+        return (f": it was left out of this delta export (made --since {since.get('name')} v{since.get('version')}); "
+                f"import that export first, or export again without --since")  # fmt: skip
+    return ""
+
+
+def verify_target(spec: str, store: Store, policy: TrustPolicy | None, threshold: int | None) -> VerifyReport:
+    """`sovpack verify`: a bundle directory, or NAME[@VERSION] installed in the store (audited).
+
+    Without explicit trust (policy None) the store's trusted keys and threshold apply.
+    """
+    from sovpack.bundle import require_bundle_dir
+
+    path = Path(spec)
+    if path.is_dir() or "/" in spec or spec.startswith("."):
+        require_bundle_dir(path)
+        return verify_bundle(path, policy or store.trust_policy(threshold))
+    installed = store.find(spec)
+    report = verify_bundle(installed.path, policy or store.trust_policy(threshold))
+    failure = {"step": report.failure.step, "reason": str(report.failure)} if report.failure else {}
+    store.audit.append("verify", name=installed.name, version=installed.version, ok=report.ok,
+                       signers=[k.name for k in report.signers], **failure)  # fmt: skip
+    return report

@@ -1,0 +1,669 @@
+"""Volumes on media: one tar stream of a bundle cut into numbered files, and the index describing them.
+
+An export of bundle NAME version V is, in one directory (docs/transfer.md):
+
+    NAME-vV.001, NAME-vV.002, ...  consecutive pieces of one POSIX (pax) tar stream of the bundle
+    NAME-vV.index.json              the bundle's identity and, per volume, its size and SHA-256
+    NAME-vV.index.sig               optional: model-signing signature over the index and the volumes
+
+Each volume is checked on its own against the index (whole-volume SHA-256 for operators and
+`sha256sum`, plus one SHA-256 per 64 MiB piece so that checking uses every core), before
+anything is reassembled. Volumes and indexes come from untrusted media: every field is
+validated, and the bundle's own signatures, checked after reassembly, are what decide.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from sovpack.bundle import write_atomically
+from sovpack.errors import Failure, Refused, UsageError
+from sovpack.hashing import Digester, ShardJob, check_shards, sha256_bytes
+from sovpack.metadata import check_name
+from sovpack.safepath import check_safe_path
+from sovpack.signature import MAX_SIGNATURE_BYTES, build_statement, parse_signature, parse_statement, sign_statement
+from sovpack.trust import TrustPolicy
+
+INDEX_FORMAT = "sovpack-export"
+INDEX_FORMAT_VERSION = 1
+INDEX_SUFFIX = ".index.json"
+INDEX_SIGNATURE_SUFFIX = ".index.sig"
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+PIECE_SIZE = 64 * 1024 * 1024
+DEFAULT_VOLUME_SIZE = 4095 * 1024 * 1024  # just under FAT32's 4 GiB - 1 byte file size limit
+MIN_VOLUME_SIZE = 4096
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_VOLUME_NAME = re.compile(r"^(?P<stem>.+)\.(?P<number>[0-9]{3,})$")
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+class Progress:
+    """What core code reports while it works; the command line draws it. Every method is optional."""
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        """A new phase starts; `total` bytes will be reported through `advance`."""
+
+    def advance(self, n: int) -> None:
+        """`n` more bytes of the current phase are done."""
+
+    def volume(self, status: "VolumeStatus") -> None:
+        """One volume has been checked."""
+
+    def note(self, message: str) -> None:
+        """Something the operator should read."""
+
+
+def parse_volume_size(text: str) -> int:
+    """`4G`, `700M`, `4.7G` (decimal, as media are labelled), `4GiB`/`512Mi` (binary), or bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"--volume-size {text!r}: give bytes or a size like 700M, 4G, 4.7G or 4095MiB")
+    number, unit, binary = float(match[1]), match[2].upper(), bool(match[3])
+    if unit:
+        size = int(number * (1024 if binary else 1000) ** ("KMGT".index(unit) + 1))
+    elif binary or not number.is_integer():
+        raise UsageError(f"--volume-size {text!r}: a size without a unit is a whole number of bytes")
+    else:
+        size = int(number)
+    if size < MIN_VOLUME_SIZE:
+        raise UsageError(f"--volume-size {text!r} is below the minimum of {MIN_VOLUME_SIZE} bytes")
+    return size
+
+
+def volume_name(stem: str, number: int) -> str:
+    return f"{stem}.{number:03d}"
+
+
+def index_name(stem: str) -> str:
+    return stem + INDEX_SUFFIX
+
+
+def index_signature_name(stem: str) -> str:
+    return stem + INDEX_SIGNATURE_SUFFIX
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A bundle file as the index lists it."""
+
+    path: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class BundleIdentity:
+    name: str
+    version: int
+    metadata_sha256: str  # SHA-256 of the signed sovpack.json: what makes this bundle this bundle
+    created: str
+    expires: str | None
+    size: int  # bytes of all inventory files
+
+    @property
+    def stem(self) -> str:
+        """NAME-vVERSION: the volumes' file name stem and the tar stream's top directory."""
+        return f"{self.name}-v{self.version}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "version": self.version, "metadata_sha256": self.metadata_sha256,
+                "created": self.created, "expires": self.expires, "size": self.size}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VolumeEntry:
+    file: str
+    size: int
+    sha256: str
+    pieces: tuple[str, ...]  # SHA-256 of each PIECE_SIZE piece, so a volume is checked on all cores
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "size": self.size, "sha256": self.sha256, "pieces": list(self.pieces)}
+
+
+@dataclass
+class ExportIndex:
+    bundle: BundleIdentity
+    archive_size: int  # bytes of the whole tar stream: the sum of the volume sizes
+    volume_size: int
+    volumes: list[VolumeEntry]
+    files: list[FileRef]  # the bundle's whole inventory: what the secure side holds once imported
+    left_out: list[FileRef] = field(default_factory=list)  # delta export: files taken from the store
+    since: dict | None = None  # identity of the export or bundle the delta was made against
+    created: str = ""
+    created_by: str = ""
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": INDEX_FORMAT,
+            "format_version": INDEX_FORMAT_VERSION,
+            "created": self.created,
+            "created_by": self.created_by,
+            "bundle": self.bundle.to_json(),
+            "archive": {"format": "posix tar (pax)", "top": self.bundle.stem, "size": self.archive_size, "piece_size": PIECE_SIZE},
+            "volume_size": self.volume_size,
+            "volumes": [v.to_json() for v in self.volumes],
+            "files": [f.to_json() for f in self.files],
+            "left_out": [f.to_json() for f in self.left_out],
+            "since": self.since,
+        }
+        return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# ---- reading an index from untrusted media
+
+
+class _Fields:
+    """Typed access to one JSON object of an index, with errors naming the file and field."""
+
+    def __init__(self, data: object, where: str, source: str):
+        if not isinstance(data, dict):
+            raise Refused(f"{source}: {where} must be a JSON object")
+        self.data, self.where, self.source = data, where, source
+
+    def get(self, key: str, kind: type | tuple, *, optional: bool = False):
+        value = self.data.get(key)
+        if value is None and optional:
+            return None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise Refused(f"{self.source}: field {self.where}.{key} is missing or not a {getattr(kind, '__name__', kind)}")
+        return value
+
+    def count(self, key: str) -> int:
+        value = self.get(key, int)
+        if value < 0:
+            raise Refused(f"{self.source}: field {self.where}.{key} is negative")
+        return value
+
+    def digest(self, key: str) -> str:
+        value = self.get(key, str)
+        if not _HEX64.match(value):
+            raise Refused(f"{self.source}: field {self.where}.{key} is not a SHA-256 hex digest")
+        return value
+
+
+def parse_index(raw: bytes, source: str) -> ExportIndex:
+    """Parse and validate an index file; every problem is a Refused naming `source` and the field."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise Refused(f"{source} is not a sovpack export index (invalid JSON: {e})") from None
+    top = _Fields(data, "the top level", source)
+    if top.get("format", str) != INDEX_FORMAT or top.get("format_version", int) != INDEX_FORMAT_VERSION:
+        raise Refused(f"{source}: format {data.get('format')!r} version {data.get('format_version')!r} is not "
+                      f"{INDEX_FORMAT} version {INDEX_FORMAT_VERSION}")  # fmt: skip
+    b = _Fields(top.get("bundle", dict), "bundle", source)
+    try:
+        name = check_name(b.get("name", str))
+    except Refused as e:
+        raise Refused(f"{source}: {e}") from None
+    bundle = BundleIdentity(name, b.count("version"), b.digest("metadata_sha256"), b.get("created", str),
+                            b.get("expires", str, optional=True), b.count("size"))  # fmt: skip
+    volumes = [_parse_volume(v, i, source) for i, v in enumerate(top.get("volumes", list))]
+    for number, v in enumerate(volumes, start=1):
+        if v.file != volume_name(bundle.stem, number):
+            raise Refused(f"{source}: volume {number} is named {v.file!r}, expected {volume_name(bundle.stem, number)!r}")
+    archive = _Fields(top.get("archive", dict), "archive", source)
+    archive_size = archive.count("size")
+    if archive.count("piece_size") != PIECE_SIZE or archive_size != sum(v.size for v in volumes):
+        raise Refused(f"{source}: the archive size or piece size does not match its volumes")
+    return ExportIndex(
+        bundle=bundle,
+        archive_size=archive_size,
+        volume_size=top.count("volume_size"),
+        volumes=volumes,
+        files=[_parse_file(f, f"files[{i}]", source) for i, f in enumerate(top.get("files", list))],
+        left_out=[_parse_file(f, f"left_out[{i}]", source) for i, f in enumerate(top.get("left_out", list))],
+        since=top.get("since", dict, optional=True),
+        created=top.get("created", str),
+        created_by=top.get("created_by", str),
+    )
+
+
+def _parse_volume(data: object, i: int, source: str) -> VolumeEntry:
+    v = _Fields(data, f"volumes[{i}]", source)
+    size, pieces = v.count("size"), v.get("pieces", list)
+    if len(pieces) != max(1, -(-size // PIECE_SIZE)) or not all(isinstance(p, str) and _HEX64.match(p) for p in pieces):
+        raise Refused(f"{source}: volumes[{i}] has {len(pieces)} piece digests, expected {max(1, -(-size // PIECE_SIZE))} valid ones")
+    return VolumeEntry(v.get("file", str), size, v.digest("sha256"), tuple(pieces))
+
+
+def _parse_file(data: object, where: str, source: str) -> FileRef:
+    f = _Fields(data, where, source)
+    return FileRef(check_safe_path(f.get("path", str), f"path in {source}"), f.count("size"), f.digest("sha256"))
+
+
+def find_index(path: Path) -> Path:
+    """The index named, or the only index in a directory."""
+    if path.is_file():
+        if not path.name.endswith(INDEX_SUFFIX):
+            raise UsageError(f"{path} is not an export index (*{INDEX_SUFFIX}); give the directory holding the volumes")
+        return path
+    if not path.is_dir():
+        raise UsageError(f"{path} does not exist; give the directory holding the volumes, or - for a stream on standard input")
+    indexes = sorted(p for p in path.iterdir() if p.name.endswith(INDEX_SUFFIX) and p.is_file())
+    if not indexes:
+        raise UsageError(f"{path} holds no export index (*{INDEX_SUFFIX}): copy it from the media together with the volumes")
+    if len(indexes) > 1:
+        raise UsageError(f"{path} holds the indexes of {len(indexes)} exports ({', '.join(p.name for p in indexes)}); "
+                         "give the index file of the one to use")  # fmt: skip
+    return indexes[0]
+
+
+def read_index(path: Path) -> tuple[ExportIndex, bytes]:
+    if path.stat().st_size > MAX_INDEX_BYTES:
+        raise Refused(f"{path.name} is larger than {MAX_INDEX_BYTES} bytes; not an export index")
+    raw = path.read_bytes()
+    index = parse_index(raw, path.name)
+    if path.name != index_name(index.bundle.stem):
+        raise Refused(f"{path.name} describes {index.bundle.label}, whose index is named {index_name(index.bundle.stem)}; "
+                      "it was renamed or belongs to another export")  # fmt: skip
+    return index, raw
+
+
+# ---- signing the index
+
+
+def index_statement(index: ExportIndex, raw_index: bytes) -> bytes:
+    """model-signing statement over the index and every volume (so `model_signing verify key` accepts the export)."""
+    resources = {index_name(index.bundle.stem): sha256_bytes(raw_index)} | {v.file: v.sha256 for v in index.volumes}
+    return build_statement(f"{index.bundle.stem} export", resources)
+
+
+def sign_index(private_key, index: ExportIndex, raw_index: bytes) -> bytes:
+    return sign_statement(private_key, index_statement(index, raw_index))
+
+
+def check_index_signature(directory: Path, index: ExportIndex, raw_index: bytes, policy: TrustPolicy | None) -> str:
+    """Describe the index signature; Refused when it exists but does not cover this very index."""
+    name = index_signature_name(index.bundle.stem)
+    path = directory / name
+    if not path.is_file():
+        return "index not signed"
+    if path.stat().st_size > MAX_SIGNATURE_BYTES:
+        raise Refused(f"{name} is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature file")
+    sig = parse_signature(path.read_bytes(), name)
+    statement = parse_statement(sig.payload, name)
+    if statement.resources != parse_statement(index_statement(index, raw_index), name).resources:
+        raise Refused(f"{name} does not cover this {index_name(index.bundle.stem)}: the index was edited after it was "
+                      "signed, or the signature belongs to another export")  # fmt: skip
+    signer = policy.key_for(sig.key_hint) if policy else None
+    if signer is None:
+        return f"index signed by key {sig.key_id}, which is not in the trust set (signature not checked)"
+    if not sig.verify(signer.public_key):
+        raise Refused(f"{name} names trusted signer {signer.label} but does not verify: the index signature was forged or altered")
+    return f"index signed by {signer.label}"
+
+
+# ---- checking volumes
+
+
+@dataclass(frozen=True)
+class VolumeStatus:
+    file: str
+    state: str  # "ok", "reused" (ok in an earlier run, unchanged since), "damaged", "missing"
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state in ("ok", "reused")
+
+
+@dataclass
+class VolumeReport:
+    index_path: Path
+    index: ExportIndex
+    signature: str
+    volumes: list[VolumeStatus]
+    foreign: list[str]  # files of other exports found in the same directory
+
+    @property
+    def ok(self) -> bool:
+        return all(v.ok for v in self.volumes)
+
+    def failure_message(self) -> str:
+        bad = [v for v in self.volumes if not v.ok]
+        parts = [f"{v.file} {v.state}" + (f" ({v.detail})" if v.detail else "") for v in bad]
+        message = (f"{len(bad)} of {len(self.volumes)} volume(s) of {self.index.bundle.label} cannot be used: "
+                   + "; ".join(parts) + ". Copy or burn them again from the export")  # fmt: skip
+        if self.foreign:
+            message += f"; this directory also holds files of another export, not used: {', '.join(self.foreign)}"
+        return message
+
+
+class CheckJournal:
+    """Volumes already found intact, keyed by what their file system says of them.
+
+    A volume is read again only if its size, inode, modification or change time differs.
+    Skipping is safe: the volume check only locates bad media early; the full verification
+    of the reassembled bundle is what decides.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.entries: dict = json.loads(path.read_bytes()) if path.is_file() else {}
+        except ValueError:
+            self.entries = {}
+
+    @staticmethod
+    def _identity(path: Path, expected_sha256: str) -> list:
+        st = path.stat()
+        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected_sha256]
+
+    def seen(self, path: Path, expected_sha256: str) -> bool:
+        return self.entries.get(path.name) == self._identity(path, expected_sha256)
+
+    def record(self, path: Path, expected_sha256: str) -> None:
+        self.entries[path.name] = self._identity(path, expected_sha256)
+        self.save()
+
+    def __getitem__(self, key: str):
+        return self.entries.get(key)
+
+    def __setitem__(self, key: str, value) -> None:
+        self.entries[key] = value
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path, json.dumps(self.entries).encode())
+
+
+def check_volumes(
+    index_path: Path,
+    policy: TrustPolicy | None = None,
+    *,
+    journal: CheckJournal | None = None,
+    progress: Progress | None = None,
+) -> VolumeReport:
+    """Check every volume against the index on its own (all cores per volume), before any reassembly."""
+    progress = progress or Progress()
+    index, raw = read_index(index_path)
+    directory = index_path.parent
+    signature = check_index_signature(directory, index, raw, policy)
+    to_read = [v for v in index.volumes if not (journal and (directory / v.file).is_file() and journal.seen(directory / v.file, v.sha256))]
+    progress.phase("checking volumes", sum(v.size for v in to_read))
+    statuses = []
+    for v in index.volumes:
+        status = _check_volume(directory / v.file, v, journal, progress)
+        progress.volume(status)
+        statuses.append(status)
+    return VolumeReport(index_path, index, signature, statuses, foreign_files(directory, index))
+
+
+def _check_volume(path: Path, entry: VolumeEntry, journal: CheckJournal | None, progress: Progress) -> VolumeStatus:
+    if not path.is_file():
+        return VolumeStatus(entry.file, "missing", "not in the directory")
+    if journal and journal.seen(path, entry.sha256):
+        return VolumeStatus(entry.file, "reused", "intact in an earlier run and unchanged since: not read again")
+    size = path.stat().st_size
+    if size != entry.size:
+        return VolumeStatus(entry.file, "damaged", f"{size} bytes, the index says {entry.size}")
+    jobs = [
+        ShardJob(entry.file, path, i, i * PIECE_SIZE, min(PIECE_SIZE, entry.size - i * PIECE_SIZE), expected)
+        for i, expected in enumerate(entry.pieces)
+    ]
+    try:
+        mismatches = check_shards(jobs, on_progress=progress.advance)
+    except OSError as e:
+        return VolumeStatus(entry.file, "damaged", f"unreadable: {e.strerror or e}")
+    if mismatches:
+        first = mismatches[0]
+        end = min(first.offset + PIECE_SIZE, entry.size)
+        return VolumeStatus(entry.file, "damaged", f"SHA-256 differs from the index in bytes {first.offset}-{end - 1}"
+                            + (f" and {len(mismatches) - 1} more piece(s)" if len(mismatches) > 1 else ""))  # fmt: skip
+    if journal:
+        journal.record(path, entry.sha256)
+    return VolumeStatus(entry.file, "ok")
+
+
+def foreign_files(directory: Path, index: ExportIndex) -> list[str]:
+    """Volumes and indexes in `directory` that belong to another export."""
+    ours = {v.file for v in index.volumes} | {index_name(index.bundle.stem), index_signature_name(index.bundle.stem)}
+    found = []
+    for p in sorted(directory.iterdir()):
+        match = _VOLUME_NAME.match(p.name)
+        if p.name in ours or not (match or p.name.endswith((INDEX_SUFFIX, INDEX_SIGNATURE_SUFFIX))):
+            continue
+        stem = match["stem"] if match else p.name.removesuffix(INDEX_SUFFIX).removesuffix(INDEX_SIGNATURE_SUFFIX)
+        found.append(p.name + (f" (of {stem})" if stem != index.bundle.stem else " (not listed in this index)"))
+    return found
+
+
+# ---- writing volumes
+
+
+class VolumeWriter:
+    """A write-only stream cut into volume files of at most `volume_size` bytes, each hashed as written.
+
+    Writing happens on a background thread while this thread hashes, so disk and SHA-256 overlap;
+    at most a few chunks are in flight, so memory stays flat.
+    """
+
+    IN_FLIGHT = 4
+
+    def __init__(self, directory: Path, stem: str, volume_size: int, progress: Progress | None = None):
+        self.directory, self.stem, self.volume_size = directory, stem, volume_size
+        self.progress = progress or Progress()
+        self.volumes: list[VolumeEntry] = []
+        self.written: list[Path] = []  # every file this writer created, for cleanup on failure
+        self._file: BinaryIO | None = None
+        self._filled = 0
+        self._digester: Digester | None = None
+        self._position = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-write")
+        self._pending: deque[Future] = deque()
+
+    def tell(self) -> int:
+        return self._position
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            if self._file is None:
+                self._open_next()
+            take = min(len(view), self.volume_size - self._filled)
+            piece = view[:take]
+            self._pending.append(self._pool.submit(_write_all, self._file, piece))
+            self._digester.update(piece)
+            self._filled += take
+            view = view[take:]
+            while len(self._pending) > self.IN_FLIGHT:
+                self._wait(self._pending.popleft())
+            if self._filled == self.volume_size:
+                self._close_current()
+        self._position += total
+        self.progress.advance(total)
+        return total
+
+    def _open_next(self) -> None:
+        path = self.directory / volume_name(self.stem, len(self.volumes) + 1)
+        self.written.append(path)
+        try:
+            self._file = open(path, "wb", buffering=0)
+        except OSError as e:
+            raise Failure(f"cannot create volume {path}: {e.strerror}") from None
+        self._filled = 0
+        self._digester = Digester(PIECE_SIZE)
+
+    def _wait(self, future: Future) -> None:
+        try:
+            future.result()
+        except OSError as e:
+            name = self.written[-1].name if self.written else self.stem
+            raise Failure(f"cannot write volume {name} in {self.directory}: {e.strerror}"
+                          + (" (the destination is full or does not allow files this large)" if e.errno in (errno.ENOSPC, errno.EFBIG) else "")) from None  # fmt: skip
+
+    def _close_current(self) -> None:
+        while self._pending:
+            self._wait(self._pending.popleft())
+        try:
+            os.fsync(self._file.fileno())  # media are unplugged right after an export: the bytes must be on them
+        except OSError as e:
+            raise Failure(f"cannot flush volume {self.written[-1].name} to {self.directory}: {e.strerror}") from None
+        finally:
+            self._file.close()
+        digest = self._digester.finish()
+        self.volumes.append(VolumeEntry(self.written[-1].name, digest.size, digest.sha256, digest.shards))
+        self._file = None
+
+    def close(self) -> list[VolumeEntry]:
+        if self._file is not None:
+            self._close_current()
+        self._pool.shutdown()
+        return self.volumes
+
+    def abort(self) -> None:
+        """Remove every volume written so far (an export that fails leaves nothing behind)."""
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        if self._file is not None:
+            self._file.close()
+        for path in self.written:
+            path.unlink(missing_ok=True)
+
+
+def _write_all(f: BinaryIO, view: memoryview) -> None:
+    while view:
+        view = view[f.write(view) :]
+
+
+class CountingWriter:
+    """A stream (stdout, for a data diode) that knows how many bytes went through it."""
+
+    def __init__(self, stream: BinaryIO, progress: Progress | None = None):
+        self.stream, self.progress, self._position = stream, progress or Progress(), 0
+
+    def tell(self) -> int:
+        return self._position
+
+    def write(self, data) -> int:
+        self.stream.write(data)
+        n = len(data)
+        self._position += n
+        self.progress.advance(n)
+        return n
+
+
+# ---- reading volumes back as one stream
+
+
+class ConcatenatedReader:
+    """The volumes (or a pipe) read as one stream, forward only, knowing which volume each byte is in."""
+
+    def __init__(self, parts: list[Path] | None = None, stream: BinaryIO | None = None, progress: Progress | None = None):
+        self.parts = list(parts or [])
+        self.stream = stream
+        self.progress = progress or Progress()
+        self._part = -1
+        self._file: BinaryIO | None = stream
+        self._position = 0
+        self.max_read: int | None = None  # cap on read(): tarfile reads whole headers into memory
+
+    @classmethod
+    def of_volumes(cls, directory: Path, index: ExportIndex, progress: Progress | None = None) -> "ConcatenatedReader":
+        return cls([directory / v.file for v in index.volumes], progress=progress)
+
+    @property
+    def where(self) -> str:
+        """The volume (or "the stream") currently being read, for messages."""
+        if self.stream is not None:
+            return "the stream"
+        return self.parts[max(self._part, 0)].name if self.parts else "the volumes"
+
+    def tell(self) -> int:
+        return self._position
+
+    def _open_next_part(self) -> bool:
+        """Move on to the next volume; False after the last one (a pipe is a single part)."""
+        if self.stream is not None:
+            return False
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._part + 1 >= len(self.parts):
+            return False
+        self._part += 1
+        try:
+            self._file = open(self.parts[self._part], "rb", buffering=0)
+        except OSError as e:
+            raise Failure(f"cannot open volume {self.parts[self._part]}: {e.strerror}") from None
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        while True:
+            if self._file is None and not self._open_next_part():
+                return 0
+            try:
+                n = self._file.readinto(view)
+            except OSError as e:
+                raise Failure(f"cannot read {self.where}: {e.strerror}") from None
+            if n:
+                self._position += n
+                self.progress.advance(n)
+                return n
+            if not self._open_next_part():
+                return 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            raise ValueError("read() needs a size: the volumes are read as a stream")
+        if self.max_read is not None and size > self.max_read:
+            raise Refused(f"a tar header in {self.where} claims {size} bytes; refused as malformed")
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < size:
+            n = self.readinto(view[filled:])
+            if not n:
+                break
+            filled += n
+        del view
+        return bytes(buffer[:filled]) if filled < size else bytes(buffer)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Forward only: tarfile seeks past member padding, and sovpack past members it already holds."""
+        target = offset if whence == 0 else self._position + offset
+        if whence not in (0, 1) or target < self._position:
+            raise OSError(f"cannot seek backwards in {self.where}")
+        while target > self._position:
+            if self._file is None and not self._open_next_part():
+                break
+            if self.stream is not None:  # a pipe: read and drop
+                if not self.read(min(target - self._position, 1 << 20)):
+                    break
+                continue
+            here = self._file.tell()
+            step = min(target - self._position, os.fstat(self._file.fileno()).st_size - here)
+            if step <= 0:
+                if not self._open_next_part():
+                    break
+                continue
+            self._file.seek(here + step)
+            self._position += step
+            self.progress.advance(step)
+        return self._position
+
+    def close(self) -> None:
+        if self._file is not None and self.stream is None:
+            self._file.close()
+        self._file = None

@@ -1,0 +1,114 @@
+"""The audit log: what is recorded, `audit verify` and `audit show`, and tampering."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transfer_helpers import audit_records
+
+from sovpack.audit import AuditLog
+from sovpack.errors import Refused
+
+
+@pytest.fixture
+def audited_store(tmp_path, cli, keys, signed_bundle):
+    """A store with a trust change, an accepted import, a refused one, a verification and a removal."""
+    store = tmp_path / "store"
+    assert cli("trust", "add", keys / "alice.pub", "--store", store).code == 0
+    assert cli("export", signed_bundle, "--to", tmp_path / "out").code == 0
+    assert cli("import", tmp_path / "out", "--store", store).code == 0
+    assert cli("import", tmp_path / "out", "--store", store, "--trust", keys / "bob.pub").code == 0  # already installed
+    assert cli("verify", "tiny", "--store", store).code == 0
+    assert cli("remove", "tiny@3", "--store", store).code == 0
+    assert cli("import", tmp_path / "out", "--store", store).code == 1  # rollback refused
+    return store
+
+
+def test_every_action_is_recorded(audited_store):
+    records = audit_records(audited_store)
+    assert [(r["event"], r.get("outcome")) for r in records] == [
+        ("trust-add", None), ("import", "accepted"), ("import", "already-installed"), ("verify", None),
+        ("remove", None), ("import", "refused"),
+    ]  # fmt: skip
+    accepted = records[1]
+    assert accepted["name"] == "tiny" and accepted["version"] == 3 and accepted["accepted_by"] == ["alice"]
+    assert accepted["source"]["kind"] == "volumes" and accepted["metadata_sha256"]
+    assert "not newer than v3" in records[-1]["reason"] and records[-1]["exit_code"] == 1
+    assert [r["seq"] for r in records] == list(range(1, 7))
+
+
+def test_audit_verify_prints_the_head_digest(cli, audited_store):
+    result = cli("audit", "verify", "--store", audited_store)
+    last = (audited_store / "audit.log").read_bytes().splitlines()[-1]
+    assert result.code == 0 and "6 record(s), chain intact" in result.out
+    assert f"head sha256 {hashlib.sha256(last).hexdigest()}" in result.out
+
+
+def test_audit_show(cli, audited_store):
+    assert json.loads(cli("audit", "show", "--store", audited_store, "--json").out) == audit_records(audited_store)
+    text = cli("audit", "show", "--store", audited_store).out
+    assert "import" in text and "outcome=refused" in text and '"kind": "volumes"' in text
+
+
+def test_an_edited_line_is_named(cli, audited_store):
+    log = audited_store / "audit.log"
+    lines = log.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace('"accepted"', '"refused"')
+    log.write_text("".join(lines))
+    result = cli("audit", "verify", "--store", audited_store)
+    assert result.code == 1 and "the chain breaks at line 3" in result.err and "line 2 was edited" in result.err
+
+
+def test_a_deleted_line_is_detected(cli, audited_store):
+    log = audited_store / "audit.log"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:2] + lines[3:]))
+    result = cli("audit", "verify", "--store", audited_store)
+    assert result.code == 1 and "line 3" in result.err
+
+
+def test_a_garbled_line_is_named_by_show_and_verify(cli, audited_store):
+    log = audited_store / "audit.log"
+    lines = log.read_text().splitlines(keepends=True)
+    lines[3] = "not json\n"
+    log.write_text("".join(lines))
+    assert "line 4 is not an audit record" in cli("audit", "verify", "--store", audited_store).err
+    shown = cli("audit", "show", "--store", audited_store)
+    assert shown.code == 1 and "line 4 is not an audit record" in shown.err
+
+
+def test_appending_after_a_cut_off_line_keeps_records_whole(tmp_path):
+    log = AuditLog(tmp_path / "audit.log")
+    log.append("first")
+    with open(log.path, "ab") as f:
+        f.write(b'{"seq": 2, "ev')  # a crash in the middle of a write
+    log.append("third")
+    lines = log.path.read_bytes().splitlines()
+    assert json.loads(lines[-1])["event"] == "third"
+    with pytest.raises(Refused, match="line 2 is not an audit record"):
+        log.verify_chain()
+
+
+def test_concurrent_appends_from_several_processes_keep_the_chain(tmp_path):
+    code = "import sys; from pathlib import Path; from sovpack.audit import AuditLog\n" \
+           "log = AuditLog(Path(sys.argv[1]))\nfor i in range(25): log.append('tick', writer=sys.argv[2], i=i)"  # fmt: skip
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "audit.log"), str(n)]) for n in range(4)]
+    assert all(w.wait() == 0 for w in writers)
+    status = AuditLog(tmp_path / "audit.log").verify_chain()
+    assert status.records == 100
+
+
+def test_an_empty_log_verifies(cli, tmp_path):
+    result = cli("audit", "verify", "--store", tmp_path / "none")
+    assert result.code == 0 and "0 record(s)" in result.out
+
+
+def test_audit_log_path_in_store(tmp_path):
+    from sovpack.store import Store
+
+    assert Store(tmp_path).audit.path == Path(tmp_path) / "audit.log"

@@ -1,0 +1,193 @@
+"""The store: trust, list, remove, dedup, read-only files, rollback mark, verify NAME, the API serve uses."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from builders import write_gguf
+from transfer_helpers import audit_records, flip_byte, sovpack, store_snapshot
+
+from sovpack.errors import Refused, UsageError
+from sovpack.store import Store
+
+
+@pytest.fixture
+def store(tmp_path, cli, keys):
+    root = tmp_path / "store"
+    assert cli("trust", "add", keys / "alice.pub", "--store", root).code == 0
+    return root
+
+
+def install(cli, bundle: Path, store: Path, tmp_path: Path, *extra) -> None:
+    out = tmp_path / f"out-{bundle.name}"
+    assert cli("export", bundle, "--to", out).code == 0
+    result = cli("import", out, "--store", store, *extra)
+    assert result.code == 0, result.err
+
+
+def version_4(cli, tmp_path, model_dir, keys) -> Path:
+    write_gguf(model_dir / "gguf" / "tiny-Q8.gguf", n_tensors=5)
+    bundle = tmp_path / "bundle-v4"
+    assert cli("pack", model_dir, "--out", bundle, "--name", "tiny", "--version", "4").code == 0
+    assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
+    return bundle
+
+
+# trust
+
+
+def test_trust_add_list_remove_and_threshold(cli, tmp_path, keys):
+    store = tmp_path / "store"
+    assert cli("trust", "add", keys / "alice.pub", "--store", store).code == 0
+    added = cli("trust", "add", keys / "bob.pub", "--name", "bob-ops", "--store", store)
+    assert added.code == 0 and "trusted bob-ops" in added.out
+    listing = json.loads(cli("trust", "list", "--store", store, "--json").out)
+    assert [k["name"] for k in listing["keys"]] == ["alice", "bob-ops"] and listing["threshold"] == 1
+    assert cli("trust", "threshold", "2", "--store", store).code == 0
+    assert "threshold: 2 of 2" in cli("trust", "list", "--store", store).out
+    warned = cli("trust", "threshold", "3", "--store", store)
+    assert warned.code == 0 and "only 2 key(s) are trusted" in warned.out
+    assert cli("trust", "remove", "bob-ops", "--store", store).code == 0
+    assert [k["name"] for k in json.loads(cli("trust", "list", "--store", store, "--json").out)["keys"]] == ["alice"]
+    events = [r["event"] for r in audit_records(store)]
+    assert events == ["trust-add", "trust-add", "trust-threshold", "trust-threshold", "trust-remove"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["trust", "add", "KEYS/alice.pub"], "already trusted"),
+        (["trust", "remove", "nobody"], "no trusted key"),
+        (["trust", "threshold", "0"], "1 or more"),
+        (["trust", "add", "KEYS/nothing.pub"], "does not exist"),
+    ],
+)
+def test_trust_usage_errors(cli, store, keys, args, message):
+    result = cli(*[a.replace("KEYS", str(keys)) for a in args], "--store", store)
+    assert result.code == 2 and message in result.err
+
+
+# list
+
+
+def test_list_shows_name_version_size_signers_expiry_and_gguf_variants(cli, signed_bundle, store, tmp_path):
+    install(cli, signed_bundle, store, tmp_path)
+    doc = json.loads(cli("list", "--store", store, "--json").out)
+    (row,) = doc["bundles"]
+    size = sum(json.loads((signed_bundle / "sovpack.json").read_text())["files"][i]["size"] for i in range(7))
+    assert row["name"] == "tiny" and row["version"] == 3 and row["size"] == size
+    assert row["signers"] == ["alice"] and row["expires"] is None and row["gguf_variants"] == ["F32"]
+    assert row["problem"] is None and row["imported"]
+    text = cli("list", "--store", store).out
+    assert "tiny" in text and "alice" in text and "F32" in text
+
+
+def test_list_of_an_empty_store(cli, tmp_path):
+    result = cli("list", "--store", tmp_path / "nothing")
+    assert result.code == 0 and "no bundles installed" in result.out
+    assert json.loads(cli("list", "--store", tmp_path / "nothing", "--json").out)["bundles"] == []
+
+
+def test_store_root_from_sovpack_home(signed_bundle, tmp_path, keys):
+    env = os.environ | {"SOVPACK_HOME": str(tmp_path / "home-store")}
+    assert sovpack("trust", "add", keys / "alice.pub", env=env).returncode == 0
+    assert sovpack("export", signed_bundle, "--to", tmp_path / "out", env=env).returncode == 0
+    assert sovpack("import", tmp_path / "out", env=env).returncode == 0
+    assert (tmp_path / "home-store" / "bundles" / "tiny" / "3" / "sovpack.json").is_file()
+
+
+# dedup, read-only, remove
+
+
+def test_identical_files_are_stored_once_and_read_only(cli, signed_bundle, store, tmp_path, model_dir, keys):
+    install(cli, signed_bundle, store, tmp_path)
+    install(cli, version_4(cli, tmp_path, model_dir, keys), store, tmp_path)
+    v3, v4 = store / "bundles/tiny/3", store / "bundles/tiny/4"
+    assert (v3 / "model.safetensors").stat().st_ino == (v4 / "model.safetensors").stat().st_ino
+    assert (v4 / "model.safetensors").stat().st_nlink == 3  # v3, v4 and objects/
+    distinct = {json.dumps(f["sha256"]) for b in (v3, v4) for f in json.loads((b / "sovpack.json").read_text())["files"]}
+    assert len(list((store / "objects" / "sha256").glob("*/*"))) == len(distinct)
+    for p in (store / "bundles").rglob("*"):
+        if p.is_file():
+            assert p.stat().st_mode & 0o222 == 0, p
+
+
+def test_remove_keeps_the_rollback_mark_and_deletes_unshared_files(cli, signed_bundle, store, tmp_path, model_dir, keys):
+    install(cli, signed_bundle, store, tmp_path)
+    install(cli, version_4(cli, tmp_path, model_dir, keys), store, tmp_path)
+    ambiguous = cli("remove", "tiny", "--store", store)
+    assert ambiguous.code == 2 and "2 versions installed (4, 3)" in ambiguous.err
+    only_in_v4 = json.loads((store / "bundles/tiny/4/sovpack.json").read_text())
+    q8 = next(f["sha256"] for f in only_in_v4["files"] if f["path"] == "gguf/tiny-Q8.gguf")
+    removed = cli("remove", "tiny@4", "--store", store)
+    assert removed.code == 0 and "refuses versions up to v4" in removed.out
+    assert not (store / "bundles/tiny/4").exists() and not (store / "records/tiny/4.json").exists()
+    assert not (store / "objects/sha256" / q8[:2] / q8).exists()
+    assert (store / "bundles/tiny/3/model.safetensors").stat().st_nlink == 2
+    assert cli("verify", "tiny", "--store", store).code == 0
+    again = cli("import", tmp_path / "out-bundle-v4", "--store", store)
+    assert again.code == 1 and "not newer than v4" in again.err
+    assert cli("remove", "tiny", "--store", store).code == 0
+    assert list((store / "objects/sha256").glob("*/*")) == [] and list((store / "tmp").iterdir()) == []
+    assert json.loads((store / "state/versions.json").read_text()) == {"tiny": 4}
+    assert [r["event"] for r in audit_records(store)].count("remove") == 2
+
+
+def test_remove_what_is_not_installed(cli, store):
+    result = cli("remove", "ghost@1", "--store", store)
+    assert result.code == 2 and "not installed" in result.err
+
+
+# verify NAME
+
+
+def test_verify_an_installed_bundle_by_name(cli, signed_bundle, store, tmp_path, keys):
+    install(cli, signed_bundle, store, tmp_path)
+    by_name = cli("verify", "tiny@3", "--store", store, "--json")
+    by_path = cli("verify", signed_bundle, "--trust", keys / "alice.pub", "--json")
+    assert by_name.code == 0 and json.loads(by_name.out).keys() == json.loads(by_path.out).keys()
+    assert json.loads(by_name.out)["ok"] is True
+    assert cli("verify", "tiny", "--store", store, "--trust", keys / "bob.pub").code == 1
+    flip_byte(store / "bundles/tiny/3/config.json", 3)
+    tampered = cli("verify", "tiny", "--store", store)
+    assert tampered.code == 1 and "config.json" in tampered.out
+    records = [r for r in audit_records(store) if r["event"] == "verify"]
+    assert [r["ok"] for r in records] == [True, False, False] and records[-1]["step"] == "digests"
+
+
+def test_verify_a_directory_with_the_stores_trust(cli, signed_bundle, store):
+    assert cli("verify", signed_bundle, "--store", store).code == 0
+    assert cli("verify", "./nowhere", "--store", store).code == 2
+    assert cli("verify", "ghost", "--store", store).code == 2
+
+
+# the API serve relies on
+
+
+def test_store_api_for_serve(cli, signed_bundle, store, tmp_path, keys):
+    install(cli, signed_bundle, store, tmp_path)
+    s = Store(store)
+    installed = s.find("tiny")
+    assert (installed.name, installed.version, installed.path) == ("tiny", 3, store / "bundles/tiny/3")
+    assert installed.record["accepted_by"][0]["name"] == "alice"
+    assert s.installed()[0] == installed and s.find("tiny@3") == installed
+    assert [k.name for k in s.policy_for(installed).keys] == ["alice"]
+    assert s.trust_policy().threshold == 1
+    s.audit.append("serve-start", target="tiny")
+    assert s.audit.verify_chain().records == len(audit_records(store))
+    s.remove_trusted_key("alice")
+    with pytest.raises(Refused, match="still trusted"):
+        s.policy_for(installed)
+    with pytest.raises(UsageError):
+        s.find("tiny@9")
+
+
+def test_a_failed_import_changes_nothing_but_the_audit_log(cli, signed_bundle, store, tmp_path):
+    install(cli, signed_bundle, store, tmp_path)
+    before = store_snapshot(store)
+    flip_byte(tmp_path / "out-bundle" / "tiny-v3.001", 0)
+    assert cli("import", tmp_path / "out-bundle", "--store", store).code == 0  # already installed: not even read
+    assert store_snapshot(store) == before

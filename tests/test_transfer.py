@@ -1,0 +1,499 @@
+"""export, check-volumes and import through the real command line, and every bad input of issue 5."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from builders import write_gguf
+from transfer_helpers import audit_records, flip_byte, sovpack, staged_bundles, store_snapshot, write_big_safetensors
+
+from sovpack.errors import Refused, UsageError
+from sovpack.exporter import export_volumes
+from sovpack.installer import import_bundle
+from sovpack.store import Store
+from sovpack.trust import load_trust
+from sovpack.volumes import parse_volume_size
+
+
+@pytest.fixture
+def store(tmp_path, cli, keys):
+    """A store that trusts alice."""
+    root = tmp_path / "store"
+    assert cli("trust", "add", keys / "alice.pub", "--store", root).code == 0
+    return root
+
+
+def export(cli, bundle: Path, to: Path, *extra) -> Path:
+    result = cli("export", bundle, "--to", to, "--volume-size", "8K", *extra)
+    assert result.code == 0, result.err
+    return to
+
+
+def volumes(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix[1:].isdigit())
+
+
+def new_version(cli, tmp_path, model_dir, keys, version: int, *, extra_gguf: bool = True, name: str = "tiny") -> Path:
+    """The same model plus (by default) one more GGUF build, packed as VERSION and signed by alice."""
+    if extra_gguf:
+        write_gguf(model_dir / "gguf" / f"tiny-v{version}.gguf", n_tensors=3 + version)
+    bundle = tmp_path / f"bundle-v{version}"
+    assert cli("pack", model_dir, "--out", bundle, "--name", name, "--version", version).code == 0
+    assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
+    return bundle
+
+
+# export
+
+
+def test_export_writes_fat32_sized_volumes_and_an_index(cli, signed_bundle, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    names = [p.name for p in volumes(out)]
+    assert names[:2] == ["tiny-v3.001", "tiny-v3.002"] and len(names) >= 3
+    index = json.loads((out / "tiny-v3.index.json").read_text())
+    assert index["bundle"]["name"] == "tiny" and index["bundle"]["version"] == 3
+    assert index["bundle"]["metadata_sha256"] == hashlib.sha256((signed_bundle / "sovpack.json").read_bytes()).hexdigest()
+    for entry, path in zip(index["volumes"], volumes(out), strict=True):
+        assert entry["file"] == path.name and entry["size"] == path.stat().st_size <= 8000
+        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert index["archive"]["size"] == sum(p.stat().st_size for p in volumes(out))
+    assert {f["path"] for f in index["files"]} >= {"model.safetensors", "gguf/tiny-F32.gguf"}
+    assert index["left_out"] == []
+
+
+def test_volumes_are_one_tar_stream_an_operator_can_unpack_by_hand(cli, signed_bundle, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    stream = b"".join(p.read_bytes() for p in volumes(out))  # cat tiny-v3.* | tar x
+    with tarfile.open(fileobj=io.BytesIO(stream)) as tar:
+        tar.extractall(tmp_path / "by-hand", filter="data")
+        assert tar.getnames()[0] == "tiny-v3/sovpack.json"
+    for p in signed_bundle.rglob("*"):
+        if p.is_file():
+            assert (tmp_path / "by-hand" / "tiny-v3" / p.relative_to(signed_bundle)).read_bytes() == p.read_bytes()
+
+
+def test_the_same_bundle_always_exports_the_same_volumes(cli, signed_bundle, tmp_path):
+    a, b = export(cli, signed_bundle, tmp_path / "a"), export(cli, signed_bundle, tmp_path / "b")
+    assert [p.read_bytes() for p in volumes(a)] == [p.read_bytes() for p in volumes(b)]
+
+
+@pytest.mark.parametrize(
+    "text,size",
+    [("4G", 4_000_000_000), ("700M", 700_000_000), ("4.7G", 4_700_000_000), ("4095MiB", 4095 * 2**20), ("8192", 8192)],
+)
+def test_volume_sizes(text, size):
+    assert parse_volume_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["4X", "1k", "", "1.5"])
+def test_bad_volume_sizes(text):
+    with pytest.raises(UsageError):
+        parse_volume_size(text)
+
+
+def test_export_refuses_an_unsigned_bundle(cli, model_dir, tmp_path):
+    assert cli("pack", model_dir, "--out", tmp_path / "b", "--name", "tiny").code == 0
+    result = cli("export", tmp_path / "b", "--to", tmp_path / "out")
+    assert result.code == 1 and "no signature" in result.err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_export_refuses_a_bundle_that_does_not_match_its_inventory(cli, signed_bundle, tmp_path):
+    flip_byte(signed_bundle / "model.safetensors", 100)
+    result = cli("export", signed_bundle, "--to", tmp_path / "out")
+    assert result.code == 1 and "model.safetensors" in result.err and "refusing to export" in result.err
+    assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_export_refuses_to_mix_with_an_existing_export(cli, signed_bundle, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    result = cli("export", signed_bundle, "--to", out)
+    assert result.code == 2 and "already holds an export of tiny-v3" in result.err
+
+
+def test_export_to_a_destination_that_fills_up_leaves_nothing(signed_bundle, tmp_path):
+    limit = 6000  # RLIMIT_FSIZE: writing past it fails with EFBIG, as a full medium fails with ENOSPC
+    result = sovpack("export", signed_bundle, "--to", tmp_path / "out", "--volume-size", "8K",
+                     preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert b"tiny-v3.001" in result.stderr and b"full" in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# round trips
+
+
+def test_import_installs_a_verified_read_only_bundle(cli, signed_bundle, store, tmp_path, keys):
+    out = export(cli, signed_bundle, tmp_path / "out", "--key", keys / "alice.key")
+    result = cli("import", out, "--store", store)
+    assert result.code == 0, result.err
+    assert "INSTALLED tiny v3" in result.out and "tiny-v3.002  OK" in result.out
+    installed = store / "bundles" / "tiny" / "3"
+    for p in signed_bundle.rglob("*"):
+        if p.is_file():
+            target = installed / p.relative_to(signed_bundle)
+            assert target.read_bytes() == p.read_bytes() and (target.stat().st_mode & 0o222) == 0
+    record = json.loads((store / "records" / "tiny" / "3.json").read_text())
+    assert [a["name"] for a in record["accepted_by"]] == ["alice"] and record["threshold"] == 1
+    assert record["metadata_sha256"] == hashlib.sha256((signed_bundle / "sovpack.json").read_bytes()).hexdigest()
+    assert record["size"] > 0 and record["imported"] and record["source"]["kind"] == "volumes"
+    assert json.loads((store / "state" / "versions.json").read_text()) == {"tiny": 3}
+    assert list((store / "tmp").iterdir()) == []
+    assert cli("verify", "tiny", "--store", store).code == 0
+
+
+def test_stream_through_a_pipe_as_for_a_data_diode(signed_bundle, store, tmp_path):
+    sender = subprocess.Popen([sys.executable, "-m", "sovpack", "export", signed_bundle, "--to", "-"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    receiver = sovpack("import", "-", "--store", store, stdin=sender.stdout)
+    sender.stdout.close()
+    assert sender.wait() == 0 and receiver.returncode == 0, receiver.stderr
+    assert b"INSTALLED tiny v3" in receiver.stdout
+    assert b"exported tiny v3" in sender.stderr.read()
+    assert (store / "bundles" / "tiny" / "3" / "model.safetensors").read_bytes() == (signed_bundle / "model.safetensors").read_bytes()
+    assert list((store / "tmp").iterdir()) == []
+
+
+def test_importing_the_same_export_twice_is_harmless(cli, signed_bundle, store, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    assert cli("import", out, "--store", store).code == 0
+    before = store_snapshot(store)
+    again = cli("import", out, "--store", store)
+    assert again.code == 0 and "already installed" in again.out
+    assert store_snapshot(store) == before
+
+
+def test_import_with_explicit_trust_warns_that_serve_needs_store_trust(cli, signed_bundle, tmp_path, keys):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    result = cli("import", out, "--trust", keys / "alice.pub", "--store", tmp_path / "other")
+    assert result.code == 0 and "trust add" in result.out
+
+
+def test_import_requires_some_trust(cli, signed_bundle, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    result = cli("import", out, "--store", tmp_path / "empty")
+    assert result.code == 2 and "trusts no keys" in result.err
+
+
+# checking volumes
+
+
+def test_check_volumes_names_damaged_and_missing_volumes(cli, signed_bundle, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    flip_byte(out / "tiny-v3.002", 300)
+    (out / "tiny-v3.003").unlink()
+    result = cli("check-volumes", out)
+    assert result.code == 1
+    assert "tiny-v3.001  OK" in result.out
+    assert "tiny-v3.002  DAMAGED" in result.out and "tiny-v3.003  MISSING" in result.out
+    report = json.loads(cli("check-volumes", out, "--json").out)
+    assert [v["state"] for v in report["volumes"]][:3] == ["ok", "damaged", "missing"]
+    assert report["ok"] is False and report["bundle"]["name"] == "tiny"
+
+
+def test_check_volumes_reports_a_truncated_volume(cli, signed_bundle, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    with open(out / "tiny-v3.001", "r+b") as f:
+        f.truncate(100)
+    result = cli("check-volumes", out)
+    assert result.code == 1 and "tiny-v3.001  DAMAGED  100 bytes, the index says 8000" in result.out
+
+
+def test_damaged_volume_refused_store_unchanged_and_rerun_reuses_checked_volumes(cli, signed_bundle, store, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    good = (out / "tiny-v3.002").read_bytes()
+    flip_byte(out / "tiny-v3.002", 10)
+    before = store_snapshot(store)
+    result = cli("import", out, "--store", store)
+    assert result.code == 1
+    assert "tiny-v3.002 damaged" in result.err and "burn them again" in result.err
+    assert store_snapshot(store) == before and staged_bundles(store) == []
+    refused = audit_records(store)[-1]
+    assert refused["event"] == "import" and refused["outcome"] == "refused" and "tiny-v3.002" in refused["reason"]
+    (out / "tiny-v3.002").write_bytes(good)  # the disc burnt again
+    again = cli("import", out, "--store", store)
+    assert again.code == 0, again.err
+    assert "tiny-v3.001  OK  intact in an earlier run and unchanged since: not read again" in again.out
+    assert "tiny-v3.002  OK\n" in again.out
+
+
+def test_a_volume_changed_after_it_was_checked_is_read_again(cli, signed_bundle, store, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    (out / "tiny-v3.003").rename(tmp_path / "kept")
+    assert cli("import", out, "--store", store).code == 1  # .001 and .002 are now in the journal
+    (tmp_path / "kept").rename(out / "tiny-v3.003")
+    flip_byte(out / "tiny-v3.001", 5)
+    result = cli("import", out, "--store", store)
+    assert result.code == 1 and "tiny-v3.001 damaged" in result.err
+
+
+def test_missing_volume(cli, signed_bundle, store, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    (out / "tiny-v3.002").unlink()
+    before = store_snapshot(store)
+    result = cli("import", out, "--store", store)
+    assert result.code == 1 and "tiny-v3.002 missing" in result.err
+    assert store_snapshot(store) == before
+
+
+def test_volumes_of_two_bundles_mixed_in_one_directory(cli, signed_bundle, store, tmp_path, model_dir, keys):
+    v3 = export(cli, signed_bundle, tmp_path / "v3")
+    v4 = export(cli, new_version(cli, tmp_path, model_dir, keys, 4), tmp_path / "v4")
+    (v3 / "tiny-v3.002").unlink()
+    shutil.copy(v4 / "tiny-v4.002", v3)  # the wrong disc copied in
+    before = store_snapshot(store)
+    result = cli("import", v3, "--store", store)
+    assert result.code == 1
+    assert "tiny-v3.002 missing" in result.err and "tiny-v4.002 (of tiny-v4)" in result.err
+    assert store_snapshot(store) == before
+    shutil.copy(v4 / "tiny-v4.index.json", v3)  # and its index too: which one is meant?
+    result = cli("import", v3, "--store", store)
+    assert result.code == 2 and "tiny-v3.index.json" in result.err and "tiny-v4.index.json" in result.err
+
+
+def test_an_index_pointing_at_another_bundles_volumes_is_refused(cli, signed_bundle, store, tmp_path, model_dir, keys):
+    """Volumes renamed to match an index they do not belong to: caught by content, not names."""
+    v3 = export(cli, signed_bundle, tmp_path / "v3")
+    other = new_version(cli, tmp_path, model_dir, keys, 3, name="tiny")  # same name and version, other content
+    v3b = export(cli, other, tmp_path / "v3b")
+    index = json.loads((v3 / "tiny-v3.index.json").read_text())
+    theirs = json.loads((v3b / "tiny-v3.index.json").read_text())
+    index["volumes"], index["archive"] = theirs["volumes"], theirs["archive"]
+    (v3b / "tiny-v3.index.json").unlink()
+    (v3b / "tiny-v3.index.json").write_text(json.dumps(index))  # identity of one bundle, volumes of the other
+    result = cli("import", v3b, "--store", store)
+    assert result.code == 1 and "volumes of two exports are mixed" in result.err
+    assert not (store / "bundles").exists() and staged_bundles(store) == []
+
+
+def test_index_edited_after_signing(cli, signed_bundle, store, tmp_path, keys):
+    out = export(cli, signed_bundle, tmp_path / "out", "--key", keys / "alice.key")
+    index = json.loads((out / "tiny-v3.index.json").read_text())
+    index["created"] = "2020-01-01T00:00:00Z"
+    (out / "tiny-v3.index.json").write_text(json.dumps(index, indent=2))
+    result = cli("import", out, "--store", store)
+    assert result.code == 1 and "tiny-v3.index.sig does not cover this tiny-v3.index.json" in result.err
+    assert "edited after it was signed" in result.err
+    assert not (store / "bundles").exists()
+
+
+def test_forged_index_signature(cli, signed_bundle, store, tmp_path, keys):
+    out = export(cli, signed_bundle, tmp_path / "out", "--key", keys / "alice.key")
+    sig = json.loads((out / "tiny-v3.index.sig").read_text())
+    forged = bytearray(__import__("base64").b64decode(sig["dsseEnvelope"]["signatures"][0]["sig"]))
+    forged[-1] ^= 1
+    sig["dsseEnvelope"]["signatures"][0]["sig"] = __import__("base64").b64encode(bytes(forged)).decode()
+    (out / "tiny-v3.index.sig").write_text(json.dumps(sig))
+    result = cli("check-volumes", out, "--trust", keys / "alice.pub")
+    assert result.code == 1 and "tiny-v3.index.sig names trusted signer alice" in result.err
+
+
+def test_model_signing_verifies_a_signed_export(cli, signed_bundle, tmp_path, keys):
+    out = export(cli, signed_bundle, tmp_path / "out", "--key", keys / "alice.key")
+    tool = Path(sys.executable).parent / "model_signing"
+    result = subprocess.run([tool, "verify", "key", out, "--signature", out / "tiny-v3.index.sig", "--public_key", keys / "alice.pub"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# what verification refuses
+
+
+def test_import_of_a_bundle_that_fails_verification(cli, tmp_path, model_dir, store, keys):
+    bundle = tmp_path / "by-mallory"
+    assert cli("pack", model_dir, "--out", bundle, "--name", "tiny").code == 0
+    assert cli("sign", bundle, "--key", keys / "mallory.key").code == 0
+    out = export(cli, bundle, tmp_path / "out")
+    before = store_snapshot(store)
+    result = cli("import", out, "--store", store)
+    assert result.code == 1 and "failed verification (threshold)" in result.err
+    assert store_snapshot(store) == before and staged_bundles(store) == []
+    record = audit_records(store)[-1]
+    assert record["outcome"] == "refused" and record["name"] == "tiny" and "threshold" in record["reason"]
+
+
+def test_threshold_from_the_command_line(cli, signed_bundle, store, tmp_path, keys):
+    assert cli("trust", "add", keys / "bob.pub", "--store", store).code == 0
+    out = export(cli, signed_bundle, tmp_path / "out")
+    result = cli("import", out, "--store", store, "--threshold", "2")
+    assert result.code == 1 and "threshold not met: 1 of 2" in result.err
+
+
+def test_expired_bundle(model_dir, tmp_path, keys, cli):
+    bundle = tmp_path / "expiring"
+    assert cli("pack", model_dir, "--out", bundle, "--name", "tiny", "--expires", "1d").code == 0
+    assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
+    export_volumes(bundle, tmp_path / "out", volume_size=8192)
+    store = Store(tmp_path / "store")
+    with pytest.raises(Refused, match="expired on"):
+        import_bundle(str(tmp_path / "out"), store, load_trust([keys / "alice.pub"]), now=datetime.now(timezone.utc) + timedelta(days=2))
+    assert not store.bundles_dir.exists() and store.installed() == []
+    assert audit_records(store.root)[-1]["outcome"] == "refused"
+
+
+def test_export_refuses_an_expired_bundle(model_dir, tmp_path, keys, cli):
+    bundle = tmp_path / "expiring"
+    assert cli("pack", model_dir, "--out", bundle, "--name", "tiny", "--expires", "1d").code == 0
+    assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
+    with pytest.raises(Refused, match="expired on"):
+        export_volumes(bundle, tmp_path / "out", volume_size=8192, now=datetime.now(timezone.utc) + timedelta(days=2))
+
+
+def test_downgrade_is_refused_with_both_versions(cli, signed_bundle, store, tmp_path, model_dir, keys):
+    assert cli("import", export(cli, signed_bundle, tmp_path / "v3"), "--store", store).code == 0
+    v2 = export(cli, new_version(cli, tmp_path, model_dir, keys, 2, extra_gguf=False), tmp_path / "v2")
+    before = store_snapshot(store)
+    result = cli("import", v2, "--store", store)
+    assert result.code == 1 and "tiny v2" in result.err and "not newer than v3" in result.err and "--allow-downgrade" in result.err
+    assert store_snapshot(store) == before
+    allowed = cli("import", v2, "--store", store, "--allow-downgrade")
+    assert allowed.code == 0 and (store / "bundles" / "tiny" / "2").is_dir()
+    assert json.loads((store / "state" / "versions.json").read_text()) == {"tiny": 3}
+
+
+def test_same_version_with_other_contents_is_refused(cli, signed_bundle, store, tmp_path, model_dir, keys):
+    assert cli("import", export(cli, signed_bundle, tmp_path / "a"), "--store", store).code == 0
+    other = export(cli, new_version(cli, tmp_path, model_dir, keys, 3), tmp_path / "b")
+    result = cli("import", other, "--store", store, "--allow-downgrade")
+    assert result.code == 1 and "already installed with different contents" in result.err
+
+
+def test_store_on_a_full_disk(cli, model_dir, store, tmp_path, keys):
+    big = tmp_path / "bigmodel"
+    shutil.copytree(model_dir, big)
+    write_big_safetensors(big / "weights-2.safetensors", 256 * 1024)
+    assert cli("pack", big, "--out", tmp_path / "bigbundle", "--name", "tiny", "--version", "5").code == 0
+    assert cli("sign", tmp_path / "bigbundle", "--key", keys / "alice.key").code == 0
+    out = export(cli, tmp_path / "bigbundle", tmp_path / "out", "--volume-size", "100K")
+    before = store_snapshot(store)
+    limit = 128 * 1024  # RLIMIT_FSIZE in the importing process: its writes beyond fail (EFBIG) as on a full disk
+    result = sovpack("import", out, "--store", store, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert result.returncode == 3, result.stderr
+    assert b"weights-2.safetensors" in result.stderr and b"full" in result.stderr
+    assert store_snapshot(store) == before and staged_bundles(store) == []
+    again = sovpack("import", out, "--store", store)
+    assert again.returncode == 0, again.stderr
+    assert b"not read again" in again.stdout
+
+
+# delta export
+
+
+def test_delta_export_leaves_out_what_the_store_holds(cli, signed_bundle, store, tmp_path, model_dir, keys):
+    v3_out = export(cli, signed_bundle, tmp_path / "v3")
+    assert cli("import", v3_out, "--store", store).code == 0
+    v4 = new_version(cli, tmp_path, model_dir, keys, 4)
+    full = export(cli, v4, tmp_path / "v4-full")
+    delta = export(cli, v4, tmp_path / "v4-delta", "--since", v3_out / "tiny-v3.index.json")
+    index = json.loads((delta / "tiny-v4.index.json").read_text())
+    left_out = {f["path"] for f in index["left_out"]}
+    assert left_out == {"model.safetensors", "gguf/tiny-F32.gguf", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "LICENSE"}
+    assert index["since"]["version"] == 3
+    assert index["archive"]["size"] < json.loads((full / "tiny-v4.index.json").read_text())["archive"]["size"]
+    result = cli("import", delta, "--store", store)
+    assert result.code == 0, result.err
+    assert "1 file(s) from the media, 7 already held by the store" in result.out
+    for rel in left_out:
+        assert (store / "bundles/tiny/4" / rel).stat().st_ino == (store / "bundles/tiny/3" / rel).stat().st_ino
+    assert cli("verify", "tiny@4", "--store", store).code == 0
+
+
+def test_delta_export_against_a_bundle_directory(cli, signed_bundle, tmp_path, model_dir, keys):
+    v4 = new_version(cli, tmp_path, model_dir, keys, 4)
+    delta = export(cli, v4, tmp_path / "delta", "--since", signed_bundle)
+    assert {f["path"] for f in json.loads((delta / "tiny-v4.index.json").read_text())["left_out"]} >= {"model.safetensors"}
+
+
+def test_delta_import_into_a_store_that_lacks_a_file(cli, signed_bundle, store, tmp_path, model_dir, keys):
+    v4 = new_version(cli, tmp_path, model_dir, keys, 4)
+    delta = export(cli, v4, tmp_path / "delta", "--since", signed_bundle)
+    before = store_snapshot(store)
+    result = cli("import", delta, "--store", store)
+    assert result.code == 1
+    assert "LICENSE" in result.err and "neither in" in result.err and "left out of this delta export" in result.err
+    assert store_snapshot(store) == before and staged_bundles(store) == []
+
+
+def test_delta_stream(cli, signed_bundle, store, tmp_path, model_dir, keys):
+    assert cli("import", export(cli, signed_bundle, tmp_path / "v3"), "--store", store).code == 0
+    v4 = new_version(cli, tmp_path, model_dir, keys, 4)
+    stream = sovpack("export", v4, "--to", "-", "--since", signed_bundle)
+    assert stream.returncode == 0 and b"left out" in stream.stderr
+    result = sovpack("import", "-", "--store", store, input=stream.stdout)
+    assert result.returncode == 0, result.stderr
+
+
+# untrusted streams
+
+
+def tar_stream(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data if kind == tarfile.REGTYPE else None
+
+
+@pytest.mark.parametrize(
+    "evil,message",
+    [
+        (member("tiny-v3/gguf", kind=tarfile.SYMTYPE, link="/etc"), "is a symbolic link"),
+        (member("tiny-v3/x", kind=tarfile.LNKTYPE, link="tiny-v3/sovpack.json"), "is a hard link"),
+        (member("tiny-v3/dev", kind=tarfile.CHRTYPE), "is a device"),
+        (member("tiny-v3/../escape", b"x"), "unsafe path"),
+        (member("elsewhere/file", b"x"), "outside the bundle directory"),
+        (member("tiny-v3/unlisted.txt", b"x"), "not listed in the bundle's sovpack.json"),
+        (member("tiny-v3/config.json", b"x" * 5), "lists"),
+    ],
+)
+def test_untrusted_stream_members_are_refused_before_anything_is_written(signed_bundle, tmp_path, keys, evil, message):
+    metadata = (signed_bundle / "sovpack.json").read_bytes()
+    stream = tar_stream([member("tiny-v3/sovpack.json", metadata), evil])
+    store = Store(tmp_path / "store")
+    with pytest.raises(Refused, match=message):
+        import_bundle("-", store, load_trust([keys / "alice.pub"]), stdin=io.BytesIO(stream))
+    assert store.installed() == [] and list(store.tmp_dir.iterdir()) == []
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_stream_cut_short(signed_bundle, tmp_path, keys):
+    stream = sovpack("export", signed_bundle, "--to", "-").stdout
+    store = Store(tmp_path / "store")
+    with pytest.raises(Refused, match="cut short|missing|neither"):
+        import_bundle("-", store, load_trust([keys / "alice.pub"]), stdin=io.BytesIO(stream[: len(stream) // 2]))
+    assert store.installed() == []
+
+
+def test_a_stream_that_is_not_a_bundle(tmp_path, keys):
+    with pytest.raises(Refused, match="does not hold a tar stream|not a sovpack export"):
+        import_bundle("-", Store(tmp_path / "s"), load_trust([keys / "alice.pub"]), stdin=io.BytesIO(b"hello" * 1000))
+
+
+def test_import_of_a_directory_without_index(cli, store, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = cli("import", tmp_path / "empty", "--store", store)
+    assert result.code == 2 and "holds no export index" in result.err
+
+
+def test_index_signed_with_a_key_from_the_command_line(cli, signed_bundle, tmp_path, keys):
+    out = export(cli, signed_bundle, tmp_path / "out", "--key", keys / "alice.key")
+    result = cli("check-volumes", out, "--trust", keys / "alice.pub")
+    assert result.code == 0 and "index signed by alice" in result.out

@@ -1,0 +1,68 @@
+"""Helpers shared by the transfer, store and audit tests: real processes, real files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+
+def sovpack(*args, stdin=None, input: bytes | None = None, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m sovpack ARGS` as a separate process."""
+    return subprocess.run([sys.executable, "-m", "sovpack", *map(str, args)], stdin=stdin, input=input,
+                          capture_output=True, env=env, cwd=ROOT, **kwargs)  # fmt: skip
+
+
+def store_snapshot(store: Path) -> dict:
+    """Every installed thing in the store with its bytes' digest, mode and link count.
+
+    Leaves out what changes by design on a refusal or a kill: tmp/ (staging and the journal of
+    checked volumes), audit.log (gains the refusal) and the lock file.
+    """
+    snapshot = {}
+    if not store.exists():
+        return snapshot
+    for p in sorted(store.rglob("*")):
+        rel = p.relative_to(store).as_posix()
+        if rel.split("/")[0] in ("tmp", "audit.log", ".lock"):
+            continue
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
+        snapshot[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), digest, st.st_nlink if digest else None)
+    return snapshot
+
+
+def staged_bundles(store: Path) -> list[Path]:
+    return sorted(store.glob("tmp/*/bundle"))
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    os.chmod(path, 0o644)  # installed files are read-only; root writes them anyway, others could not
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def write_big_safetensors(path: Path, size: int) -> Path:
+    """A valid safetensors file of `size` data bytes, written sparse (fast to make, read as zeros)."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + size)
+    return path
+
+
+def audit_records(store: Path) -> list[dict]:
+    log = store / "audit.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
