@@ -52,3 +52,80 @@ def write_model_dir(root: Path, *, gguf: bool = False) -> Path:
     if gguf:
         write_gguf(root / "gguf" / "tiny-F32.gguf")
     return root
+
+
+def write_llama_gguf(
+    path: Path,
+    *,
+    n_embd: int = 256,
+    n_ff: int = 512,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    file_type: str = "F32",
+    split_max_tensors: int = 0,
+    seed: int = 0,
+) -> Path:
+    """A tiny llama-architecture GGUF that llama.cpp loads, quantizes and runs (random weights).
+
+    Row widths are multiples of 256 so K-quants apply for real. `file_type` is F32 or F16
+    (matrices in F16, norms in F32, as convert_hf_to_gguf writes them). With
+    `split_max_tensors`, the model is split the way llama.cpp names splits; the first part's
+    path is returned.
+    """
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581" + c for c in letters] + list(letters)
+    token_types = [2, 3, 3] + [6] * 256 + [1] * 2 * len(letters)  # unknown, control, byte, normal
+    scores = [0.0] * 259 + [-float(i) for i in range(2 * len(letters))]
+    matrix_dtype = {"F32": np.float32, "F16": np.float16}[file_type]
+
+    writer = gguf.GGUFWriter(path, "llama", split_max_tensors=split_max_tensors)
+    writer.add_name("tiny-llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if file_type == "F32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(token_types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(matrix_dtype))
+
+    def norm(name: str) -> None:
+        writer.add_tensor(name, np.ones(n_embd, dtype=np.float32))
+
+    kv_width = n_embd // n_head * n_head_kv
+    matrix("token_embd.weight", len(tokens), n_embd)
+    for i in range(n_layer):
+        norm(f"blk.{i}.attn_norm.weight")
+        matrix(f"blk.{i}.attn_q.weight", n_embd, n_embd)
+        matrix(f"blk.{i}.attn_k.weight", kv_width, n_embd)
+        matrix(f"blk.{i}.attn_v.weight", kv_width, n_embd)
+        matrix(f"blk.{i}.attn_output.weight", n_embd, n_embd)
+        norm(f"blk.{i}.ffn_norm.weight")
+        matrix(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        matrix(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        matrix(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
+    norm("output_norm.weight")
+    matrix("output.weight", len(tokens), n_embd)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return writer.format_shard_names(path)[0] if split_max_tensors else path

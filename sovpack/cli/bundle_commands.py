@@ -171,10 +171,12 @@ def _details(details: dict | None) -> str:
     if not details:
         return ""
     if "file_type" in details:
-        parts = [details.get("architecture") or "?", details.get("file_type") or "?", f"ctx {details.get('context_length')}"]
+        mix = ", ".join(f"{count} {name}" for name, count in sorted((details.get("tensor_types") or {}).items(), key=lambda kv: -kv[1]))
+        parts = [details.get("architecture") or "?", details.get("file_type") or "type unknown", f"({mix})" if mix else "",
+                 f"ctx {details.get('context_length')}"]  # fmt: skip
         if details.get("chat_template_sha256"):
             parts.append(f"template {details['chat_template_sha256'][:12]}")
-        return " ".join(str(p) for p in parts)
+        return " ".join(str(p) for p in parts if p)
     dtypes = ",".join(details.get("dtypes", {}))
     return f"{details.get('tensor_count')} tensors {dtypes} {details.get('parameter_count'):,} params"
 
@@ -185,5 +187,7 @@ def _source(source: dict | None) -> str:
     if source.get("type") == "hub":
         return f"{source.get('repo')}@{str(source.get('commit'))[:12]}"
     if source.get("type") == "quantized":
-        return f"{source.get('quantization')} from {source.get('input')}"
+        built_with = " ".join(str(v) for v in (source.get("llama_cpp_version"), source.get("llama_cpp_commit")) if v)
+        return (f"quantized to {source.get('quantization')} from {source.get('input')} "
+                f"(sha256 {str(source.get('input_sha256'))[:12]}) by llama.cpp {built_with or 'of unknown version'}")  # fmt: skip
     return source.get("type", "")

@@ -1,0 +1,766 @@
+"""Build quantized GGUF files inside a bundle with llama.cpp's own quantizer, recording how.
+
+`quantize_bundle` checks the bundle's inventory and the source GGUF's bytes, runs
+`llama_model_quantize` (llama-cpp-python) once per requested type, and adds every output
+to sovpack.json with its digests and provenance, or adds nothing at all.
+
+Three decisions shape this module (docs/quantize.md explains them for users):
+
+- llama.cpp runs in a child Python process. A ctypes call cannot be interrupted, so Ctrl-C
+  would otherwise wait for the whole model; an abort inside llama.cpp would take sovpack
+  down with it. The child costs about 0.2 s of start-up against minutes of quantizing.
+- Outputs are written into a hidden sibling of the bundle directory (same filesystem, so a
+  rename publishes them) and moved in only when every type succeeded. A killed run leaves
+  at most a stale work directory, removed by the next run; the bundle is untouched.
+- The commit (move outputs in, rewrite sovpack.json) is journalled: if the process dies in
+  those few milliseconds, the next `quantize` on the bundle rolls the moved files back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.util import find_spec
+from pathlib import Path, PurePosixPath
+
+from sovpack import __version__
+from sovpack.bundle import read_metadata, require_bundle_dir, scan_tree, write_metadata
+from sovpack.errors import Failure, Refused, UsageError
+from sovpack.formats import inspect_file
+from sovpack.formats.gguf import FILE_TYPES, UNQUANTIZED_FILE_TYPES
+from sovpack.hashing import cpu_count, digest_file, sha256_file
+from sovpack.metadata import BundleMetadata, FileEntry, check_inventory_paths
+from sovpack.pack import file_entry
+from sovpack.verify import check_digests, check_inventory
+
+# The types offered: llama.cpp's quantize-tool names for types that need no importance
+# matrix (an imatrix is a further input whose provenance would also need recording).
+QUANT_TYPES = (
+    "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
+    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
+)  # fmt: skip
+LLAMA_FTYPES = {name: ftype for ftype, name in FILE_TYPES.items() if name in QUANT_TYPES}  # llama_ftype enum values
+
+# Disk-space estimate: no type above uses more than Q8_0's 8.5 bits per weight for any
+# tensor (fallbacks included); tensors llama.cpp leaves unquantized (norms) and the
+# metadata are covered by the margin.
+_MAX_BITS_PER_WEIGHT = 8.5
+_SOURCE_BITS = {"F32": 32, "F16": 16, "BF16": 16}
+_SPACE_MARGIN = 64 << 20
+
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.gguf$")
+_TYPE_SUFFIX = re.compile(r"[-._](?:FP32|FP16|" + "|".join(FILE_TYPES.values()) + r")$", re.IGNORECASE)
+_CHILD_MARK = "\x1esovpack-quantize "
+_PROGRESS_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+
+
+@dataclass(frozen=True)
+class QuantizeProgress:
+    """What the quantizer is doing; `done` and `total` count bytes (checking) or tensors (quantizing)."""
+
+    stage: str  # "checking" the source's digests, "quantizing", "hashing" the output
+    subject: str  # path in the bundle: the source while checking, the output otherwise
+    done: int = 0
+    total: int = 0
+
+
+ProgressCallback = Callable[[QuantizeProgress], None]
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    entry: FileEntry  # the file llama.cpp is given (the first part of a split GGUF)
+    parts: tuple[FileEntry, ...]  # every file llama.cpp reads
+    file_type: str | None  # F32, F16, BF16, a quantized type, or None when unknown
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.parts)
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    source: SourceModel
+    outputs: list[FileEntry]
+    metadata: BundleMetadata  # as written
+    previous_version: int
+    stale_signatures: list[str]  # signature files that covered the old sovpack.json
+    seconds: dict[str, float]  # time llama.cpp took, per type
+
+
+def parse_types(names: list[str]) -> list[str]:
+    """Canonical type names in the order given, duplicates dropped; UsageError names a bad one."""
+    if not names:
+        raise UsageError(f"give at least one --type; valid types: {', '.join(QUANT_TYPES)}")
+    chosen: list[str] = []
+    for name in names:
+        canonical = name.strip().upper()
+        if canonical not in QUANT_TYPES:
+            hint = " (IQ types need an importance matrix, which sovpack does not take)" if canonical.startswith("IQ") else ""
+            raise UsageError(f"--type {name!r} is not a quantization type sovpack offers{hint}; "
+                             f"valid types (case-insensitive): {', '.join(QUANT_TYPES)}")
+        if canonical not in chosen:
+            chosen.append(canonical)
+    return chosen
+
+
+def output_path_for(source_path: str, qtype: str) -> str:
+    """`gguf/Model-F16.gguf` -> `gguf/Model-Q4_K_M.gguf`; a split's `-00001-of-00003` goes too."""
+    path = PurePosixPath(source_path)
+    stem = path.name[:-5] if path.name.lower().endswith(".gguf") else path.stem
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
+    stem = _TYPE_SUFFIX.sub("", stem) or "model"
+    return str(path.with_name(f"{stem}-{qtype}.gguf"))
+
+
+def estimate_output_size(source: SourceModel) -> int:
+    """An upper bound on one output's size, for the free-space check."""
+    bits = _SOURCE_BITS.get(source.file_type or "")
+    if bits is None:
+        return source.size
+    return min(source.size, int(source.size * (_MAX_BITS_PER_WEIGHT / bits + 0.02)) + _SPACE_MARGIN)
+
+
+# --- choosing and checking the source --------------------------------------------------
+
+
+def gguf_file_type(entry: FileEntry) -> str | None:
+    """The recorded `general.file_type`, or F32/F16/BF16 read off the tensor types when it is absent."""
+    details = entry.details or {}
+    if details.get("file_type") in FILE_TYPES.values():
+        return details["file_type"]
+    types = set(details.get("tensor_types") or {})
+    if types and types <= UNQUANTIZED_FILE_TYPES:
+        return "F16" if "F16" in types else "BF16" if "BF16" in types else "F32"
+    return None
+
+
+def _split(entry: FileEntry) -> tuple[int, int]:
+    split = (entry.details or {}).get("split") or {}
+    return split.get("index") or 0, split.get("count") or 1
+
+
+def choose_source(metadata: BundleMetadata, source: str | None) -> SourceModel:
+    if source is not None:
+        return _named_source(metadata, source)
+    ggufs = [f for f in metadata.files if f.format == "gguf" and _split(f)[0] == 0]
+    candidates = [f for f in ggufs if gguf_file_type(f) in UNQUANTIZED_FILE_TYPES]
+    if len(candidates) == 1:
+        return _source_model(metadata, candidates[0])
+    if candidates:
+        raise UsageError(f"the bundle holds {len(candidates)} F32/F16/BF16 GGUF files ({_describe(candidates)}); "
+                         "choose one with --source")
+    if not ggufs:
+        raise UsageError("the bundle holds no GGUF file to quantize; add the publisher's F16, BF16 or F32 GGUF to it first "
+                         "(sovpack fetch --gguf, or pack a directory that holds it)")  # fmt: skip
+    raise UsageError(f"the bundle holds no F32, F16 or BF16 GGUF to quantize from (it has {_describe(ggufs)}); "
+                     "to quantize an already quantized file anyway, pass --source FILE --allow-requantize")  # fmt: skip
+
+
+def _named_source(metadata: BundleMetadata, source: str) -> SourceModel:
+    entry = metadata.file(source.removeprefix("./"))
+    if entry is None:
+        listed = [f for f in metadata.files if f.format == "gguf"]
+        have = f"its GGUF files are {_describe(listed)}" if listed else "it holds no GGUF file"
+        raise UsageError(f"--source {source}: no such file in the bundle's inventory ({have}); give the path inside the bundle")
+    if entry.format != "gguf":
+        raise UsageError(f"--source {source} is not a GGUF file (the inventory records its format as {entry.format}); "
+                         "quantize reads GGUF files")
+    number, count = _split(entry)
+    if number != 0:
+        raise UsageError(f"--source {source} is part {number + 1} of a GGUF split into {count} files; give its first part")
+    return _source_model(metadata, entry)
+
+
+def _source_model(metadata: BundleMetadata, entry: FileEntry) -> SourceModel:
+    _, count = _split(entry)
+    if count == 1:
+        return SourceModel(entry, (entry,), gguf_file_type(entry))
+    match = _SPLIT_NAME.match(entry.path)
+    if not match or int(match["number"]) != 1 or int(match["count"]) != count:
+        raise Refused(f"{entry.path} is the first of {count} split GGUF parts, but its name does not end in -00001-of-{count:05d}.gguf, "
+                      "so llama.cpp cannot find the other parts")  # fmt: skip
+    names = [f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    missing = [n for n in names if metadata.file(n) is None]
+    if missing:
+        raise Refused(f"{entry.path} is split into {count} parts, but the bundle's inventory lacks {', '.join(missing)}")
+    return SourceModel(entry, tuple(metadata.file(n) for n in names), gguf_file_type(entry))
+
+
+def _describe(entries: list[FileEntry]) -> str:
+    return ", ".join(f"{f.path} ({gguf_file_type(f) or 'unknown type'})" for f in entries)
+
+
+def check_precision(source: SourceModel, allow_requantize: bool) -> None:
+    if source.file_type in UNQUANTIZED_FILE_TYPES or allow_requantize:
+        return
+    if source.file_type:
+        what = f"already quantized ({source.file_type})"
+    else:
+        what = "of unknown precision (no general.file_type, and not all tensors F32/F16/BF16)"
+    raise Refused(
+        f"{source.entry.path} is {what}: quantizing it again rounds weights that were already rounded, so the errors of "
+        "both steps add up and the result is worse than the same type made from the F16/BF16/F32 original; quantize "
+        "from the original, or pass --allow-requantize to accept the loss"
+    )
+
+
+def _check_source_bytes(root: Path, metadata: BundleMetadata, source: SourceModel, on_progress: ProgressCallback | None) -> None:
+    """Every byte llama.cpp will read must match the inventory; the headers must still parse."""
+    total, done, lock = source.size, [0], threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            done[0] += n
+            if on_progress:
+                on_progress(QuantizeProgress("checking", source.entry.path, done[0], total))
+
+    try:
+        check_digests(root, metadata, [p.path for p in source.parts], on_progress=advance)
+    except Refused as e:
+        raise Refused(f"refusing to quantize: {e}; sovpack quantizes only bytes that match the bundle's inventory") from None
+    for part in source.parts:
+        inspect_file(root / part.path, part.path, "gguf")
+
+
+def _file_identity(root: Path, source: SourceModel) -> list[tuple[int, int, int]]:
+    identities = []
+    for part in source.parts:
+        st = (root / part.path).stat()
+        identities.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return identities
+
+
+# --- the bundle-level operation ---------------------------------------------------------
+
+
+def quantize_bundle(
+    root: Path,
+    types: list[str],
+    *,
+    source: str | None = None,
+    threads: int | None = None,
+    allow_requantize: bool = False,
+    version: int | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> QuantizeResult:
+    """Quantize one GGUF of the bundle at `root` to every type in `types`, all or nothing.
+
+    `version`: the bundle's new version (default: unchanged, or one up if it was signed).
+    """
+    types = parse_types(types)
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be 1 or more, got {threads}")
+    require_bundle_dir(root)
+    require_llama_cpp()
+    root = root.resolve()
+    with WorkDir(root) as work:
+        metadata = read_metadata(root)
+        tree = scan_tree(root)
+        new_version = choose_version(metadata.version, version, signed=bool(tree.signatures))
+        try:
+            check_inventory(metadata, tree, root)
+        except Refused as e:
+            raise Refused(f"refusing to quantize: {e}") from None
+        model = choose_source(metadata, source)
+        check_precision(model, allow_requantize)
+        targets = _plan_outputs(root, metadata, model, types)
+        work.check_free_space(estimate_output_size(model) * len(types), model.entry.path)
+        _check_source_bytes(root, metadata, model, on_progress)
+        builder = _Builder(root, work, metadata, model, threads or cpu_count(), allow_requantize, on_progress)
+        built = builder.build_all(targets)
+        updated = _updated_metadata(metadata, [b.entry for b in built], new_version)
+        work.commit(built, updated)
+    return QuantizeResult(model, [b.entry for b in built], updated, metadata.version, tree.signatures, builder.seconds)
+
+
+def _plan_outputs(root: Path, metadata: BundleMetadata, source: SourceModel, types: list[str]) -> list[tuple[str, str]]:
+    targets = [(qtype, output_path_for(source.entry.path, qtype)) for qtype in types]
+    for qtype, rel in targets:
+        if metadata.file(rel) is not None or (root / rel).exists():
+            raise UsageError(f"{rel} is already in the bundle; sovpack will not replace a file of the inventory "
+                             f"(to rebuild {qtype}, start from a bundle without it)")  # fmt: skip
+    check_inventory_paths([f.path for f in metadata.files] + [rel for _, rel in targets])
+    return targets
+
+
+def choose_version(current: int, requested: int | None, *, signed: bool) -> int:
+    """The version the changed bundle gets: as requested (not lower), else one up if it was signed.
+
+    A signed bundle may already have been exported, and the store on the secure side refuses a
+    bundle whose version is not higher than the installed one; nothing else can raise the
+    version of an existing bundle later.
+    """
+    if requested is None:
+        return current + 1 if signed else current
+    if requested < current:
+        raise UsageError(f"--version {requested} is lower than the bundle's current version {current}; versions only go up")
+    return requested
+
+
+def _updated_metadata(metadata: BundleMetadata, entries: list[FileEntry], version: int) -> BundleMetadata:
+    if version == metadata.version:
+        return dataclasses.replace(metadata, files=metadata.files + entries)
+    # a new version is a new release of the bundle, created now
+    return dataclasses.replace(metadata, files=metadata.files + entries, version=version, created=datetime.now(timezone.utc))
+
+
+@dataclass(frozen=True)
+class BuiltFile:
+    entry: FileEntry
+    partial: Path  # where it waits, outside the bundle, until the commit
+
+
+@dataclass
+class _Builder:
+    """Builds every requested output from one source into the work directory."""
+
+    root: Path
+    work: WorkDir
+    metadata: BundleMetadata
+    source: SourceModel
+    threads: int
+    allow_requantize: bool
+    on_progress: ProgressCallback | None
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def build_all(self, targets: list[tuple[str, str]]) -> list[BuiltFile]:
+        identity = _file_identity(self.root, self.source)
+        built = [self.build(qtype, rel) for qtype, rel in targets]
+        if _file_identity(self.root, self.source) != identity:
+            raise Refused(f"{self.source.entry.path} changed on disk while it was being quantized; nothing was added to the bundle")
+        return built
+
+    def build(self, qtype: str, rel: str) -> BuiltFile:
+        started = time.monotonic()
+        partial = self.work.partial_path(rel)
+        self._report("quantizing", rel)
+        run = run_llama_quantize(self.root / self.source.entry.path, partial, qtype, threads=self.threads,
+                                 allow_requantize=self.allow_requantize, name=self.source.entry.path,
+                                 on_tensor=lambda done, total: self._report("quantizing", rel, done, total))  # fmt: skip
+        _fsync_file(partial)
+        self._report("hashing", rel)
+        digest = digest_file(partial, self.metadata.shard_size)
+        entry = file_entry(partial, rel, digest, _provenance(self.source, qtype, run))
+        written = (entry.details or {}).get("file_type")
+        if written != qtype:
+            raise Failure(f"llama.cpp wrote {rel} with file type {written}, not the {qtype} asked for; nothing was added to the bundle")
+        self.seconds[qtype] = time.monotonic() - started
+        return BuiltFile(entry, partial)
+
+    def _report(self, stage: str, subject: str, done: int = 0, total: int = 0) -> None:
+        if self.on_progress:
+            self.on_progress(QuantizeProgress(stage, subject, done, total))
+
+
+def _provenance(source: SourceModel, qtype: str, run: QuantizerRun) -> dict:
+    provenance = {
+        "type": "quantized",
+        "input": source.entry.path,
+        "input_sha256": source.entry.sha256,
+        "input_file_type": source.file_type,
+        "input_source": source.entry.source,  # the input's own provenance, kept if the input is later left out
+        "quantization": qtype,
+        **run.versions,
+        "options": run.options,
+        "quantized_by": f"sovpack {__version__}",
+    }
+    if len(source.parts) > 1:
+        provenance["input_parts"] = [{"path": p.path, "sha256": p.sha256, "size": p.size} for p in source.parts]
+    return provenance
+
+
+def require_llama_cpp() -> None:
+    if find_spec("llama_cpp") is None:
+        raise Failure("quantize needs llama-cpp-python, which is not installed here: install sovpack's llama extra "
+                      "(pip install 'sovpack[llama]'; it compiles llama.cpp, about 5 minutes)")  # fmt: skip
+
+
+# --- the work directory beside the bundle -------------------------------------------------
+
+
+class WorkDir:
+    """`.<bundle>.sovpack-quantize/` next to the bundle: a lock, partial outputs and the commit journal.
+
+    Holding the lock (flock, released by the kernel when the process dies) means any other
+    file found here is left over from a run that was killed, and can go.
+    """
+
+    LOCK, JOURNAL = "lock", "commit.json"
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.path = root.parent / f".{root.name}.sovpack-quantize"
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> WorkDir:
+        try:
+            self.path.mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise Failure(f"cannot create the work directory {self.path} beside the bundle: {e.strerror}") from None
+        if os.stat(self.path).st_dev != os.stat(self.root).st_dev:
+            raise Failure(f"{self.path} is on another filesystem than the bundle {self.root} (is the bundle a mount point?); "
+                          "quantize needs to rename its outputs into the bundle, so move the bundle into a plain directory")  # fmt: skip
+        self._lock()
+        try:
+            self._recover()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in os.listdir(self.path):
+            if name not in (self.LOCK, self.JOURNAL):  # a journal left here means a roll-back still to do
+                _unlink(self.path / name)
+        if not (self.path / self.JOURNAL).exists():
+            _unlink(self.path / self.LOCK)
+        os.close(self._lock_fd)
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass  # not empty, or another run has just created its lock here
+
+    def _lock(self) -> None:
+        lock_path = self.path / self.LOCK
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise Failure(f"another sovpack quantize is running on {self.root} (it holds {lock_path}); "
+                              "wait for it to finish") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file the previous holder unlinked while we waited
+                self._lock_fd = fd
+                return
+            os.close(fd)
+
+    def _recover(self) -> None:
+        """Roll back a commit that a killed run left half-done, then drop its leftovers."""
+        self._roll_back(self.path / self.JOURNAL)
+        for name in os.listdir(self.path):
+            if name != self.LOCK:
+                _unlink(self.path / name)
+
+    def _roll_back(self, journal: Path) -> None:
+        """Remove outputs the journal names that reached the bundle while sovpack.json does not list them."""
+        if not journal.exists():
+            return
+        listed = {f.path for f in read_metadata(self.root).files}
+        try:
+            outputs = json.loads(journal.read_text())["outputs"]
+        except (ValueError, KeyError, TypeError):
+            raise Failure(f"cannot read {journal}, left by an interrupted quantize of {self.root}: check that every file "
+                          f"of the bundle is listed in its sovpack.json, then delete {self.path}") from None  # fmt: skip
+        for item in outputs:
+            target = self.root / item["path"]
+            if item["path"] in listed or not target.is_file() or target.stat().st_size != item["size"]:
+                continue
+            if sha256_file(target) == item["sha256"]:
+                target.unlink()
+        journal.unlink()
+
+    def partial_path(self, rel: str) -> Path:
+        return self.path / (rel.replace("/", "%") + ".partial")
+
+    def check_free_space(self, needed: int, source: str) -> None:
+        st = os.statvfs(self.path)
+        free = st.f_bavail * st.f_frsize
+        if free < needed + (1 << 20):  # and room for the new sovpack.json
+            raise Failure(f"not enough free disk space to quantize {source}: the output(s) may need up to {_size(needed)} on the "
+                          f"filesystem holding {self.root}, which has {_size(free)} free; nothing was changed")  # fmt: skip
+
+    def commit(self, built: list[BuiltFile], metadata: BundleMetadata) -> None:
+        """Move the outputs in and rewrite sovpack.json; the journal lets the next run undo a half-done commit."""
+        journal = {"outputs": [{"path": b.entry.path, "size": b.entry.size, "sha256": b.entry.sha256} for b in built]}
+        journal_path = self.path / self.JOURNAL
+        journal_path.write_text(json.dumps(journal))
+        _fsync_file(journal_path)
+        try:
+            with _interrupts_deferred():
+                for b in built:
+                    target = self.root / b.entry.path
+                    if target.exists():
+                        raise Refused(f"{b.entry.path} appeared in the bundle while quantizing; nothing was added")
+                    os.replace(b.partial, target)
+                write_metadata(self.root, metadata)
+                for directory in {(self.root / b.entry.path).parent for b in built} | {self.root}:
+                    _fsync_dir(directory)
+        except BaseException:
+            self._roll_back(journal_path)
+            raise
+        journal_path.unlink()
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM for the few milliseconds of the commit; the run then completes normally."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# --- llama.cpp in a child process ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizerRun:
+    versions: dict  # llama_cpp_version, llama_cpp_commit, ggml_version, llama_cpp_python_version, llama_cpp_libraries
+    options: dict  # the llama_model_quantize_params used
+
+
+def run_llama_quantize(
+    source: Path,
+    output: Path,
+    qtype: str,
+    *,
+    threads: int,
+    allow_requantize: bool,
+    on_tensor: Callable[[int, int], None] | None = None,
+    name: str | None = None,
+) -> QuantizerRun:
+    """Run llama_model_quantize(source -> output) in a child process; raise with llama.cpp's reason on failure."""
+    request = {"input": str(source), "output": str(output), "type": qtype, "ftype": LLAMA_FTYPES[qtype], "threads": threads,
+               "allow_requantize": allow_requantize, "parent_pid": os.getpid()}  # fmt: skip
+    package_root = str(Path(__file__).resolve().parent.parent)
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from sovpack.quantize import _child_main; sys.exit(_child_main(sys.argv[2]))"
+    process = subprocess.Popen([sys.executable, "-c", code, package_root, json.dumps(request)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    log = _ChildLog(on_tensor)
+    try:
+        for raw in process.stdout:
+            log.feed(raw.decode("utf-8", errors="replace"))
+        process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        process.stdout.close()
+    return log.outcome(process.returncode, output, qtype, name or str(source))
+
+
+class _ChildLog:
+    """Reads the child's output: llama.cpp's log (progress lines) and sovpack's own event lines."""
+
+    def __init__(self, on_tensor: Callable[[int, int], None] | None):
+        self.on_tensor = on_tensor
+        self.events: dict[str, dict] = {}
+        self.tail: list[str] = []
+
+    def feed(self, line: str) -> None:
+        line = line.rstrip("\n")
+        if line.startswith(_CHILD_MARK):
+            event = json.loads(line[len(_CHILD_MARK) :])
+            self.events[event["event"]] = event
+            return
+        if line.strip():
+            self.tail = (self.tail + [line])[-20:]
+        match = _PROGRESS_LINE.match(line)
+        if match and self.on_tensor:
+            self.on_tensor(int(match[1]), int(match[2]))
+
+    def outcome(self, returncode: int, output: Path, qtype: str, name: str) -> QuantizerRun:
+        if "error" in self.events:
+            raise Failure(self.events["error"]["message"])
+        done = self.events.get("done")
+        if done is None or returncode != 0:
+            cause = f"was killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with status {returncode}"
+            raise Failure(f"llama.cpp's quantizer {cause} while quantizing {name} to {qtype}; nothing was added to the bundle. "
+                          f"Its last output: {self._last_lines()}")  # fmt: skip
+        if done["rc"] != 0:
+            raise self._failure(output, qtype, name)
+        start = self.events["start"]
+        return QuantizerRun(start["versions"], start["options"])
+
+    def _failure(self, output: Path, qtype: str, name: str) -> Exception:
+        reason = next((line.split("failed to quantize: ", 1)[1] for line in reversed(self.tail) if "failed to quantize: " in line),
+                      self._last_lines())  # fmt: skip
+        write_error = _write_error(output)
+        if write_error is not None:
+            return Failure(_write_error_message(write_error, output, qtype, name))
+        if "iostream error" in reason or "failed to open" in reason:
+            return Failure(f"llama.cpp could not read {name} or write its {qtype} output ({reason}); nothing was added to the bundle")
+        return Refused(f"llama.cpp refused to quantize {name} to {qtype}: {reason}; nothing was added to the bundle")
+
+    def _last_lines(self) -> str:
+        return " | ".join(self.tail[-3:]) or "(nothing)"
+
+
+def _write_error(partial: Path) -> OSError | None:
+    """Repeat the write llama.cpp failed, to learn the errno it does not report ("iostream error")."""
+    if not partial.exists():
+        return None
+    try:
+        with open(partial, "ab") as f:
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e
+    return None
+
+
+def _write_error_message(error: OSError, output: Path, qtype: str, name: str) -> str:
+    where = output.parent.parent
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        st = os.statvfs(output.parent)
+        return (f"the disk filled up while writing the {qtype} output of {name} ({error.strerror}; the filesystem holding {where} "
+                f"has {_size(st.f_bavail * st.f_frsize)} free); nothing was added to the bundle: free some space, run again")  # fmt: skip
+    if error.errno == errno.EFBIG:
+        return (f"the {qtype} output of {name} grew past a file-size limit ({error.strerror}: ulimit -f, or the largest file the "
+                f"filesystem holding {where} can store); nothing was added to the bundle")  # fmt: skip
+    return f"writing the {qtype} output of {name} failed: {error.strerror}; nothing was added to the bundle"
+
+
+# Everything below runs in the child process.
+
+_log_callback = None  # kept alive for as long as llama.cpp may call it
+
+
+def _child_main(request_json: str) -> int:
+    request = json.loads(request_json)
+    _exit_with_parent(request["parent_pid"])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends the C call at once
+    try:
+        import llama_cpp
+    except (ImportError, OSError) as e:
+        _emit("error", message=f"cannot load llama-cpp-python ({e}); reinstall sovpack's llama extra: pip install 'sovpack[llama]'")
+        return 3
+    qtype, ftype = request["type"], request["ftype"]
+    if getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None) != ftype:
+        _emit("error", message=f"llama-cpp-python {llama_cpp.__version__} does not define {qtype} as llama_ftype {ftype}; "
+                               "this sovpack does not support that llama-cpp-python")  # fmt: skip
+        return 3
+    params = llama_cpp.llama_model_quantize_default_params()
+    defaults = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.allow_requantize = ftype, request["threads"], request["allow_requantize"]
+    global _log_callback
+    _log_callback = llama_cpp.llama_log_callback(_forward_log)
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    _emit("start", versions=_llama_versions(llama_cpp), options=_options(params, defaults))
+    rc = llama_cpp.llama_model_quantize(os.fsencode(request["input"]), os.fsencode(request["output"]), ctypes.byref(params))
+    _emit("done", rc=rc)
+    return 0
+
+
+def _forward_log(level: int, text: bytes | None, user_data) -> None:
+    """llama.cpp's log, progress lines included, goes to the parent as it comes."""
+    os.write(1, text or b"")
+
+
+def _emit(event: str, **fields) -> None:
+    os.write(1, ("\n" + _CHILD_MARK + json.dumps({"event": event, **fields}) + "\n").encode())
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Die with the parent (SIGKILL included), so a killed sovpack leaves no quantizer writing."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _options(params, defaults) -> dict:
+    options = {name: getattr(params, name) for name in (
+        "ftype", "nthread", "allow_requantize", "quantize_output_tensor", "only_copy", "pure", "keep_split",
+        "output_tensor_type", "token_embedding_type",
+    )}  # fmt: skip
+    for name in ("output_tensor_type", "token_embedding_type"):
+        if options[name] == getattr(defaults, name):
+            options[name] = None  # llama.cpp's own choice for the ftype
+    # sovpack never passes these: no importance matrix, no metadata, tensor-type or pruning overrides
+    return options | {"imatrix": None, "kv_overrides": None, "tensor_type_overrides": None, "prune_layers": None}
+
+
+def _llama_versions(llama_cpp) -> dict:
+    try:
+        from llama_cpp._ggml import libggml
+    except (ImportError, OSError):
+        libggml = None
+    return {
+        "llama_cpp_version": _c_text(llama_cpp, "llama_version"),
+        "llama_cpp_commit": _c_text(libggml, "ggml_commit"),  # llama.cpp's build commit: llama.cpp builds ggml with it
+        "ggml_version": _c_text(libggml, "ggml_version"),
+        "llama_cpp_python_version": llama_cpp.__version__,
+        "llama_cpp_libraries": _loaded_libraries(),
+    }
+
+
+def _c_text(library, function: str) -> str | None:
+    """The string a C function `const char * f(void)` returns, or None where it does not exist."""
+    try:
+        func = getattr(library, function)
+        if isinstance(func, ctypes._CFuncPtr):
+            func.argtypes, func.restype = [], ctypes.c_char_p
+        value = func()
+    except (AttributeError, OSError, TypeError):
+        return None
+    return value.decode("utf-8", errors="replace") if value else None
+
+
+def _loaded_libraries() -> dict[str, str] | None:
+    """SHA-256 of the llama.cpp and ggml shared libraries this process really loaded (Linux)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = sorted({line.split(None, 5)[5] for line in maps.splitlines()
+                    if len(line.split(None, 5)) == 6 and re.search(r"/lib(llama|ggml)[^/]*\.so", line)})  # fmt: skip
+    return {Path(p).name: sha256_file(Path(p)) for p in paths if Path(p).is_file()}
