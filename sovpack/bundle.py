@@ -77,9 +77,13 @@ def _walk(root: Path, prefix: str):
             raise Refused(f"{rel} is a device, socket or pipe; bundles may hold only regular files")
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write to a temporary file next to `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_atomically(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path | None = None) -> None:
+    """Write to a temporary file, then rename it into place and sync the directory.
+
+    `tmp_dir` (same filesystem) keeps the temporary file out of a bundle directory, where a
+    process killed mid-write would otherwise leave an unlisted file behind.
+    """
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -90,11 +94,20 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_metadata(root: Path, metadata: BundleMetadata) -> bytes:
     data = metadata.to_bytes()
-    write_atomically(root / METADATA_FILE, data)
+    write_atomically(root / METADATA_FILE, data, tmp_dir=root.resolve().parent)
     return data
 
 

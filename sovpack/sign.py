@@ -45,7 +45,7 @@ def sign_bundle(root: Path, private_key: ec.EllipticCurvePrivateKey) -> SignResu
     target = signature_path(root, key_id(private_key.public_key()))
     target.parent.mkdir(exist_ok=True)
     replaced = target.exists()
-    write_atomically(target, sign_statement(private_key, payload))
+    write_atomically(target, sign_statement(private_key, payload), tmp_dir=root.resolve().parent)
     stale = [name for name in tree.signatures if root / name != target and not _covers(root / name, name, payload)]
     return SignResult(target, key_id(private_key.public_key()), metadata, replaced, stale)
 

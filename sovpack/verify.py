@@ -152,9 +152,9 @@ def check_inventory(metadata: BundleMetadata, tree: Tree, root: Path) -> None:
     if extra and missing:
         raise StepFailed("inventory", _renamed_message(root, metadata, extra, missing), extra[0])
     if extra:
-        raise StepFailed("inventory", f"{_list(extra)} not listed in the signed inventory ({len(extra)} extra file(s))", extra[0])
+        raise StepFailed("inventory", f"{_list(extra)} not listed in the inventory (sovpack.json) ({len(extra)} extra file(s))", extra[0])
     if missing:
-        raise StepFailed("inventory", f"{_list(missing)} listed in the signed inventory but missing from the bundle", missing[0])
+        raise StepFailed("inventory", f"{_list(missing)} listed in the inventory (sovpack.json) but missing from the bundle", missing[0])
 
 
 def _renamed_message(root: Path, metadata: BundleMetadata, extra: list[str], missing: list[str]) -> str:
@@ -164,8 +164,8 @@ def _renamed_message(root: Path, metadata: BundleMetadata, extra: list[str], mis
     for e in extra:
         original = by_size.get((root / e).stat().st_size)
         if original and digest_file(root / e, metadata.shard_size).sha256 == metadata.file(original).sha256:
-            return f"{original} was renamed to {e}; the signed inventory lists it as {original}"
-    return f"{_list(extra)} not listed in the signed inventory, and {_list(missing)} missing"
+            return f"{original} was renamed to {e}; the inventory (sovpack.json) lists it as {original}"
+    return f"{_list(extra)} not listed in the inventory (sovpack.json), and {_list(missing)} missing"
 
 
 def _list(paths: list[str]) -> str:
@@ -186,7 +186,7 @@ def check_digests(
         size = (root / f.path).stat().st_size
         if size != f.size:
             change = "truncated" if size < f.size else "grown"
-            raise StepFailed("digests", f"{f.path} has {size} bytes, the signed inventory says {f.size} ({change})", f.path)
+            raise StepFailed("digests", f"{f.path} has {size} bytes, the inventory in {METADATA_FILE} says {f.size} ({change})", f.path)
     jobs = [
         job
         for f in entries
@@ -198,7 +198,7 @@ def check_digests(
         damaged = sorted({m.path for m in mismatches})
         raise StepFailed(
             "digests",
-            f"{first.path} does not match its signed digest (shard {first.index}, bytes from {first.offset})"
+            f"{first.path} does not match its digest in {METADATA_FILE} (shard {first.index}, bytes from {first.offset})"
             + (f"; also damaged: {_list(damaged[1:])}" if len(damaged) > 1 else ""),
             first.path,
         )

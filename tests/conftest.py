@@ -23,6 +23,13 @@ from sovpack.cli import main  # noqa: E402
 from sovpack.keys import generate_key_pair  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def isolated_store(tmp_path, monkeypatch):
+    """Every test gets its own default store: nothing touches the user's real one."""
+    monkeypatch.setenv("SOVPACK_HOME", str(tmp_path / "default-store"))
+    return tmp_path / "default-store"
+
+
 @dataclass
 class CliResult:
     code: int

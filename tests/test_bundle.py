@@ -240,7 +240,7 @@ def test_flipped_byte(cli, signed_bundle, keys):
     data[-1] ^= 0x01
     path.unlink()
     path.write_bytes(data)
-    assert "gguf/tiny-F32.gguf does not match its signed digest (shard 0" in refused(cli, signed_bundle, keys / "alice.pub")
+    assert "gguf/tiny-F32.gguf does not match its digest in sovpack.json (shard 0" in refused(cli, signed_bundle, keys / "alice.pub")
 
 
 def test_truncated_file(cli, signed_bundle, keys):
@@ -254,12 +254,12 @@ def test_truncated_file(cli, signed_bundle, keys):
 
 def test_added_file(cli, signed_bundle, keys):
     (signed_bundle / "extra.safetensors").write_bytes(b"x")
-    assert "extra.safetensors not listed in the signed inventory" in refused(cli, signed_bundle, keys / "alice.pub")
+    assert "extra.safetensors not listed in the inventory (sovpack.json)" in refused(cli, signed_bundle, keys / "alice.pub")
 
 
 def test_removed_file(cli, signed_bundle, keys):
     (signed_bundle / "tokenizer.json").unlink()
-    assert "tokenizer.json listed in the signed inventory but missing" in refused(cli, signed_bundle, keys / "alice.pub")
+    assert "tokenizer.json listed in the inventory (sovpack.json) but missing" in refused(cli, signed_bundle, keys / "alice.pub")
 
 
 def test_renamed_file(cli, signed_bundle, keys):
@@ -409,7 +409,7 @@ def test_signing_refuses_a_damaged_bundle(cli, signed_bundle, keys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["verify", "{bundle}"], "Missing option '--trust'"),
+        (["verify", "{bundle}"], "trusts no keys yet: run `sovpack trust add KEY.pub` or pass --trust"),
         (["verify", "{bundle}", "--trust", "{keys}/nope.pub"], "does not exist"),
         (["verify", "{bundle}", "--trust", "{keys}/alice.pub", "--threshold", "2"], "threshold 2 cannot be met"),
         (["verify", "{tmp}/not-a-bundle", "--trust", "{keys}"], "not a bundle directory"),

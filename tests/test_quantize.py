@@ -318,7 +318,7 @@ def test_source_bytes_that_differ_from_the_inventory_are_refused(cli, bundle):
     before = _snapshot(bundle)
     result = cli("quantize", bundle, "--type", "Q8_0")
     assert result.code == 1
-    assert "refusing to quantize: gguf/tiny-F32.gguf does not match its signed digest" in result.err
+    assert "refusing to quantize: gguf/tiny-F32.gguf does not match its digest in sovpack.json" in result.err
     assert "only bytes that match the bundle's inventory" in result.err
     assert _snapshot(bundle) == before
 
@@ -326,7 +326,7 @@ def test_source_bytes_that_differ_from_the_inventory_are_refused(cli, bundle):
 def test_unlisted_file_in_the_bundle_is_refused_before_anything_runs(cli, bundle):
     (bundle / "notes.txt").write_text("stray")
     result = cli("quantize", bundle, "--type", "Q8_0")
-    assert result.code == 1 and "refusing to quantize: notes.txt not listed in the signed inventory" in result.err
+    assert result.code == 1 and "refusing to quantize: notes.txt not listed in the inventory (sovpack.json)" in result.err
 
 
 def test_existing_output_is_not_replaced(cli, bundle):
