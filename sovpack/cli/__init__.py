@@ -38,6 +38,7 @@ def _root(
 
 
 from sovpack.cli import bundle_commands  # noqa: E402,F401  (registers commands)
+from sovpack.cli import fetch_commands  # noqa: E402,F401  (registers fetch)
 from sovpack.cli import quantize_commands  # noqa: E402,F401  (registers quantize)
 
 

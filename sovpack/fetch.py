@@ -1,0 +1,407 @@
+"""Fetch: resolve, select, download with proof into a staging directory, publish a bundle by one rename.
+
+The bundle is exactly what `sovpack pack` produces (same sovpack.json schema, built with
+`pack.file_entry` and `StagedBundle`), with each file's `source` and the top-level `sources`
+recording where the bytes came from (docs/fetch.md).
+
+Resume. Everything happens in `.<out>.partial/` (StagedBundle's hidden sibling of `out`). Fetch's
+own bookkeeping lives in its `.sovpack-fetch/` folder: `state.json` lists the files already
+downloaded *and checked* (with their digests, size and mtime), and `partial/<path>` holds files
+being downloaded. A re-run of the same command keeps every checked file whose published digest
+is unchanged, continues each partial file from its last byte (re-hashing the prefix from disk),
+and deletes anything else found in the staging directory. `out` appears only when every file is
+checked: a half-written bundle is never published.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sovpack import __version__
+from sovpack.bundle import write_atomically
+from sovpack.errors import Failure, Refused, UsageError
+from sovpack.fetch_plan import WORK_DIR, Plan, make_plan
+from sovpack.fetch_spec import FetchRequest
+from sovpack.hashing import SHARD_SIZE, FileDigest
+from sovpack.hub import Hub, RemoteFile
+from sovpack.metadata import BundleMetadata, FileEntry, check_name, parse_expiry
+from sovpack.pack import StagedBundle, file_entry
+
+STATE_FORMAT = "sovpack-fetch-state"
+STATE_VERSION = 1
+MAX_PARALLEL = 8  # files downloaded at once (as snapshot_download)
+SPACE_MARGIN = 16 * 1024 * 1024
+
+
+class FetchEvents:
+    """Progress callbacks; the command line renders them, tests may record them. Called from worker threads."""
+
+    def planned(self, plan: Plan, status: dict[str, FileStatus]) -> None: ...
+
+    def started(self, f: RemoteFile, kept: int) -> None: ...
+
+    def advanced(self, f: RemoteFile, n: int) -> None: ...
+
+    def finished(self, f: RemoteFile, reused: bool = False) -> None:
+        """`f` is checked and in place; `reused` when an earlier run had already downloaded and checked it."""
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    state: str  # "download" (nothing kept), "partial" (`kept` bytes kept), "staged" (complete and checked)
+    kept: int = 0
+
+
+@dataclass
+class FetchResult:
+    plan: Plan
+    status: dict[str, FileStatus]
+    metadata: BundleMetadata | None = None  # None for a dry run
+    downloaded: int = 0  # bytes transferred by this run
+    out: Path | None = None
+
+    @property
+    def to_download(self) -> int:
+        return sum(f.size - self.status[f.path].kept for f in self.plan.files if self.status[f.path].state != "staged")
+
+
+def bundle_name(request: FetchRequest) -> str:
+    name = request.name or request.model.repo.split("/")[-1]
+    try:
+        return check_name(name)
+    except Refused as e:
+        raise UsageError(f"{e}; choose one with --name") from None
+
+
+def fetch(
+    request: FetchRequest,
+    out: Path | None,
+    *,
+    endpoint: str | None = None,
+    dry_run: bool = False,
+    events: FetchEvents | None = None,
+    now: datetime | None = None,
+) -> FetchResult:
+    """Fetch `request` into a new bundle at `out` (or, with `dry_run`, only say what would be fetched)."""
+    events = events or FetchEvents()
+    now = now or datetime.now(timezone.utc)
+    name = bundle_name(request)
+    expires = parse_expiry(request.expires, now)
+    if out is None and not dry_run:
+        raise UsageError("--out is required (the new bundle directory)")
+    if out is not None and out.exists() and not dry_run:
+        raise UsageError(f"{out} already exists; choose a new --out directory")
+    hub = Hub(endpoint)
+    plan = make_plan(request, hub)
+    status = staged_status(staging_dir(out), plan) if out is not None else {f.path: FileStatus("download") for f in plan.files}
+    result = FetchResult(plan, status, out=out)
+    events.planned(plan, status)
+    if dry_run:
+        return result
+    _check_free_space(out, result.to_download)
+
+    staged = StagedBundle(out, resume=True)
+    try:
+        return _fetch_into(staged, hub, plan, result, events, name=name, expires=expires, now=now, version=request.version)
+    except OSError as e:
+        raise _write_failure(e, "the bundle", staged.dir) from None
+
+
+def _fetch_into(
+    staged: StagedBundle,
+    hub: Hub,
+    plan: Plan,
+    result: FetchResult,
+    events: FetchEvents,
+    *,
+    name: str,
+    version: int,
+    expires: datetime | None,
+    now: datetime,
+) -> FetchResult:
+    """Download what the staging directory lacks, describe every file, publish the bundle."""
+    with _Staging(staged.dir) as staging:
+        status = staging.reconcile(plan)
+        result.status = status
+        todo = [f for f in plan.files if status[f.path].state != "staged"]
+        digests = {f.path: staging.complete[f.path].digest for f in plan.files if status[f.path].state == "staged"}
+        result.downloaded = sum(f.size - status[f.path].kept for f in todo)
+        for f in plan.files:
+            if status[f.path].state == "staged":
+                events.started(f, f.size)
+                events.finished(f, reused=True)
+        entries = _download_all(hub, staging, todo, status, events)
+        for f in plan.files:
+            if f.path not in entries:
+                entries[f.path] = file_entry(staging.root / f.path, f.path, digests[f.path], f.provenance(hub.endpoint))
+    metadata = BundleMetadata(
+        name=name,
+        version=version,
+        created=now,
+        expires=expires,
+        created_by=f"sovpack {__version__}",
+        shard_size=SHARD_SIZE,
+        files=[entries[f.path] for f in plan.files],
+        sources=plan.sources(),
+    )
+    shutil.rmtree(staged.dir / WORK_DIR)
+    staged.publish(metadata)
+    result.metadata = metadata
+    return result
+
+
+def _download_all(hub: Hub, staging: _Staging, todo: list[RemoteFile], status, events: FetchEvents) -> dict[str, FileEntry]:
+    """Download `todo` in parallel, largest first; the first failure stops the others (their bytes are kept)."""
+    entries: dict[str, FileEntry] = {}
+    if not todo:
+        return entries
+    cancel = threading.Event()
+
+    def one(f: RemoteFile) -> FileEntry:
+        events.started(f, status[f.path].kept)
+        try:
+            partial = staging.partial_path(f.path)
+            staging.record_partial(f)
+            digest = hub.download(f, partial, on_bytes=lambda n: events.advanced(f, n), cancel=cancel)
+            target = staging.root / f.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, target)
+            entry = file_entry(target, f.path, digest, f.provenance(hub.endpoint))  # refuses pickles, checks headers
+            staging.record_complete(f, digest)
+        except OSError as e:
+            raise _write_failure(e, f.path, staging.root) from None
+        events.finished(f)
+        return entry
+
+    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(todo)), thread_name_prefix="fetch") as pool:
+        futures = [pool.submit(one, f) for f in sorted(todo, key=lambda f: -f.size)]
+        try:
+            for future in as_completed(futures):
+                entry = future.result()
+                entries[entry.path] = entry
+        except BaseException:
+            cancel.set()
+            for future in futures:
+                future.cancel()
+            raise
+    return entries
+
+
+def _write_failure(error: OSError, what: str, root: Path) -> Failure:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Failure(
+            f"disk full while writing {what} into {root}: free some space and re-run the same command; "
+            "what was downloaded so far is kept and the fetch continues from there"
+        )
+    where = f" ({error.filename})" if error.filename else ""
+    return Failure(f"cannot write {what} into {root}{where}: {error.strerror or error}")
+
+
+def _check_free_space(out: Path, needed: int) -> None:
+    existing = next((p for p in (out.absolute(), *out.absolute().parents) if p.exists()), None)
+    if existing is None or needed <= 0:
+        return
+    free = shutil.disk_usage(existing).free
+    if needed + SPACE_MARGIN > free:
+        raise Failure(
+            f"not enough free space for this fetch in {existing}: it needs {_mib(needed)} more, "
+            f"{_mib(free)} is free. Free some space or choose another --out; nothing was downloaded"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+# ---------------------------------------------------------------------- staging state
+
+
+@dataclass
+class _Complete:
+    repo: str
+    commit: str
+    expected: tuple[str, str]
+    digest: FileDigest
+    mtime_ns: int
+
+    def to_json(self) -> dict:
+        return {
+            "repo": self.repo, "commit": self.commit, "expected": list(self.expected), "size": self.digest.size,
+            "sha256": self.digest.sha256, "shards": list(self.digest.shards), "mtime_ns": self.mtime_ns,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict) -> _Complete:
+        digest = FileDigest(int(data["size"]), str(data["sha256"]), tuple(str(s) for s in data["shards"]))
+        expected = (str(data["expected"][0]), str(data["expected"][1]))
+        return cls(str(data["repo"]), str(data["commit"]), expected, digest, int(data["mtime_ns"]))
+
+
+@dataclass
+class _State:
+    complete: dict[str, _Complete] = field(default_factory=dict)
+    partial: dict[str, dict] = field(default_factory=dict)  # path -> {"repo", "commit", "expected", "size"}
+
+    @classmethod
+    def read(cls, path: Path) -> _State:
+        """The state a previous run left; anything unreadable counts as no state (the files are re-fetched)."""
+        try:
+            data = json.loads(path.read_bytes())
+            if data.get("format") != STATE_FORMAT or data.get("version") != STATE_VERSION:
+                return cls()
+            complete = {p: _Complete.from_json(v) for p, v in data["complete"].items()}
+            return cls(complete, {p: dict(v) for p, v in data["partial"].items()})
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return cls()
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "complete": {p: c.to_json() for p, c in sorted(self.complete.items())},
+            "partial": dict(sorted(self.partial.items())),
+        }
+        return json.dumps(doc, indent=1).encode()
+
+
+def _identity(f: RemoteFile) -> dict:
+    return {"repo": f.repo, "commit": f.commit, "expected": list(f.expected), "size": f.size}
+
+
+def _same_content(f: RemoteFile, expected, size: int) -> bool:
+    """The same bytes, whatever commit listed them: the published digest and size are equal."""
+    return list(expected) == list(f.expected) and size == f.size
+
+
+def _digest_agrees(f: RemoteFile, c: _Complete) -> bool:
+    return f.lfs_sha256 is None or c.digest.sha256 == f.lfs_sha256
+
+
+def _complete_is_intact(root: Path, path: str, c: _Complete) -> bool:
+    try:
+        st = os.lstat(root / path)
+    except OSError:
+        return False
+    return (
+        os.path.isfile(root / path)
+        and not os.path.islink(root / path)
+        and st.st_size == c.digest.size
+        and st.st_mtime_ns == c.mtime_ns
+    )
+
+
+def staging_dir(out: Path) -> Path:
+    """Where StagedBundle builds `out` (its hidden sibling)."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def staged_status(root: Path, plan: Plan) -> dict[str, FileStatus]:
+    """What a previous run left in the staging directory `root`, read without changing anything."""
+    state = _State.read(root / WORK_DIR / "state.json")
+    status = {}
+    for f in plan.files:
+        c = state.complete.get(f.path)
+        p = state.partial.get(f.path)
+        if c and _same_content(f, c.expected, c.digest.size) and _digest_agrees(f, c) and _complete_is_intact(root, f.path, c):
+            status[f.path] = FileStatus("staged")
+        elif p and _same_content(f, p.get("expected", ()), p.get("size", -1)):
+            partial = root / WORK_DIR / "partial" / f.path
+            kept = partial.stat().st_size if partial.is_file() and not partial.is_symlink() else 0
+            status[f.path] = FileStatus("partial", kept) if 0 < kept <= f.size else FileStatus("download")
+        else:
+            status[f.path] = FileStatus("download")
+    return status
+
+
+class _Staging:
+    """Fetch's bookkeeping inside a StagedBundle directory, under an exclusive lock."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.work = root / WORK_DIR
+        self.partials = self.work / "partial"
+        self.state_path = self.work / "state.json"
+        self.lock = threading.Lock()
+        self.state = _State()
+        self._lock_file = None
+
+    def __enter__(self) -> _Staging:
+        import fcntl
+
+        self.partials.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.work / "lock", "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise Failure(f"another sovpack fetch is writing {self.root}; wait for it to finish") from None
+        self.state = _State.read(self.state_path)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+
+    @property
+    def complete(self) -> dict[str, _Complete]:
+        return self.state.complete
+
+    def reconcile(self, plan: Plan) -> dict[str, FileStatus]:
+        """Keep what a previous run checked and what it half-downloaded, when still wanted; delete the rest."""
+        status = staged_status(self.root, plan)
+        wanted = {f.path: f for f in plan.files}
+        self.state.complete = {p: c for p, c in self.state.complete.items() if p in wanted and status[p].state == "staged"}
+        self.state.partial = {p: _identity(wanted[p]) for p in wanted if status[p].state == "partial"}
+        _prune(self.root, keep=set(self.state.complete), skip=WORK_DIR)
+        _prune(self.partials, keep=set(self.state.partial), skip=None)
+        self._save()
+        return status
+
+    def partial_path(self, path: str) -> Path:
+        return self.partials / path
+
+    def record_partial(self, f: RemoteFile) -> None:
+        with self.lock:
+            self.state.partial[f.path] = _identity(f)
+            self._save()
+
+    def record_complete(self, f: RemoteFile, digest: FileDigest) -> None:
+        mtime_ns = os.lstat(self.root / f.path).st_mtime_ns
+        with self.lock:
+            self.state.partial.pop(f.path, None)
+            self.state.complete[f.path] = _Complete(f.repo, f.commit, f.expected, digest, mtime_ns)
+            self._save()
+
+    def _save(self) -> None:
+        write_atomically(self.state_path, self.state.to_bytes())
+
+
+def _prune(root: Path, keep: set[str], skip: str | None, prefix: str = "") -> bool:
+    """Delete every file under `root` whose relative path is not in `keep`, and the folders left empty.
+
+    Symbolic links and special files are deleted too (the staging directory only ever holds regular
+    files fetch wrote). Returns whether `root` is empty afterwards.
+    """
+    empty = True
+    for entry in os.scandir(root):
+        rel = prefix + entry.name
+        if skip and rel == skip:
+            empty = False
+        elif entry.is_dir(follow_symlinks=False):
+            if _prune(Path(entry.path), keep, None, rel + "/"):
+                os.rmdir(entry.path)
+            else:
+                empty = False
+        elif rel in keep and entry.is_file(follow_symlinks=False):
+            empty = False
+        else:
+            os.unlink(entry.path)
+    return empty
