@@ -18,16 +18,12 @@ Three decisions shape this module (docs/quantize.md explains them for users):
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
 import fcntl
 import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,8 +39,10 @@ from sovpack.errors import Failure, Refused, UsageError
 from sovpack.formats import inspect_file
 from sovpack.formats.gguf import FILE_TYPES, UNQUANTIZED_FILE_TYPES
 from sovpack.hashing import cpu_count, digest_file, sha256_file
+from sovpack.llama_quantizer import QuantizerRun, run_llama_quantize
 from sovpack.metadata import BundleMetadata, FileEntry, check_inventory_paths
 from sovpack.pack import file_entry
+from sovpack.sizes import human_size
 from sovpack.verify import check_digests, check_inventory
 
 # The types offered: llama.cpp's quantize-tool names for types that need no importance
@@ -64,8 +62,6 @@ _SPACE_MARGIN = 64 << 20
 
 _SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _TYPE_SUFFIX = re.compile(r"[-._](?:FP32|FP16|" + "|".join(FILE_TYPES.values()) + r")$", re.IGNORECASE)
-_CHILD_MARK = "\x1esovpack-quantize "
-_PROGRESS_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 
 
 @dataclass(frozen=True)
@@ -349,7 +345,7 @@ class _Builder:
         started = time.monotonic()
         partial = self.work.partial_path(rel)
         self._report("quantizing", rel)
-        run = run_llama_quantize(self.root / self.source.entry.path, partial, qtype, threads=self.threads,
+        run = run_llama_quantize(self.root / self.source.entry.path, partial, qtype, ftype=LLAMA_FTYPES[qtype], threads=self.threads,
                                  allow_requantize=self.allow_requantize, name=self.source.entry.path,
                                  on_tensor=lambda done, total: self._report("quantizing", rel, done, total))  # fmt: skip
         _fsync_file(partial)
@@ -486,8 +482,8 @@ class WorkDir:
         st = os.statvfs(self.path)
         free = st.f_bavail * st.f_frsize
         if free < needed + (1 << 20):  # and room for the new sovpack.json
-            raise Failure(f"not enough free disk space to quantize {source}: the output(s) may need up to {_size(needed)} on the "
-                          f"filesystem holding {self.root}, which has {_size(free)} free; nothing was changed")  # fmt: skip
+            raise Failure(f"not enough free disk space to quantize {source}: the output(s) may need up to {human_size(needed)} on the "
+                          f"filesystem holding {self.root}, which has {human_size(free)} free; nothing was changed")  # fmt: skip
 
     def commit(self, built: list[BuiltFile], metadata: BundleMetadata) -> None:
         """Move the outputs in and rewrite sovpack.json; the journal lets the next run undo a half-done commit."""
@@ -543,224 +539,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-# --- llama.cpp in a child process ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuantizerRun:
-    versions: dict  # llama_cpp_version, llama_cpp_commit, ggml_version, llama_cpp_python_version, llama_cpp_libraries
-    options: dict  # the llama_model_quantize_params used
-
-
-def run_llama_quantize(
-    source: Path,
-    output: Path,
-    qtype: str,
-    *,
-    threads: int,
-    allow_requantize: bool,
-    on_tensor: Callable[[int, int], None] | None = None,
-    name: str | None = None,
-) -> QuantizerRun:
-    """Run llama_model_quantize(source -> output) in a child process; raise with llama.cpp's reason on failure."""
-    request = {"input": str(source), "output": str(output), "type": qtype, "ftype": LLAMA_FTYPES[qtype], "threads": threads,
-               "allow_requantize": allow_requantize, "parent_pid": os.getpid()}  # fmt: skip
-    package_root = str(Path(__file__).resolve().parent.parent)
-    code = "import sys; sys.path.insert(0, sys.argv[1]); from sovpack.quantize import _child_main; sys.exit(_child_main(sys.argv[2]))"
-    process = subprocess.Popen([sys.executable, "-c", code, package_root, json.dumps(request)],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    log = _ChildLog(on_tensor)
-    try:
-        for raw in process.stdout:
-            log.feed(raw.decode("utf-8", errors="replace"))
-        process.wait()
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    finally:
-        process.stdout.close()
-    return log.outcome(process.returncode, output, qtype, name or str(source))
-
-
-class _ChildLog:
-    """Reads the child's output: llama.cpp's log (progress lines) and sovpack's own event lines."""
-
-    def __init__(self, on_tensor: Callable[[int, int], None] | None):
-        self.on_tensor = on_tensor
-        self.events: dict[str, dict] = {}
-        self.tail: list[str] = []
-
-    def feed(self, line: str) -> None:
-        line = line.rstrip("\n")
-        if line.startswith(_CHILD_MARK):
-            event = json.loads(line[len(_CHILD_MARK) :])
-            self.events[event["event"]] = event
-            return
-        if line.strip():
-            self.tail = (self.tail + [line])[-20:]
-        match = _PROGRESS_LINE.match(line)
-        if match and self.on_tensor:
-            self.on_tensor(int(match[1]), int(match[2]))
-
-    def outcome(self, returncode: int, output: Path, qtype: str, name: str) -> QuantizerRun:
-        if "error" in self.events:
-            raise Failure(self.events["error"]["message"])
-        done = self.events.get("done")
-        if done is None or returncode != 0:
-            cause = f"was killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with status {returncode}"
-            raise Failure(f"llama.cpp's quantizer {cause} while quantizing {name} to {qtype}; nothing was added to the bundle. "
-                          f"Its last output: {self._last_lines()}")  # fmt: skip
-        if done["rc"] != 0:
-            raise self._failure(output, qtype, name)
-        start = self.events["start"]
-        return QuantizerRun(start["versions"], start["options"])
-
-    def _failure(self, output: Path, qtype: str, name: str) -> Exception:
-        reason = next((line.split("failed to quantize: ", 1)[1] for line in reversed(self.tail) if "failed to quantize: " in line),
-                      self._last_lines())  # fmt: skip
-        write_error = _write_error(output)
-        if write_error is not None:
-            return Failure(_write_error_message(write_error, output, qtype, name))
-        if "iostream error" in reason or "failed to open" in reason:
-            return Failure(f"llama.cpp could not read {name} or write its {qtype} output ({reason}); nothing was added to the bundle")
-        return Refused(f"llama.cpp refused to quantize {name} to {qtype}: {reason}; nothing was added to the bundle")
-
-    def _last_lines(self) -> str:
-        return " | ".join(self.tail[-3:]) or "(nothing)"
-
-
-def _write_error(partial: Path) -> OSError | None:
-    """Repeat the write llama.cpp failed, to learn the errno it does not report ("iostream error")."""
-    if not partial.exists():
-        return None
-    try:
-        with open(partial, "ab") as f:
-            f.write(bytes(1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        return e
-    return None
-
-
-def _write_error_message(error: OSError, output: Path, qtype: str, name: str) -> str:
-    where = output.parent.parent
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        st = os.statvfs(output.parent)
-        return (f"the disk filled up while writing the {qtype} output of {name} ({error.strerror}; the filesystem holding {where} "
-                f"has {_size(st.f_bavail * st.f_frsize)} free); nothing was added to the bundle: free some space, run again")  # fmt: skip
-    if error.errno == errno.EFBIG:
-        return (f"the {qtype} output of {name} grew past a file-size limit ({error.strerror}: ulimit -f, or the largest file the "
-                f"filesystem holding {where} can store); nothing was added to the bundle")  # fmt: skip
-    return f"writing the {qtype} output of {name} failed: {error.strerror}; nothing was added to the bundle"
-
-
-# Everything below runs in the child process.
-
-_log_callback = None  # kept alive for as long as llama.cpp may call it
-
-
-def _child_main(request_json: str) -> int:
-    request = json.loads(request_json)
-    _exit_with_parent(request["parent_pid"])
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends the C call at once
-    try:
-        import llama_cpp
-    except (ImportError, OSError) as e:
-        _emit("error", message=f"cannot load llama-cpp-python ({e}); reinstall sovpack's llama extra: pip install 'sovpack[llama]'")
-        return 3
-    qtype, ftype = request["type"], request["ftype"]
-    if getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None) != ftype:
-        _emit("error", message=f"llama-cpp-python {llama_cpp.__version__} does not define {qtype} as llama_ftype {ftype}; "
-                               "this sovpack does not support that llama-cpp-python")  # fmt: skip
-        return 3
-    params = llama_cpp.llama_model_quantize_default_params()
-    defaults = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread, params.allow_requantize = ftype, request["threads"], request["allow_requantize"]
-    global _log_callback
-    _log_callback = llama_cpp.llama_log_callback(_forward_log)
-    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-    _emit("start", versions=_llama_versions(llama_cpp), options=_options(params, defaults))
-    rc = llama_cpp.llama_model_quantize(os.fsencode(request["input"]), os.fsencode(request["output"]), ctypes.byref(params))
-    _emit("done", rc=rc)
-    return 0
-
-
-def _forward_log(level: int, text: bytes | None, user_data) -> None:
-    """llama.cpp's log, progress lines included, goes to the parent as it comes."""
-    os.write(1, text or b"")
-
-
-def _emit(event: str, **fields) -> None:
-    os.write(1, ("\n" + _CHILD_MARK + json.dumps({"event": event, **fields}) + "\n").encode())
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Die with the parent (SIGKILL included), so a killed sovpack leaves no quantizer writing."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def _options(params, defaults) -> dict:
-    options = {name: getattr(params, name) for name in (
-        "ftype", "nthread", "allow_requantize", "quantize_output_tensor", "only_copy", "pure", "keep_split",
-        "output_tensor_type", "token_embedding_type",
-    )}  # fmt: skip
-    for name in ("output_tensor_type", "token_embedding_type"):
-        if options[name] == getattr(defaults, name):
-            options[name] = None  # llama.cpp's own choice for the ftype
-    # sovpack never passes these: no importance matrix, no metadata, tensor-type or pruning overrides
-    return options | {"imatrix": None, "kv_overrides": None, "tensor_type_overrides": None, "prune_layers": None}
-
-
-def _llama_versions(llama_cpp) -> dict:
-    try:
-        from llama_cpp._ggml import libggml
-    except (ImportError, OSError):
-        libggml = None
-    return {
-        "llama_cpp_version": _c_text(llama_cpp, "llama_version"),
-        "llama_cpp_commit": _c_text(libggml, "ggml_commit"),  # llama.cpp's build commit: llama.cpp builds ggml with it
-        "ggml_version": _c_text(libggml, "ggml_version"),
-        "llama_cpp_python_version": llama_cpp.__version__,
-        "llama_cpp_libraries": _loaded_libraries(),
-    }
-
-
-def _c_text(library, function: str) -> str | None:
-    """The string a C function `const char * f(void)` returns, or None where it does not exist."""
-    try:
-        func = getattr(library, function)
-        if isinstance(func, ctypes._CFuncPtr):
-            func.argtypes, func.restype = [], ctypes.c_char_p
-        value = func()
-    except (AttributeError, OSError, TypeError):
-        return None
-    return value.decode("utf-8", errors="replace") if value else None
-
-
-def _loaded_libraries() -> dict[str, str] | None:
-    """SHA-256 of the llama.cpp and ggml shared libraries this process really loaded (Linux)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    paths = sorted({line.split(None, 5)[5] for line in maps.splitlines()
-                    if len(line.split(None, 5)) == 6 and re.search(r"/lib(llama|ggml)[^/]*\.so", line)})  # fmt: skip
-    return {Path(p).name: sha256_file(Path(p)) for p in paths if Path(p).is_file()}

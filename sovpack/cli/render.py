@@ -8,6 +8,8 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+from sovpack.sizes import human_size  # noqa: F401  (re-exported for the commands)
+
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -18,11 +20,3 @@ def print_error(message: str) -> None:
 
 def print_json(document: object) -> None:
     sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
