@@ -93,9 +93,10 @@ def parse_time(value: str, where: str) -> datetime:
     return t.replace(tzinfo=timezone.utc)
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, error: type[Exception] = Refused) -> str:
+    """A bundle name read from a bundle is refused (Refused); one typed by a user is a usage error."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise Refused(f"bundle name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise error(f"bundle name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return name
 
 

@@ -120,7 +120,7 @@ def pack(
     on_file: Callable[[str], None] | None = None,
 ) -> tuple[BundleMetadata, list[str]]:
     """Pack `src` into a new unsigned bundle at `out`; returns its metadata and the skipped paths."""
-    check_name(name)
+    check_name(name, UsageError)
     if version < 1:
         raise UsageError(f"--version must be 1 or more, got {version}")
     files, skipped = collect_source_files(src)
