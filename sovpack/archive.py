@@ -26,7 +26,7 @@ from sovpack.errors import Failure, Refused
 from sovpack.metadata import MAX_METADATA_BYTES, METADATA_FILE, SIGNATURES_DIR, BundleMetadata, FileEntry, parse_metadata
 from sovpack.safepath import unsafe_reason
 from sovpack.signature import MAX_SIGNATURE_BYTES
-from sovpack.volumes import ConcatenatedReader
+from sovpack.volume_io import ConcatenatedReader
 
 TAR_FORMAT = tarfile.PAX_FORMAT
 COPY_SIZE = 4 * 1024 * 1024
@@ -244,10 +244,13 @@ class _Extraction:
         return os.fdopen(fd, "wb", buffering=0)
 
     def _copy_from_stream(self, entry: FileEntry) -> None:
-        buffer = bytearray(min(COPY_SIZE, max(entry.size, 1)))
-        view = memoryview(buffer)
-        done = 0
         with self._create(entry.path) as f:
+            try:
+                done = self.reader.copy_into(f.fileno(), entry.size)
+            except OSError as e:
+                raise _write_failure(entry.path, self.staging, e) from None
+            buffer = bytearray(min(COPY_SIZE, max(entry.size - done, 1)))
+            view = memoryview(buffer)
             while done < entry.size:
                 n = self.reader.readinto(view[: min(len(view), entry.size - done)])
                 if not n:

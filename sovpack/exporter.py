@@ -20,17 +20,16 @@ from sovpack.bundle import read_metadata_bytes, require_bundle_dir, scan_tree, w
 from sovpack.errors import Failure, Refused, UsageError
 from sovpack.hashing import sha256_bytes
 from sovpack.metadata import METADATA_FILE, BundleMetadata, format_time, parse_metadata
+from sovpack.progress import Progress
 from sovpack.signature import parse_signature, parse_statement
 from sovpack.verify import check_digests, check_expiry, check_inventory
+from sovpack.volume_io import CountingWriter, VolumeWriter
 from sovpack.volumes import (
     DEFAULT_VOLUME_SIZE,
     BundleIdentity,
-    CountingWriter,
     ExportIndex,
     FileRef,
-    Progress,
     VolumeEntry,
-    VolumeWriter,
     find_index,
     index_name,
     index_signature_name,

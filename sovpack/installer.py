@@ -30,20 +30,12 @@ from sovpack.archive import extract_archive
 from sovpack.errors import Failure, Refused, SovpackError
 from sovpack.hashing import sha256_bytes
 from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time
+from sovpack.progress import Progress
 from sovpack.store import InstalledBundle, Store, remove_tree
 from sovpack.trust import TrustPolicy
 from sovpack.verify import VerifyReport, verify_bundle
-from sovpack.volumes import (
-    BundleIdentity,
-    CheckJournal,
-    ConcatenatedReader,
-    ExportIndex,
-    Progress,
-    VolumeReport,
-    check_volumes,
-    find_index,
-    read_index,
-)
+from sovpack.volume_io import ConcatenatedReader
+from sovpack.volumes import BundleIdentity, CheckJournal, ExportIndex, VolumeReport, check_volumes, find_index, read_index
 
 REASSEMBLED = "reassembled"  # journal key: the staging directory holds the whole bundle
 

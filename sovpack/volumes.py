@@ -14,20 +14,16 @@ validated, and the bundle's own signatures, checked after reassembly, are what d
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from sovpack.bundle import write_atomically
-from sovpack.errors import Failure, Refused, UsageError
-from sovpack.hashing import Digester, ShardJob, check_shards, sha256_bytes
+from sovpack.errors import Refused, UsageError
+from sovpack.hashing import ShardJob, check_shards, sha256_bytes
 from sovpack.metadata import check_name
+from sovpack.progress import Progress
 from sovpack.safepath import check_safe_path
 from sovpack.signature import MAX_SIGNATURE_BYTES, build_statement, parse_signature, parse_statement, sign_statement
 from sovpack.trust import TrustPolicy
@@ -43,22 +39,6 @@ MIN_VOLUME_SIZE = 4096
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _VOLUME_NAME = re.compile(r"^(?P<stem>.+)\.(?P<number>[0-9]{3,})$")
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
-
-
-class Progress:
-    """What core code reports while it works; the command line draws it. Every method is optional."""
-
-    def phase(self, name: str, total: int | None = None) -> None:
-        """A new phase starts; `total` bytes will be reported through `advance`."""
-
-    def advance(self, n: int) -> None:
-        """`n` more bytes of the current phase are done."""
-
-    def volume(self, status: "VolumeStatus") -> None:
-        """One volume has been checked."""
-
-    def note(self, message: str) -> None:
-        """Something the operator should read."""
 
 
 def parse_volume_size(text: str) -> int:
@@ -444,226 +424,3 @@ def foreign_files(directory: Path, index: ExportIndex) -> list[str]:
         stem = match["stem"] if match else p.name.removesuffix(INDEX_SUFFIX).removesuffix(INDEX_SIGNATURE_SUFFIX)
         found.append(p.name + (f" (of {stem})" if stem != index.bundle.stem else " (not listed in this index)"))
     return found
-
-
-# ---- writing volumes
-
-
-class VolumeWriter:
-    """A write-only stream cut into volume files of at most `volume_size` bytes, each hashed as written.
-
-    Writing happens on a background thread while this thread hashes, so disk and SHA-256 overlap;
-    at most a few chunks are in flight, so memory stays flat.
-    """
-
-    IN_FLIGHT = 4
-
-    def __init__(self, directory: Path, stem: str, volume_size: int, progress: Progress | None = None):
-        self.directory, self.stem, self.volume_size = directory, stem, volume_size
-        self.progress = progress or Progress()
-        self.volumes: list[VolumeEntry] = []
-        self.written: list[Path] = []  # every file this writer created, for cleanup on failure
-        self._file: BinaryIO | None = None
-        self._filled = 0
-        self._digester: Digester | None = None
-        self._position = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-write")
-        self._pending: deque[Future] = deque()
-
-    def tell(self) -> int:
-        return self._position
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        total = len(view)
-        while view:
-            if self._file is None:
-                self._open_next()
-            take = min(len(view), self.volume_size - self._filled)
-            piece = view[:take]
-            self._pending.append(self._pool.submit(_write_all, self._file, piece))
-            self._digester.update(piece)
-            self._filled += take
-            view = view[take:]
-            while len(self._pending) > self.IN_FLIGHT:
-                self._wait(self._pending.popleft())
-            if self._filled == self.volume_size:
-                self._close_current()
-        self._position += total
-        self.progress.advance(total)
-        return total
-
-    def _open_next(self) -> None:
-        path = self.directory / volume_name(self.stem, len(self.volumes) + 1)
-        self.written.append(path)
-        try:
-            self._file = open(path, "wb", buffering=0)
-        except OSError as e:
-            raise Failure(f"cannot create volume {path}: {e.strerror}") from None
-        self._filled = 0
-        self._digester = Digester(PIECE_SIZE)
-
-    def _wait(self, future: Future) -> None:
-        try:
-            future.result()
-        except OSError as e:
-            name = self.written[-1].name if self.written else self.stem
-            raise Failure(f"cannot write volume {name} in {self.directory}: {e.strerror}"
-                          + (" (the destination is full or does not allow files this large)" if e.errno in (errno.ENOSPC, errno.EFBIG) else "")) from None  # fmt: skip
-
-    def _close_current(self) -> None:
-        while self._pending:
-            self._wait(self._pending.popleft())
-        try:
-            os.fsync(self._file.fileno())  # media are unplugged right after an export: the bytes must be on them
-        except OSError as e:
-            raise Failure(f"cannot flush volume {self.written[-1].name} to {self.directory}: {e.strerror}") from None
-        finally:
-            self._file.close()
-        digest = self._digester.finish()
-        self.volumes.append(VolumeEntry(self.written[-1].name, digest.size, digest.sha256, digest.shards))
-        self._file = None
-
-    def close(self) -> list[VolumeEntry]:
-        if self._file is not None:
-            self._close_current()
-        self._pool.shutdown()
-        return self.volumes
-
-    def abort(self) -> None:
-        """Remove every volume written so far (an export that fails leaves nothing behind)."""
-        for future in self._pending:
-            future.cancel()
-        self._pool.shutdown(wait=True)
-        if self._file is not None:
-            self._file.close()
-        for path in self.written:
-            path.unlink(missing_ok=True)
-
-
-def _write_all(f: BinaryIO, view: memoryview) -> None:
-    while view:
-        view = view[f.write(view) :]
-
-
-class CountingWriter:
-    """A stream (stdout, for a data diode) that knows how many bytes went through it."""
-
-    def __init__(self, stream: BinaryIO, progress: Progress | None = None):
-        self.stream, self.progress, self._position = stream, progress or Progress(), 0
-
-    def tell(self) -> int:
-        return self._position
-
-    def write(self, data) -> int:
-        self.stream.write(data)
-        n = len(data)
-        self._position += n
-        self.progress.advance(n)
-        return n
-
-
-# ---- reading volumes back as one stream
-
-
-class ConcatenatedReader:
-    """The volumes (or a pipe) read as one stream, forward only, knowing which volume each byte is in."""
-
-    def __init__(self, parts: list[Path] | None = None, stream: BinaryIO | None = None, progress: Progress | None = None):
-        self.parts = list(parts or [])
-        self.stream = stream
-        self.progress = progress or Progress()
-        self._part = -1
-        self._file: BinaryIO | None = stream
-        self._position = 0
-        self.max_read: int | None = None  # cap on read(): tarfile reads whole headers into memory
-
-    @classmethod
-    def of_volumes(cls, directory: Path, index: ExportIndex, progress: Progress | None = None) -> "ConcatenatedReader":
-        return cls([directory / v.file for v in index.volumes], progress=progress)
-
-    @property
-    def where(self) -> str:
-        """The volume (or "the stream") currently being read, for messages."""
-        if self.stream is not None:
-            return "the stream"
-        return self.parts[max(self._part, 0)].name if self.parts else "the volumes"
-
-    def tell(self) -> int:
-        return self._position
-
-    def _open_next_part(self) -> bool:
-        """Move on to the next volume; False after the last one (a pipe is a single part)."""
-        if self.stream is not None:
-            return False
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._part + 1 >= len(self.parts):
-            return False
-        self._part += 1
-        try:
-            self._file = open(self.parts[self._part], "rb", buffering=0)
-        except OSError as e:
-            raise Failure(f"cannot open volume {self.parts[self._part]}: {e.strerror}") from None
-        return True
-
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        while True:
-            if self._file is None and not self._open_next_part():
-                return 0
-            try:
-                n = self._file.readinto(view)
-            except OSError as e:
-                raise Failure(f"cannot read {self.where}: {e.strerror}") from None
-            if n:
-                self._position += n
-                self.progress.advance(n)
-                return n
-            if not self._open_next_part():
-                return 0
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            raise ValueError("read() needs a size: the volumes are read as a stream")
-        if self.max_read is not None and size > self.max_read:
-            raise Refused(f"a tar header in {self.where} claims {size} bytes; refused as malformed")
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        filled = 0
-        while filled < size:
-            n = self.readinto(view[filled:])
-            if not n:
-                break
-            filled += n
-        del view
-        return bytes(buffer[:filled]) if filled < size else bytes(buffer)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        """Forward only: tarfile seeks past member padding, and sovpack past members it already holds."""
-        target = offset if whence == 0 else self._position + offset
-        if whence not in (0, 1) or target < self._position:
-            raise OSError(f"cannot seek backwards in {self.where}")
-        while target > self._position:
-            if self._file is None and not self._open_next_part():
-                break
-            if self.stream is not None:  # a pipe: read and drop
-                if not self.read(min(target - self._position, 1 << 20)):
-                    break
-                continue
-            here = self._file.tell()
-            step = min(target - self._position, os.fstat(self._file.fileno()).st_size - here)
-            if step <= 0:
-                if not self._open_next_part():
-                    break
-                continue
-            self._file.seek(here + step)
-            self._position += step
-            self.progress.advance(step)
-        return self._position
-
-    def close(self) -> None:
-        if self._file is not None and self.stream is None:
-            self._file.close()
-        self._file = None

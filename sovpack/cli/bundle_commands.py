@@ -86,20 +86,19 @@ def sign(
 
 @app.command()
 def verify(
-    bundle: str = typer.Argument(..., help="Bundle directory."),
-    trust: list[Path] = typer.Option(..., "--trust", help=TRUST_HELP),
-    threshold: int = typer.Option(1, "--threshold", help="How many distinct trusted keys must have signed."),
+    bundle: str = typer.Argument(..., help="Bundle directory, or NAME[@VERSION] of a bundle installed in the store."),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP + " Default: the store's trusted keys."),
+    threshold: Optional[int] = typer.Option(None, "--threshold", help="How many distinct trusted keys must have signed (default 1 with --trust, else the store's threshold)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Store directory (default $SOVPACK_HOME or the platform data directory)."),
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report instead of a table."),
 ) -> None:
     """Check signatures, threshold, metadata, inventory, digests, formats and expiry, in that order."""
-    from sovpack.bundle import require_bundle_dir
+    from sovpack.installer import verify_target
+    from sovpack.store import Store
     from sovpack.trust import load_trust
-    from sovpack.verify import verify_bundle
 
-    policy = load_trust(trust, threshold)
-    root = Path(bundle)
-    require_bundle_dir(root)
-    report = verify_bundle(root, policy)
+    policy = load_trust(trust, threshold or 1) if trust else None
+    report = verify_target(bundle, Store(store), policy, threshold)
     if json_output:
         print_json(report.to_json())
     else:

@@ -11,7 +11,7 @@ import typer
 from sovpack.cli import app
 from sovpack.cli.render import console, err_console, human_size, print_json
 from sovpack.errors import UsageError
-from sovpack.volumes import Progress
+from sovpack.progress import Progress
 
 TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for several. Default: the store's trusted keys."
 STORE_HELP = "Store directory (default $SOVPACK_HOME or the platform data directory)."
