@@ -23,7 +23,7 @@ from sovpack.metadata import METADATA_FILE, BundleMetadata, format_time, parse_m
 from sovpack.progress import Progress
 from sovpack.signature import parse_signature, parse_statement
 from sovpack.verify import check_digests, check_expiry, check_inventory
-from sovpack.volume_io import CountingWriter, VolumeWriter
+from sovpack.volume_io import StreamWriter, VolumeWriter
 from sovpack.volumes import (
     DEFAULT_VOLUME_SIZE,
     BundleIdentity,
@@ -183,7 +183,7 @@ def export_stream(root: Path, stream: BinaryIO, *, since: Path | None = None, pr
     checked = check_exportable(root, progress, now)
     plan, left_out, _ = _plan(checked, since)
     progress.phase("writing the stream", plan.size)
-    writer = CountingWriter(stream, progress)
+    writer = StreamWriter(stream, progress)
     try:
         write_archive(plan, writer)
         stream.flush()

@@ -17,6 +17,8 @@ from sovpack.hashing import Digester
 from sovpack.progress import Progress
 from sovpack.volumes import PIECE_SIZE, ExportIndex, VolumeEntry, volume_name
 
+COPY_SIZE = 4 * 1024 * 1024
+
 
 class VolumeWriter:
     """A write-only stream cut into volume files of at most `volume_size` bytes, each hashed as written.
@@ -38,9 +40,21 @@ class VolumeWriter:
         self._position = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-write")
         self._pending: deque[Future] = deque()
+        self._ring = [bytearray(COPY_SIZE) for _ in range(self.IN_FLIGHT + 2)]
+        self._ring_position = 0
 
     def tell(self) -> int:
         return self._position
+
+    def copy_from(self, source: BinaryIO, size: int) -> int:
+        """Copy `size` bytes of `source` into the volumes through a ring of reused buffers."""
+        return _copy(source, size, self._next_buffer, self.write)
+
+    def _next_buffer(self) -> bytearray:
+        # write() returns with at most IN_FLIGHT writes pending, oldest first: a buffer used
+        # IN_FLIGHT + 1 calls ago has been written and may be filled again.
+        self._ring_position = (self._ring_position + 1) % len(self._ring)
+        return self._ring[self._ring_position]
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -115,11 +129,12 @@ def _write_all(f: BinaryIO, view: memoryview) -> None:
         view = view[f.write(view) :]
 
 
-class CountingWriter:
+class StreamWriter:
     """A stream (stdout, for a data diode) that knows how many bytes went through it."""
 
     def __init__(self, stream: BinaryIO, progress: Progress | None = None):
         self.stream, self.progress, self._position = stream, progress or Progress(), 0
+        self._buffer = bytearray(COPY_SIZE)
 
     def tell(self) -> int:
         return self._position
@@ -130,6 +145,22 @@ class CountingWriter:
         self._position += n
         self.progress.advance(n)
         return n
+
+    def copy_from(self, source: BinaryIO, size: int) -> int:
+        return _copy(source, size, lambda: self._buffer, self.write)
+
+
+def _copy(source: BinaryIO, size: int, next_buffer, write) -> int:
+    """Copy `size` bytes of `source` through `write`; returns how many there were."""
+    done = 0
+    while done < size:
+        view = memoryview(next_buffer())
+        n = source.readinto(view[: min(len(view), size - done)])
+        if not n:
+            break
+        write(view[:n])
+        done += n
+    return done
 
 
 # ---- reading volumes back as one stream

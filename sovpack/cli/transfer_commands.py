@@ -90,6 +90,8 @@ def export(
     if to == "-":
         if key or volume_size:
             raise UsageError("--key and --volume-size apply to volumes; a stream (--to -) has neither index nor volumes")
+        if sys.stdout.isatty():
+            raise UsageError("--to - writes the bundle to standard output, which is a terminal: redirect it to a file, pipe or diode")
         with TerminalProgress(err_console) as progress:
             result = export_stream(bundle, sys.stdout.buffer, since=since, progress=progress)
         _render_export(result, err_console)
