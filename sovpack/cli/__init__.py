@@ -41,6 +41,7 @@ from sovpack.cli import bundle_commands  # noqa: E402,F401  (registers commands)
 from sovpack.cli import fetch_commands  # noqa: E402,F401  (registers fetch)
 from sovpack.cli import transfer_commands  # noqa: E402,F401  (registers export, check-volumes, import)
 from sovpack.cli import store_commands  # noqa: E402,F401  (registers list, remove, trust, audit)
+from sovpack.cli import serve_commands  # noqa: E402,F401  (registers serve)
 from sovpack.cli import quantize_commands  # noqa: E402,F401  (registers quantize)
 
 

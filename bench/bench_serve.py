@@ -1,0 +1,288 @@
+"""`sovpack serve` against in-process llama-cpp-python, on the real SmolLM2-135M Q4_1 GGUF.
+
+- one stream: tokens/s over HTTP (SSE, read with a plain HTTP client) vs `llama_cpp.Llama`
+  streaming in this process with the same model, prompt, context, threads and sampling;
+  time to first token overhead. Both generate exactly N tokens (min_tokens = max_tokens).
+- 4 concurrent streams with --parallel 1 and --parallel 2: all complete, aggregate tokens/s,
+  p50/p95 request latency.
+- start-up, command to /health 200: a store-installed bundle with the recorded-check fast
+  path vs --full-verify.
+
+Writes bench/out/serve.json. Usage: python bench/bench_serve.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from common import SOVPACK, Result, write_results  # noqa: E402
+
+from sovpack.hashing import cpu_count  # noqa: E402
+from sovpack.server.options import default_threads  # noqa: E402
+
+PROMPT = "Once upon a time, in a lighthouse by the sea, there lived"
+CTX = 2048
+
+
+@dataclass
+class Run:
+    ttft: float  # seconds to the first token
+    total: float  # seconds to the last token
+    tokens: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(root: Path) -> tuple[Path, Path, Path]:
+    """(gguf, signed bundle, store with that bundle installed)."""
+    from get_model import ensure_model
+
+    from sovpack.cli import main
+
+    gguf = ensure_model()
+    model = root / "model"
+    model.mkdir()
+    shutil.copyfile(gguf, model / gguf.name)
+    bundle, store = root / "bundle", root / "store"
+    for args in (
+        ["keygen", "bench", "--dir", root / "keys"],
+        ["pack", model, "--out", bundle, "--name", "smollm2"],
+        ["sign", bundle, "--key", root / "keys" / "bench.key"],
+        ["export", bundle, "--to", root / "volumes"],
+        ["trust", "add", root / "keys" / "bench.pub", "--store", store],
+        ["import", root / "volumes", "--store", store],
+    ):
+        if main([str(a) for a in args]) != 0:
+            raise SystemExit(f"setup step failed: sovpack {' '.join(map(str, args))}")
+    return gguf, bundle, store
+
+
+class Server:
+    def __init__(self, store: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [*SOVPACK, "serve", "smollm2", "--store", str(store), "--port", str(self.port), "--ctx-size", str(CTX), *extra]
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.startup = self._wait_ready()
+
+    def _wait_ready(self) -> float:
+        import httpx2
+
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"serve exited: {self.proc.stderr.read().decode()}")
+            try:
+                if httpx2.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx2.HTTPError:
+                pass
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def http_stream(url: str, n: int, client=None) -> Run:
+    """One streamed completion over HTTP, counting tokens from the final usage chunk."""
+    import httpx2
+
+    body = {"prompt": PROMPT, "max_tokens": n, "min_tokens": n, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    with (client or httpx2).stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"][0]["text"]:
+                last = time.perf_counter()
+                first = first or last
+    return Run(first - start, last - start, tokens)
+
+
+def local_stream(llama, n: int) -> Run:
+    """The same generation in this process, with llama-cpp-python's streaming API."""
+    import llama_cpp
+
+    processors = llama_cpp.LogitsProcessorList([llama_cpp.MinTokensLogitsProcessor(n, llama.token_eos())])
+    start = time.perf_counter()
+    first = last = None
+    for chunk in llama.create_completion(PROMPT, max_tokens=n, temperature=0, stream=True, logits_processor=processors):
+        if chunk["choices"][0]["text"]:
+            last = time.perf_counter()
+            first = first or last
+    return Run(first - start, last - start, n)
+
+
+def one_stream(gguf: Path, store: Path, n: int, repeats: int, threads: int, primary: bool) -> list[Result]:
+    import httpx2
+    import llama_cpp
+
+    client = httpx2.Client(timeout=300)  # keep-alive, as the openai package does
+    server = Server(store, "--parallel", "1", "--threads", str(threads))
+    llama = llama_cpp.Llama(str(gguf), n_ctx=CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
+    try:
+        http_stream(server.url, 8, client), local_stream(llama, 8)  # warm both
+        served, local = [], []
+        for _ in range(repeats):  # interleaved: machine noise hits both alike
+            served.append(http_stream(server.url, n, client))
+            local.append(local_stream(llama, n))
+    finally:
+        client.close()
+        server.stop()
+        llama.close()
+    assert all(r.tokens == n for r in served), [r.tokens for r in served]
+    tps_served = statistics.median(r.tokens_per_second for r in served)
+    tps_local = statistics.median(r.tokens_per_second for r in local)
+    ratio = tps_served / tps_local
+    setting = f"{threads} thread(s)" + (" (serve's default here)" if primary else " (all cores)")
+    results = [
+        Result(
+            metric=f"one stream, {n} tokens, {setting}: tokens/s through sovpack serve (HTTP, SSE)",
+            ratio=round(ratio, 3), target=">= 0.95 of in-process" if primary else "reported", meets=(ratio >= 0.95) if primary else None,
+            reference=f"in-process llama_cpp.Llama streaming, same model, prompt, ctx {CTX}, {threads} thread(s), temperature 0",
+            absolute={"serve_tokens_per_s": round(tps_served, 1), "in_process_tokens_per_s": round(tps_local, 1), "repeats": repeats},
+        )
+    ]
+    if primary:
+        ttft_served = statistics.median(r.ttft for r in served)
+        ttft_local = statistics.median(r.ttft for r in local)
+        results.append(Result(
+            metric="time to first token through sovpack serve",
+            ratio=round(ttft_served / ttft_local, 2), target="reported (overhead in ms)", meets=None,
+            reference="in-process time to first token",
+            absolute={"serve_ms": round(ttft_served * 1000, 1), "in_process_ms": round(ttft_local * 1000, 1),
+                      "overhead_ms": round((ttft_served - ttft_local) * 1000, 1)},
+        ))
+    return results  # fmt: skip
+
+
+def concurrent(store: Path, parallel: int, n: int, rounds: int) -> dict:
+    server = Server(store, "--parallel", str(parallel))
+    runs: list[Run] = []
+    walls = []
+    failures = []
+    try:
+        http_stream(server.url, 4)
+        for _ in range(rounds):
+            round_runs = run_four(server.url, n, failures)
+            walls.append(round_runs.pop())
+            runs += round_runs
+    finally:
+        server.stop()
+    complete = not failures and len(runs) == 4 * rounds and all(r.tokens == n for r in runs)
+    latencies = sorted(r.total for r in runs)
+    return {
+        "complete": complete,
+        "aggregate_tokens_per_s": round(sum(r.tokens for r in runs) / sum(walls), 1),
+        "p50_latency_s": round(statistics.median(latencies), 2),
+        "p95_latency_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 2),
+        "p50_ttft_s": round(statistics.median(r.ttft for r in runs), 2),
+        "requests": len(runs),
+        "failures": failures[:3],
+    }
+
+
+def run_four(url: str, n: int, failures: list[str]) -> list:
+    """Four streams at once; returns their runs and, last, the wall time of the round."""
+    results: list = []
+
+    def one():
+        try:
+            results.append(http_stream(url, n))
+        except Exception as e:  # recorded: the target is that none fails
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [*results, time.perf_counter() - start]
+
+
+def startup(bundle_store: Path, repeats: int) -> Result:
+    recorded, full = [], []
+    for _ in range(repeats):
+        for extra, samples in (((), recorded), (("--full-verify",), full)):
+            server = Server(bundle_store, *extra)
+            samples.append(server.startup)
+            server.stop()
+    r, f = statistics.median(recorded), statistics.median(full)
+    return Result(
+        metric="start-up, command to /health 200: recorded check (default for store bundles)",
+        ratio=round(r / f, 2), target="reported (lower is faster)", meets=None,
+        reference="the same start with --full-verify (every GGUF byte re-hashed)",
+        absolute={"recorded_s": round(r, 2), "full_verify_s": round(f, 2), "repeats": repeats},
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter generations")
+    args = parser.parse_args()
+    n, repeats, rounds = (64, 3, 1) if args.quick else (256, 5, 3)
+    with tempfile.TemporaryDirectory(prefix="sovpack-bench-serve-") as tmp:
+        os.environ["SOVPACK_HOME"] = str(Path(tmp) / "home")
+        gguf, _, store = prepare(Path(tmp))
+        cores = cpu_count()
+        results = one_stream(gguf, store, n, repeats, default_threads(1, cores), primary=True)
+        if default_threads(1, cores) != cores:
+            results += one_stream(gguf, store, n, repeats, cores, primary=False)
+        by_slots = {p: concurrent(store, p, n // 2, rounds) for p in (1, 2)}
+        results.append(startup(store, repeats))
+    for p, r in by_slots.items():
+        results.append(Result(
+            metric=f"4 concurrent streams of {n // 2} tokens, --parallel {p}: all complete, none cancelled",
+            ratio=1.0 if r["complete"] else 0.0, target="all complete", meets=r["complete"],
+            reference="4 requests at once from 4 client threads", absolute=r,
+        ))  # fmt: skip
+    gain = by_slots[2]["aggregate_tokens_per_s"] / by_slots[1]["aggregate_tokens_per_s"]
+    results.append(Result(
+        metric="aggregate tokens/s of 4 streams, --parallel 2 vs --parallel 1",
+        ratio=round(gain, 2), target="reported (what slots buy on this machine)", meets=None,
+        reference="--parallel 1 (requests queue and run one after another)",
+        absolute={"parallel_1_tokens_per_s": by_slots[1]["aggregate_tokens_per_s"], "parallel_2_tokens_per_s": by_slots[2]["aggregate_tokens_per_s"],
+                  "parallel_1_p50_ttft_s": by_slots[1]["p50_ttft_s"], "parallel_2_p50_ttft_s": by_slots[2]["p50_ttft_s"]},
+    ))  # fmt: skip
+    notes = [
+        "Threads: serve's default is (cores - 1) / --parallel per slot, at least 1; the in-process reference uses the same count.",
+        "With every core given to llama.cpp, the server's own work (event loop, SSE, the client here) preempts one of the "
+        "llama.cpp threads, which wait for each other at every step: see the all-cores line.",
+        "The HTTP client reads SSE lines with httpx2 in the benchmark process, which shares the machine's cores with the server.",
+    ]
+    write_results("serve", "sovpack serve vs in-process llama-cpp-python", results, notes)
+
+
+if __name__ == "__main__":
+    main()

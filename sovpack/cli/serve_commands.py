@@ -1,0 +1,60 @@
+"""serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from sovpack.cli import app
+
+TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for several. Default: the store's trust."
+
+
+@app.command()
+def serve(
+    target: str = typer.Argument(..., metavar="NAME_OR_BUNDLE", help="Installed bundle NAME[@VERSION], or a bundle directory."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="GGUF to serve: quantization type (Q4_K_M) or file path in the bundle."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Store directory (default $SOVPACK_HOME or the platform data dir)."),
+    trust: List[Path] = typer.Option([], "--trust", help=TRUST_HELP),
+    threshold: Optional[int] = typer.Option(None, "--threshold", help="Distinct trusted signers required (with --trust; default 1)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --api-key-file."),
+    port: int = typer.Option(8080, "--port", help="TCP port (0: any free port)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="API keys, one per line (# comments); clients send `Authorization: Bearer KEY`."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="TLS certificate chain (PEM); with --tls-key."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="TLS private key (PEM)."),
+    n_gpu_layers: str = typer.Option("auto", "--n-gpu-layers", help="auto (all layers when llama.cpp has GPU offload), N, or -1 for all."),
+    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="Context tokens per slot (default min(4096, the model's))."),
+    parallel: int = typer.Option(1, "--parallel", help="Generation slots: requests answered at the same time."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per slot (default: (cores - 1) / --parallel, at least 1)."),
+    cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allowed browser origin, e.g. https://chat.example.mil; repeat. None by default."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Largest max_tokens a request may ask for (default: the context size)."),
+    max_request_size: str = typer.Option("1M", "--max-request-size", help="Largest request body (413 beyond it), e.g. 1M, 256K."),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait for a slot; more get 503 with Retry-After."),
+    shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", help="Seconds in-flight requests get to finish on SIGTERM/SIGINT."),
+    access_log: Optional[Path] = typer.Option(None, "--access-log", help="JSON-lines access log (default STORE/logs/access.jsonl)."),
+    log_prompts: bool = typer.Option(False, "--log-prompts", help="Also write prompts and messages to the access log."),
+    full_verify: bool = typer.Option(False, "--full-verify", help="Re-hash the GGUF even when a recorded full check vouches for it."),
+) -> None:
+    """Verify a bundle, then serve its GGUF over an OpenAI-compatible HTTP API (llama.cpp).
+
+    Exit codes: 1 the bundle failed verification or changed while served; 2 usage (including a
+    non-loopback --host without --api-key-file, a missing TLS file); 3 other failures (port in
+    use, missing `serve` extra, audit log not writable).
+    """
+    from sovpack.server.options import ServeOptions, parse_size
+    from sovpack.server.runner import serve as run_server
+
+    options = ServeOptions(
+        target=target, variant=variant, store=store, trust=tuple(trust), threshold=threshold, host=host, port=port,
+        api_key_file=api_key_file, tls_cert=tls_cert, tls_key=tls_key, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
+        parallel=parallel, threads=threads, cors_origins=tuple(cors_origin), max_tokens=max_tokens,
+        max_request_bytes=parse_size(max_request_size), max_queue=max_queue, shutdown_timeout=shutdown_timeout,
+        access_log=access_log, log_prompts=log_prompts, full_verify=full_verify,
+    )  # fmt: skip
+    raise typer.Exit(run_server(options, _say))
+
+
+def _say(line: str) -> None:
+    typer.echo(f"sovpack serve: {line}", err=True)

@@ -1,0 +1,23 @@
+"""`sovpack serve`: an OpenAI-compatible llama.cpp server that loads only verified bytes.
+
+Modules, one concept each (docs/serve.md tells the whole story):
+
+- options: the serve settings and their usage checks (no heavy imports)
+- security: bind policy, API keys (constant-time), TLS and CORS checks
+- target: NAME_OR_BUNDLE -> bundle directory and the trust policy to verify it under
+- variant: which GGUF build of the bundle is served
+- fingerprint: file identity (inode, size, times) and the fast-path verification record
+- verification: verify before load; what was verified, for the engine and the audit log
+- template: the chat formatter built from the signed chat template, digest checked
+- slots: the bounded FIFO queue in front of N generation slots
+- engine: llama-cpp-python contexts, one per slot, each run on its own thread
+- requests: OpenAI request bodies (llama-cpp-python's types) and sovpack's limits on them
+- errors: OpenAI-style error bodies
+- middleware: ASGI layers for auth, body size, access records
+- metrics / access_log: Prometheus text and JSON-lines per-request records
+- app: the FastAPI routes
+- runner: bind, verify, audit, run uvicorn, shut down gracefully
+
+Only runner/app/engine/template import fastapi, uvicorn or llama_cpp, and only when
+`sovpack serve` runs.
+"""

@@ -1,0 +1,94 @@
+"""The settings of one `sovpack serve` run, and the checks that make a bad command a usage error."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sovpack.errors import UsageError
+
+MIB = 1024 * 1024
+DEFAULT_CTX = 4096
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    target: str  # NAME, NAME@VERSION or a bundle directory
+    variant: str | None = None
+    store: Path | None = None
+    trust: tuple[Path, ...] = ()
+    threshold: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    n_gpu_layers: str = "auto"
+    ctx_size: int | None = None  # default: min(DEFAULT_CTX, the model's trained context)
+    parallel: int = 1
+    threads: int | None = None  # per slot; default: default_threads(parallel)
+    cors_origins: tuple[str, ...] = ()
+    max_tokens: int | None = None  # upper limit on a request's max_tokens; default: the context size
+    max_request_bytes: int = MIB
+    max_queue: int = 16
+    shutdown_timeout: float = 30.0
+    access_log: Path | None = None  # default: STORE/logs/access.jsonl
+    log_prompts: bool = False
+    full_verify: bool = False
+
+
+def default_threads(parallel: int, cores: int) -> int:
+    """CPU threads per slot: the cores but one, shared among the slots (at least 1).
+
+    One core is left for the HTTP event loop, tokenization and sampling: llama.cpp's
+    threads wait for each other at every step, so one of them losing its core to the
+    server's own work stalls them all (measured in bench/bench_serve.py).
+    """
+    return max(1, (cores - 1) // parallel)
+
+
+def check_options(o: ServeOptions) -> None:
+    """Everything that can be judged without reading the bundle."""
+    if not 0 <= o.port <= 65535:
+        raise UsageError(f"--port {o.port}: give a TCP port from 0 to 65535")
+    _at_least("--parallel", o.parallel, 1)
+    _at_least("--max-queue", o.max_queue, 0)
+    _at_least("--max-request-size", o.max_request_bytes, 1024)
+    if o.threads is not None:
+        _at_least("--threads", o.threads, 1)
+    if o.ctx_size is not None:
+        _at_least("--ctx-size", o.ctx_size, 64)
+    if o.max_tokens is not None:
+        _at_least("--max-tokens", o.max_tokens, 1)
+    if o.threshold is not None:
+        _at_least("--threshold", o.threshold, 1)
+    if o.shutdown_timeout < 0:
+        raise UsageError(f"--shutdown-timeout {o.shutdown_timeout}: give a number of seconds, 0 or more")
+    parse_gpu_layers(o.n_gpu_layers)
+
+
+def parse_gpu_layers(text: str) -> int | None:
+    """None for `auto`, else the number of layers (-1: all)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--n-gpu-layers {text!r}: give auto, a number of layers, or -1 for all") from None
+    if value < -1:
+        raise UsageError(f"--n-gpu-layers {value}: give auto, a number of layers, or -1 for all")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """`1048576`, `512K`, `1M`, `2MiB` -> bytes (K and M are powers of 1024)."""
+    match = re.fullmatch(r"(\d{1,12})\s*([KM]?)(I?B)?", text.strip().upper())
+    if not match:
+        raise UsageError(f"size {text!r}: give bytes, or a number with K or M (1M = 1 MiB)")
+    return int(match.group(1)) * {"": 1, "K": 1024, "M": MIB}[match.group(2)]
+
+
+def _at_least(flag: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise UsageError(f"{flag} {value}: must be {minimum} or more")

@@ -1,0 +1,597 @@
+"""sovpack serve with real parts: the SmolLM2 GGUF packed and signed, `python -m sovpack serve`
+as a real process on a loopback port, and the `openai` package as the client.
+
+One server process is shared by the tests that do not need their own (module fixture);
+the full queue, SIGTERM, TLS and file-changed-while-serving tests start their own.
+Generations are short (temperature 0, a few tokens) except where a test needs a request
+to stay busy; those force their length with min_tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from sovpack.cli import main
+from sovpack.errors import Refused
+from sovpack.keys import generate_key_pair
+from sovpack.store import Store
+
+SOVPACK = [sys.executable, "-m", "sovpack"]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT = "The capital of France is"
+KEYS = ("analyst-key-0123456789abcdef", "backup-key-fedcba9876543210")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+class Server:
+    """`sovpack serve` as a subprocess."""
+
+    def __init__(self, env, target, *extra, key=True, tls=None, name="server", store=None):
+        self.env, self.port = env, free_port()
+        self.scheme = "https" if tls else "http"
+        self.verify = ssl.create_default_context(cafile=str(tls)) if tls else True
+        self.key = KEYS[0] if key else None
+        self.log = env.root / f"{name}-{self.port}.log"
+        args = [*SOVPACK, "serve", target, "--store", store or env.store, "--port", self.port, "--ctx-size", "512", *extra]
+        if key:
+            args += ["--api-key-file", env.keys_file]
+        if not any(str(a) == "--trust" for a in extra) and Path(str(target)).is_dir():
+            args += ["--trust", env.keys / "alice.pub"]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_ready(self, timeout: float = 90) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", verify=self.verify, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"serve did not become ready:\n{self.output()}")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def client(self, key: str | None = "default", **kwargs) -> openai.OpenAI:
+        key = self.key if key == "default" else key
+        http_client = httpx.Client(verify=self.verify) if self.scheme == "https" else None
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=120,
+                             http_client=http_client, **kwargs)  # fmt: skip
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        headers = {**self.headers(), **kwargs.pop("headers", {})}
+        return httpx.post(f"{self.url}{path}", headers=headers, verify=self.verify, timeout=120, **kwargs)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers(), verify=self.verify, timeout=10).text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0].split("{")[0] == name)
+
+    def wait_metric(self, name: str, value: float, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while self.metric(name) != value:
+            assert time.monotonic() < deadline, f"{name} never became {value} (is {self.metric(name)})"
+            time.sleep(0.02)
+
+
+class Env:
+    def __init__(self, root: Path, gguf: Path):
+        self.root = root
+        self.keys = root / "keys"
+        for name in ("alice", "mallory"):
+            generate_key_pair(name, self.keys, "p384")
+        self.model = root / "model"
+        self.model.mkdir()
+        _link_or_copy(gguf, self.model / gguf.name)
+        self.gguf_name = gguf.name
+        self.bundle = self.pack("bundle")
+        self.store = root / "store"
+        self.keys_file = root / "api-keys.txt"
+        self.keys_file.write_text("# analysts\n" + KEYS[0] + "\n\n# backup\n" + KEYS[1] + "\n")
+        self.keys_file.chmod(0o600)
+
+    def pack(self, name: str, *extra, sign: bool = True) -> Path:
+        bundle = self.root / name
+        assert run("pack", self.model, "--out", bundle, "--name", "smollm2", *extra) == 0
+        if sign:
+            assert run("sign", bundle, "--key", self.keys / "alice.key") == 0
+        return bundle
+
+    def copy_bundle(self, name: str) -> Path:
+        """A copy with its own inodes (the packed bundle hard-links the cached model)."""
+        target = self.root / name
+        shutil.copytree(self.bundle, target)
+        return target
+
+    def audit(self) -> list[dict]:
+        return Store(self.store).audit.records()
+
+    def access_log(self) -> list[dict]:
+        path = self.store / "logs" / "access.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, smollm_gguf) -> Env:
+    return Env(tmp_path_factory.mktemp("serve"), smollm_gguf)
+
+
+@pytest.fixture(scope="module")
+def server(env):
+    s = Server(env, env.bundle, "--parallel", "2", "--max-queue", "8", "--cors-origin", "https://chat.example.mil", name="main")
+    s.wait_ready()
+    yield s
+    assert s.stop() == 0, s.output()
+
+
+# the API, through the openai package
+
+
+def test_chat_completion(server, env):
+    reply = server.client().chat.completions.create(model="smollm2", messages=CHAT, max_tokens=12, temperature=0)
+    assert reply.model == "smollm2"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content.strip()
+    assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 5
+    record = [r for r in env.access_log() if r["path"] == "/v1/chat/completions" and r["status"] == 200][-1]
+    assert record["key_id"] == hashlib.sha256(KEYS[0].encode()).hexdigest()[:12]
+    assert record["prompt_tokens"] == reply.usage.prompt_tokens and record["completion_tokens"] == reply.usage.completion_tokens
+    assert "prompt" not in record
+    log_text = (env.store / "logs" / "access.jsonl").read_text()
+    assert KEYS[0] not in log_text and "capital of France" not in log_text
+
+
+def test_streamed_completion(server):
+    stream = server.client().completions.create(
+        model="smollm2", prompt=PROMPT, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert "Paris" in text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens > 0
+
+
+def test_streamed_chat_matches_non_streamed(server):
+    client = server.client()
+    whole = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=10, temperature=0)
+    pieces = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces) == whole.choices[0].message.content
+
+
+def test_model_list(server, env):
+    models = server.client().models.list().data
+    assert [m.id for m in models] == ["smollm2"]
+    card = models[0].model_dump()["sovpack"]
+    signed = json.loads((env.bundle / "sovpack.json").read_text())["files"][0]
+    assert card["sha256"] == signed["sha256"] and card["file"] == env.gguf_name
+    assert card["chat_template_sha256"] == signed["details"]["chat_template_sha256"]
+    assert card["signers"][0].startswith("alice")
+    assert server.client().models.retrieve("smollm2").id == "smollm2"
+
+
+def test_four_concurrent_streams_all_complete(server):
+    client = server.client()
+    results: dict[int, tuple[str, str | None]] = {}
+
+    def one(i: int) -> None:
+        stream = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=16, temperature=0, stream=True)
+        text, finish = "", None
+        for chunk in stream:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        results[i] = (text, finish)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 4
+    texts = {text for text, _ in results.values()}
+    assert len(texts) == 1 and texts.pop().strip(), results  # same prompt, temperature 0: same complete answer
+    assert all(finish in ("length", "stop") for _, finish in results.values())
+
+
+def test_embeddings_not_supported_by_a_generative_model(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().embeddings.create(model="smollm2", input="hello")
+    assert e.value.body["code"] == "embeddings_not_supported"
+
+
+def test_metrics(server):
+    server.client().completions.create(model="smollm2", prompt=PROMPT, max_tokens=4, temperature=0)
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers()).text
+    assert 'sovpack_requests_total{path="/v1/completions",status="200"}' in text
+    for name in ("sovpack_prompt_tokens_total", "sovpack_completion_tokens_total", "sovpack_queue_depth",
+                 "sovpack_request_duration_seconds_bucket", "sovpack_slots_total 2"):  # fmt: skip
+        assert name in text
+    assert server.metric("sovpack_completion_tokens_total") >= 4
+
+
+# security
+
+
+def test_missing_and_wrong_api_keys_get_401(server):
+    with pytest.raises(openai.AuthenticationError) as e:
+        server.client(key=None).models.list()
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="analyst-key-0123456789abcdeX").chat.completions.create(model="smollm2", messages=CHAT, max_tokens=2)
+    assert server.client(key=KEYS[1]).models.list().data[0].id == "smollm2"  # the second key in the file
+    assert httpx.get(f"{server.url}/metrics").status_code == 401
+    assert httpx.get(f"{server.url}/health").status_code == 200  # no key needed
+
+
+def test_unauthenticated_garbage_gets_401_not_400(server):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 401
+
+
+def test_cors_only_for_listed_origins(server):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    allowed = httpx.options(f"{server.url}/v1/chat/completions", headers={"Origin": "https://chat.example.mil", **preflight})
+    assert allowed.headers.get("access-control-allow-origin") == "https://chat.example.mil"
+    other = httpx.options(f"{server.url}/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_oversized_body_gets_413(server):
+    with pytest.raises(openai.APIStatusError) as e:
+        server.client().chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x" * 1_200_000}], max_tokens=2)
+    assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+
+
+# bad requests: OpenAI-style errors, and the server keeps serving
+
+
+def test_malformed_json(server):
+    r = server.post("/v1/chat/completions", content=b'{"messages": [', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"} and r.json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("max_tokens", [-1, 0, 10**9])
+def test_max_tokens_out_of_range(server, max_tokens):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model="smollm2", messages=CHAT, max_tokens=max_tokens)
+    assert e.value.body["param"] == "max_tokens" and "1 to 512" in e.value.body["message"]
+
+
+def test_prompt_larger_than_the_context(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().completions.create(model="smollm2", prompt="hello " * 1000, max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded" and "512" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hello " * 1000}], max_tokens=4)
+    assert e.value.body["param"] == "messages"
+
+
+def test_unknown_model_missing_messages_and_n(server):
+    client = server.client()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=2)
+    assert e.value.body["code"] == "model_not_found" and "smollm2" in e.value.body["message"]
+    r = server.post("/v1/chat/completions", json={"model": "smollm2", "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=2, n=2)
+    assert e.value.body["param"] == "n"
+    r = server.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
+    assert client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=2).choices[0].message.content is not None
+
+
+def test_client_disconnecting_mid_stream_frees_its_slot(server, env):
+    body = {"prompt": PROMPT, "max_tokens": 400, "min_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=server.headers(), timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    left = time.monotonic()
+    server.wait_metric("sovpack_slots_busy", 0, timeout=10)
+    assert time.monotonic() - left < 2.0  # 400 tokens take several seconds: the generation was stopped, not finished
+    reply = server.client().completions.create(model="smollm2", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert reply.choices[0].text
+    assert server.metric("sovpack_client_disconnects_total") >= 1
+    assert any(r["outcome"] == "client_disconnected" and r["path"] == "/v1/completions" for r in env.access_log())
+
+
+# the queue, shutdown, TLS: servers of their own
+
+
+def test_full_queue_answers_503_with_retry_after(env):
+    s = Server(env, env.bundle, "--parallel", "1", "--max-queue", "1", name="queue").wait_ready()
+    try:
+        client = s.client()
+        long = {"prompt": PROMPT, "max_tokens": 200, "temperature": 0, "extra_body": {"min_tokens": 200}}
+        busy = threading.Thread(target=lambda: client.completions.create(model="smollm2", **long))
+        busy.start()
+        s.wait_metric("sovpack_slots_busy", 1)
+        queued_result = {}
+        queued = threading.Thread(target=lambda: queued_result.update(r=client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=4)))
+        queued.start()
+        s.wait_metric("sovpack_queue_depth", 1)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=4)
+        assert e.value.status_code == 503 and e.value.body["code"] == "queue_full"
+        assert int(e.value.response.headers["retry-after"]) >= 1
+        busy.join(120)
+        queued.join(120)
+        assert queued_result["r"].choices[0].text  # the queued request was served, not dropped
+        assert s.metric("sovpack_queue_rejections_total") == 1
+    finally:
+        assert s.stop() == 0, s.output()
+
+
+def test_sigterm_lets_the_stream_in_flight_finish(env):
+    s = Server(env, env.bundle, name="sigterm").wait_ready()
+    body = {"prompt": PROMPT, "max_tokens": 200, "min_tokens": 200, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    chunks = []
+    with httpx.stream("POST", f"{s.url}/v1/completions", json=body, headers=s.headers(), timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            chunks.append(line[5:].strip())
+            if len(chunks) == 1:
+                s.proc.send_signal(signal.SIGTERM)
+    assert chunks[-1] == "[DONE]"
+    assert json.loads(chunks[-2])["usage"]["completion_tokens"] == 200
+    assert json.loads(chunks[-3])["choices"][0]["finish_reason"] == "length"
+    assert s.proc.wait(60) == 0, s.output()
+    stop = [r for r in env.audit() if r["event"] == "serve-stop"][-1]
+    assert stop["reason"] == "signal SIGTERM" and stop["pid"] == s.proc.pid
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{s.url}/health")
+
+
+def test_tls(env):
+    cert, key = _self_signed(env.root / "tls")
+    s = Server(env, env.bundle, "--tls-cert", cert, "--tls-key", key, tls=cert, name="tls").wait_ready()
+    try:
+        reply = s.client().chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4, temperature=0)
+        assert reply.choices[0].message.content is not None
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{s.port}/health", timeout=5)  # plain HTTP is not spoken
+    finally:
+        assert s.stop() == 0, s.output()
+
+
+def test_a_served_file_changing_stops_the_server(env):
+    bundle = env.copy_bundle("changing")
+    s = Server(env, bundle, key=False, name="changing").wait_ready()
+    body = {"prompt": PROMPT, "max_tokens": 300, "min_tokens": 300, "temperature": 0, "stream": True}
+    try:
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as stream:
+            events = (line[6:] for line in stream.iter_lines() if line.startswith("data: "))
+            next(events)  # the stream is running
+            flip_byte(bundle / env.gguf_name, (bundle / env.gguf_name).stat().st_size // 2)
+            r = httpx.post(f"{s.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "integrity_check_failed"
+            assert env.gguf_name in r.json()["error"]["message"]
+            last = json.loads(list(events)[-1])
+        assert last["error"]["code"] == "generation_interrupted"  # cut short, and told so: not a silent "stop"
+        assert s.proc.wait(60) == 1
+    finally:
+        s.stop()
+    assert any(r["event"] == "serve-refused" and "changed after it was verified" in r["reason"] for r in env.audit())
+
+
+def test_a_hard_link_to_a_served_file_is_rechecked_not_fatal(server, env):
+    link = env.root / "another-name.gguf"
+    os.link(env.bundle / env.gguf_name, link)  # what the store's dedup does; it moves the inode's ctime
+    try:
+        reply = server.client().completions.create(model="smollm2", prompt=PROMPT, max_tokens=2, temperature=0)
+        assert reply.choices[0].text is not None
+        deadline = time.monotonic() + 30
+        while "still matches the signed digests" not in server.output():
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.05)
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        link.unlink()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (directory / "key.pem").chmod(0o600)
+    return directory / "cert.pem", directory / "key.pem"
+
+
+def test_serve_by_name_from_the_store(env, cli):
+    store, volumes = env.root / "imported", env.root / "volumes"
+    assert run("export", env.bundle, "--to", volumes) == 0
+    assert run("trust", "add", env.keys / "alice.pub", "--store", store) == 0
+    assert run("import", volumes, "--store", store) == 0
+    for attempt, digests in enumerate(("every byte hashed", "unchanged since a recorded full check")):
+        s = Server(env, "smollm2", "--log-prompts", key=False, store=store, name=f"by-name-{attempt}").wait_ready()
+        try:
+            assert digests in s.output()
+            reply = s.client().chat.completions.create(model="smollm2@1", messages=CHAT, max_tokens=4, temperature=0)
+            assert reply.model == "smollm2"
+        finally:
+            assert s.stop() == 0, s.output()
+    logged = [json.loads(line) for line in (store / "logs" / "access.jsonl").read_text().splitlines()]
+    assert logged[-1]["prompt"] == CHAT and logged[-1]["key_id"] is None  # --log-prompts; no keys on loopback
+    assert [r["event"] for r in Store(store).audit.records() if r["event"].startswith("serve")] == ["serve-start", "serve-stop"] * 2
+    assert run("trust", "remove", "alice", "--store", store) == 0
+    result = cli("serve", "smollm2", "--store", store, "--port", free_port())
+    assert result.code == 1 and "still trusted" in result.err  # revoked: the record alone is not enough
+
+
+# refusals: the command exits before serving anything
+
+
+def _serve(cli, env, target, *extra):
+    return cli("serve", target, "--store", env.store, "--port", free_port(), *extra)
+
+
+def test_tampered_gguf_is_refused(cli, env):
+    bundle = env.copy_bundle("tampered")
+    flip_byte(bundle / env.gguf_name, (bundle / env.gguf_name).stat().st_size // 2)
+    result = _serve(cli, env, bundle, "--trust", env.keys / "alice.pub")
+    assert result.code == 1, result.err
+    assert env.gguf_name in result.err and "does not match" in result.err
+    refused = [r for r in env.audit() if r["event"] == "serve-refused"][-1]
+    assert refused["step"] == "digests" and env.gguf_name in refused["reason"]
+
+
+def test_expired_bundle_is_refused(cli, env):
+    bundle = env.pack("expired", "--expires", "2020-01-01")
+    result = _serve(cli, env, bundle, "--trust", env.keys / "alice.pub")
+    assert result.code == 1 and "expired on 2020-01-01" in result.err
+
+
+def test_unsigned_bundle_is_refused(cli, env):
+    bundle = env.pack("unsigned", sign=False)
+    result = _serve(cli, env, bundle, "--trust", env.keys / "alice.pub")
+    assert result.code == 1 and "no signatures" in result.err
+
+
+def test_untrusted_signer_is_refused(cli, env):
+    result = _serve(cli, env, env.bundle, "--trust", env.keys / "mallory.pub")
+    assert result.code == 1 and "threshold not met" in result.err
+
+
+def test_non_loopback_bind_without_keys_is_refused(cli, env):
+    result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub", "--host", "0.0.0.0")
+    assert result.code == 2 and "--api-key-file" in result.err
+
+
+def test_port_in_use(cli, env):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve", env.bundle, "--trust", env.keys / "alice.pub", "--store", env.store, "--port", port)
+    assert result.code == 3 and f"port {port}" in result.err and "another process" in result.err
+
+
+def test_missing_tls_file_and_wildcard_cors(cli, env, tmp_path):
+    result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub", "--tls-cert", tmp_path / "no.pem", "--tls-key", tmp_path / "no.key")
+    assert result.code == 2 and "no.pem" in result.err
+    result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub", "--cors-origin", "*")
+    assert result.code == 2 and "wildcard" in result.err
+
+
+def test_not_installed_name(cli, env):
+    result = _serve(cli, env, "no-such-model")
+    assert result.code == 2 and "not installed" in result.err
+
+
+# verification internals, on the real files
+
+
+def test_fast_path_skips_rehash_only_for_unchanged_read_only_files(env):
+    from sovpack.server.fingerprint import VerificationRecords
+    from sovpack.server.target import resolve_target
+    from sovpack.server.verification import verify_for_serving
+
+    bundle = env.copy_bundle("readonly")
+    gguf = bundle / env.gguf_name
+    records = VerificationRecords(env.root / "records-store")
+    target = resolve_target(str(bundle), Store(env.store), (env.keys / "alice.pub",), None)
+    assert verify_for_serving(target, None, records=records, full_verify=False).digests == "full"
+    assert verify_for_serving(target, None, records=records, full_verify=False).digests == "full"  # writable: never recorded
+    gguf.chmod(0o444)
+    assert verify_for_serving(target, None, records=records, full_verify=False).digests == "full"
+    assert verify_for_serving(target, None, records=records, full_verify=False).digests == "recorded"
+    assert verify_for_serving(target, None, records=records, full_verify=True).digests == "full"
+    gguf.chmod(0o644)
+    flip_byte(gguf, gguf.stat().st_size // 2)
+    gguf.chmod(0o444)  # mode restored, but the ctime moved: the record no longer vouches for it
+    with pytest.raises(Refused, match="does not match"):
+        verify_for_serving(target, None, records=records, full_verify=False)
+
+
+def test_chat_template_must_be_the_signed_one(env):
+    import llama_cpp
+
+    from sovpack.formats.gguf import read_chat_template
+    from sovpack.server.template import chat_handler
+
+    gguf = env.bundle / env.gguf_name
+    llama = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+    template = read_chat_template(gguf)
+    signed = hashlib.sha256(template.encode()).hexdigest()
+    assert callable(chat_handler(llama, template, signed, lambda: False))
+    with pytest.raises(Refused, match="not the signed"):
+        chat_handler(llama, template + " ", signed, lambda: False)
+    with pytest.raises(Refused):
+        chat_handler(llama, None, signed, lambda: False)
