@@ -71,9 +71,11 @@ class Scenario:
         self.export()  # volumes for the import runs, and a warm page cache for everyone
 
     def _clear(self, *paths: Path) -> None:
+        """Delete the previous run's output and let the disk settle, outside the timed part, for every contender alike."""
         for p in paths:
             if p.exists():
                 subprocess.run(["rm", "-rf", str(p)], check=True)
+        subprocess.run(["sync"], check=True)
 
     def export(self) -> float:
         self._clear(self.out)

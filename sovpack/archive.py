@@ -283,17 +283,7 @@ class _Extraction:
                 raise Refused(f"{entry.path} ({entry.size} bytes, sha256 {entry.sha256}) is listed in {METADATA_FILE} but is "
                               f"neither in {self.reader.where} nor in the store{hint}")  # fmt: skip
             self.result.linked.append(entry.path)
-        for rel in self.result.written:  # the bytes must be on disk before the install renames them into place
-            _fsync(self.staging / rel)
         return self.result
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_failure(rel: str, staging: Path, e: OSError) -> Failure:

@@ -21,6 +21,7 @@ import fcntl
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -273,7 +274,12 @@ class _Importer:
         metadata_sha256 = sha256_bytes((staging / METADATA_FILE).read_bytes())
         label = expected.label if expected else self.identity.label
         self.progress.phase("verifying", expected.size if expected else self.identity.size)
-        report = verify_bundle(staging, self.policy, now=self.now, on_progress=self.progress.advance)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush") as flusher:
+            # the bytes must be on disk before the commit renames them into place: flushing them
+            # while verification reads them from the page cache overlaps disk and SHA-256
+            flushed = flusher.submit(_flush_tree, staging)
+            report = verify_bundle(staging, self.policy, now=self.now, on_progress=self.progress.advance)
+            flushed.result()
         self.result.report = report
         if not report.ok:
             raise Refused(f"{label} failed verification ({report.failure.step}): {report.failure}")
@@ -347,6 +353,19 @@ class _Importer:
                                     exit_code=error.exit_code, source=self.source, **identity)  # fmt: skip
         except OSError:
             pass  # a full disk must not hide the original error
+
+
+def _flush_tree(root: Path) -> None:
+    try:
+        for directory, _, names in os.walk(root):
+            for name in names:
+                fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    except OSError as e:
+        raise Failure(f"cannot flush the staged bundle to the store's disk: {e.strerror} ({e.filename})") from None
 
 
 def _installed_metadata_sha256(installed: InstalledBundle) -> str | None:
