@@ -93,9 +93,12 @@ class ImportJob:
 
     def discard_staging(self) -> None:
         """After a refusal or failure: keep only the journal of intact volumes."""
-        if self.journal[REASSEMBLED] is not None:
-            self.journal[REASSEMBLED] = False
-        remove_tree(self.staging)
+        remove_tree(self.staging)  # first: on a full disk, this is what frees the space
+        try:
+            if self.journal[REASSEMBLED] is not None:
+                self.journal[REASSEMBLED] = False
+        except OSError:
+            pass  # the journal only saves work; a stale "reassembled" is ignored without its staging directory
 
     def remove(self) -> None:
         remove_tree(self.directory)

@@ -361,8 +361,11 @@ class CheckJournal:
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path, json.dumps(self.entries).encode())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.path, json.dumps(self.entries).encode())
+        except OSError:
+            pass  # the journal only saves work on a re-run; a full disk is reported by what needs the space
 
 
 def check_volumes(

@@ -496,3 +496,61 @@ def test_index_signed_with_a_key_from_the_command_line(cli, signed_bundle, tmp_p
     out = export(cli, signed_bundle, tmp_path / "out", "--key", keys / "alice.key")
     result = cli("check-volumes", out, "--trust", keys / "alice.pub")
     assert result.code == 0 and "index signed by alice" in result.out
+
+
+# a real small disk (tmpfs), where this machine allows mounting one
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root); RLIMIT_FSIZE tests cover the write failures")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def bundle_with_big_file(cli, model_dir, tmp_path, keys, size: int) -> Path:
+    write_big_safetensors(model_dir / "weights-2.safetensors", size)
+    bundle = tmp_path / "bigbundle"
+    assert cli("pack", model_dir, "--out", bundle, "--name", "tiny", "--version", "5").code == 0
+    assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
+    return bundle
+
+
+def test_export_checks_free_space_before_writing(cli, model_dir, tmp_path, keys, small_disk):
+    bundle = bundle_with_big_file(cli, model_dir, tmp_path, keys, 1024 * 1024)
+    result = cli("export", bundle, "--to", small_disk)
+    assert result.code == 3 and "bytes free but the export of tiny-v5 needs" in result.err
+    assert list(small_disk.iterdir()) == []
+
+
+def test_import_checks_free_space_before_reassembling(cli, model_dir, tmp_path, keys, small_disk):
+    out = export(cli, bundle_with_big_file(cli, model_dir, tmp_path, keys, 1024 * 1024), tmp_path / "out", "--volume-size", "4M")
+    store = small_disk / "store"
+    assert cli("trust", "add", keys / "alice.pub", "--store", store).code == 0
+    before = store_snapshot(store)
+    result = cli("import", out, "--store", store)
+    assert result.code == 3 and "bytes free but importing tiny v5 needs" in result.err
+    assert store_snapshot(store) == before and staged_bundles(store) == []
+
+
+def test_disk_filling_up_during_reassembly(cli, model_dir, tmp_path, keys, small_disk):
+    out = export(cli, bundle_with_big_file(cli, model_dir, tmp_path, keys, 300 * 1024), tmp_path / "out", "--volume-size", "4M")
+    store = small_disk / "store"
+    assert cli("trust", "add", keys / "alice.pub", "--store", store).code == 0
+    (store / "tmp").mkdir()
+    needed = json.loads((out / "tiny-v5.index.json").read_text())["bundle"]["size"]
+    filler = small_disk / "filler"
+    room = needed + 8192  # passes the free-space check, but the many small files each take a whole page
+    filler.write_bytes(b"\0" * ((shutil.disk_usage(small_disk).free - room) // 4096 * 4096))
+    before = store_snapshot(store)
+    result = cli("import", out, "--store", store)
+    assert result.code == 3 and "No space left on device (the store's disk is full" in result.err, result.err
+    assert "cannot write" in result.err and "into the store's staging directory" in result.err
+    assert store_snapshot(store) == before and staged_bundles(store) == []
+    filler.unlink()
+    again = cli("import", out, "--store", store)
+    assert again.code == 0, again.err
