@@ -6,6 +6,7 @@ Both stay flat in memory (a few 4 MiB chunks in flight) whatever the size of the
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,9 +14,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sovpack.errors import Failure, Refused
-from sovpack.hashing import Digester
 from sovpack.progress import Progress
-from sovpack.volumes import PIECE_SIZE, ExportIndex, VolumeEntry, volume_name
+from sovpack.volumes import ExportIndex, VolumeEntry, volume_name
 
 COPY_SIZE = 4 * 1024 * 1024
 
@@ -36,7 +36,7 @@ class VolumeWriter:
         self.written: list[Path] = []  # every file this writer created, for cleanup on failure
         self._file: BinaryIO | None = None
         self._filled = 0
-        self._digester: Digester | None = None
+        self._sha256 = hashlib.sha256()
         self._position = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-write")
         self._pending: deque[Future] = deque()
@@ -65,7 +65,7 @@ class VolumeWriter:
             take = min(len(view), self.volume_size - self._filled)
             piece = view[:take]
             self._pending.append(self._pool.submit(_write_all, self._file, piece))
-            self._digester.update(piece)
+            self._sha256.update(piece)  # while the writer thread writes the previous chunks
             self._filled += take
             view = view[take:]
             while len(self._pending) > self.IN_FLIGHT:
@@ -84,7 +84,7 @@ class VolumeWriter:
         except OSError as e:
             raise Failure(f"cannot create volume {path}: {e.strerror}") from None
         self._filled = 0
-        self._digester = Digester(PIECE_SIZE)
+        self._sha256 = hashlib.sha256()
 
     def _wait(self, future: Future) -> None:
         try:
@@ -103,8 +103,7 @@ class VolumeWriter:
             raise Failure(f"cannot flush volume {self.written[-1].name} to {self.directory}: {e.strerror}") from None
         finally:
             self._file.close()
-        digest = self._digester.finish()
-        self.volumes.append(VolumeEntry(self.written[-1].name, digest.size, digest.sha256, digest.shards))
+        self.volumes.append(VolumeEntry(self.written[-1].name, self._filled, self._sha256.hexdigest()))
         self._file = None
 
     def close(self) -> list[VolumeEntry]:

@@ -6,22 +6,24 @@ An export of bundle NAME version V is, in one directory (docs/transfer.md):
     NAME-vV.index.json              the bundle's identity and, per volume, its size and SHA-256
     NAME-vV.index.sig               optional: model-signing signature over the index and the volumes
 
-Each volume is checked on its own against the index (whole-volume SHA-256 for operators and
-`sha256sum`, plus one SHA-256 per 64 MiB piece so that checking uses every core), before
-anything is reassembled. Volumes and indexes come from untrusted media: every field is
+Each volume is checked on its own against its size and SHA-256 in the index (what `sha256sum`
+prints), several volumes at once, before anything is reassembled. Volumes and indexes come from untrusted media: every field is
 validated, and the bundle's own signatures, checked after reassembly, are what decide.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sovpack.bundle import write_atomically
 from sovpack.errors import Refused, UsageError
-from sovpack.hashing import ShardJob, check_shards, sha256_bytes
+from sovpack.hashing import READ_SIZE, cpu_count, sha256_bytes
 from sovpack.metadata import check_name
 from sovpack.progress import Progress
 from sovpack.safepath import check_safe_path
@@ -33,7 +35,6 @@ INDEX_FORMAT_VERSION = 1
 INDEX_SUFFIX = ".index.json"
 INDEX_SIGNATURE_SUFFIX = ".index.sig"
 MAX_INDEX_BYTES = 64 * 1024 * 1024
-PIECE_SIZE = 64 * 1024 * 1024
 DEFAULT_VOLUME_SIZE = 4095 * 1024 * 1024  # just under FAT32's 4 GiB - 1 byte file size limit
 MIN_VOLUME_SIZE = 4096
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -110,10 +111,9 @@ class VolumeEntry:
     file: str
     size: int
     sha256: str
-    pieces: tuple[str, ...]  # SHA-256 of each PIECE_SIZE piece, so a volume is checked on all cores
 
     def to_json(self) -> dict:
-        return {"file": self.file, "size": self.size, "sha256": self.sha256, "pieces": list(self.pieces)}
+        return {"file": self.file, "size": self.size, "sha256": self.sha256}
 
 
 @dataclass
@@ -135,7 +135,7 @@ class ExportIndex:
             "created": self.created,
             "created_by": self.created_by,
             "bundle": self.bundle.to_json(),
-            "archive": {"format": "posix tar (pax)", "top": self.bundle.stem, "size": self.archive_size, "piece_size": PIECE_SIZE},
+            "archive": {"format": "posix tar (pax)", "top": self.bundle.stem, "size": self.archive_size},
             "volume_size": self.volume_size,
             "volumes": [v.to_json() for v in self.volumes],
             "files": [f.to_json() for f in self.files],
@@ -200,8 +200,8 @@ def parse_index(raw: bytes, source: str) -> ExportIndex:
             raise Refused(f"{source}: volume {number} is named {v.file!r}, expected {volume_name(bundle.stem, number)!r}")
     archive = _Fields(top.get("archive", dict), "archive", source)
     archive_size = archive.count("size")
-    if archive.count("piece_size") != PIECE_SIZE or archive_size != sum(v.size for v in volumes):
-        raise Refused(f"{source}: the archive size or piece size does not match its volumes")
+    if archive_size != sum(v.size for v in volumes):
+        raise Refused(f"{source}: the archive size {archive_size} is not the sum of its volumes' sizes")
     return ExportIndex(
         bundle=bundle,
         archive_size=archive_size,
@@ -217,10 +217,7 @@ def parse_index(raw: bytes, source: str) -> ExportIndex:
 
 def _parse_volume(data: object, i: int, source: str) -> VolumeEntry:
     v = _Fields(data, f"volumes[{i}]", source)
-    size, pieces = v.count("size"), v.get("pieces", list)
-    if len(pieces) != max(1, -(-size // PIECE_SIZE)) or not all(isinstance(p, str) and _HEX64.match(p) for p in pieces):
-        raise Refused(f"{source}: volumes[{i}] has {len(pieces)} piece digests, expected {max(1, -(-size // PIECE_SIZE))} valid ones")
-    return VolumeEntry(v.get("file", str), size, v.digest("sha256"), tuple(pieces))
+    return VolumeEntry(v.get("file", str), v.count("size"), v.digest("sha256"))
 
 
 def _parse_file(data: object, where: str, source: str) -> FileRef:
@@ -375,18 +372,27 @@ def check_volumes(
     journal: CheckJournal | None = None,
     progress: Progress | None = None,
 ) -> VolumeReport:
-    """Check every volume against the index on its own (all cores per volume), before any reassembly."""
+    """Check every volume against the index on its own, several at once, before any reassembly."""
     progress = progress or Progress()
     index, raw = read_index(index_path)
     directory = index_path.parent
     signature = check_index_signature(directory, index, raw, policy)
     to_read = [v for v in index.volumes if not (journal and (directory / v.file).is_file() and journal.seen(directory / v.file, v.sha256))]
     progress.phase("checking volumes", sum(v.size for v in to_read))
+    journal_lock = threading.Lock()
+
+    def check(entry: VolumeEntry) -> VolumeStatus:
+        status = _check_volume(directory / entry.file, entry, journal, progress)
+        if journal and status.state == "ok":
+            with journal_lock:
+                journal.record(directory / entry.file, entry.sha256)
+        return status
+
     statuses = []
-    for v in index.volumes:
-        status = _check_volume(directory / v.file, v, journal, progress)
-        progress.volume(status)
-        statuses.append(status)
+    with ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="check-volume") as pool:
+        for status in pool.map(check, index.volumes):  # in volume order, as each is known
+            progress.volume(status)
+            statuses.append(status)
     return VolumeReport(index_path, index, signature, statuses, foreign_files(directory, index))
 
 
@@ -398,22 +404,24 @@ def _check_volume(path: Path, entry: VolumeEntry, journal: CheckJournal | None, 
     size = path.stat().st_size
     if size != entry.size:
         return VolumeStatus(entry.file, "damaged", f"{size} bytes, the index says {entry.size}")
-    jobs = [
-        ShardJob(entry.file, path, i, i * PIECE_SIZE, min(PIECE_SIZE, entry.size - i * PIECE_SIZE), expected)
-        for i, expected in enumerate(entry.pieces)
-    ]
     try:
-        mismatches = check_shards(jobs, on_progress=progress.advance)
+        actual = _sha256_with_progress(path, progress)
     except OSError as e:
         return VolumeStatus(entry.file, "damaged", f"unreadable: {e.strerror or e}")
-    if mismatches:
-        first = mismatches[0]
-        end = min(first.offset + PIECE_SIZE, entry.size)
-        return VolumeStatus(entry.file, "damaged", f"SHA-256 differs from the index in bytes {first.offset}-{end - 1}"
-                            + (f" and {len(mismatches) - 1} more piece(s)" if len(mismatches) > 1 else ""))  # fmt: skip
-    if journal:
-        journal.record(path, entry.sha256)
+    if actual != entry.sha256:
+        return VolumeStatus(entry.file, "damaged", f"its SHA-256 is {actual}, the index says {entry.sha256}")
     return VolumeStatus(entry.file, "ok")
+
+
+def _sha256_with_progress(path: Path, progress: Progress) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(READ_SIZE)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+            progress.advance(n)
+    return digest.hexdigest()
 
 
 def foreign_files(directory: Path, index: ExportIndex) -> list[str]:

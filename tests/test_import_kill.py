@@ -93,7 +93,9 @@ def test_kill_before_install_leaves_the_store_unchanged_and_a_rerun_completes(bi
     again = sovpack("import", out, "--store", store)
     assert again.returncode == 0, again.stderr
     assert b"INSTALLED big v1" in again.stdout
-    assert b"big-v1.001  OK  intact in an earlier run and unchanged since: not read again" in again.stdout
+    reused = again.stdout.count(b"OK  intact in an earlier run and unchanged since: not read again")
+    volumes = -(-SIZE // VOLUME)
+    assert reused >= 1 if phase is checking else reused >= volumes  # killed mid-check: those checked so far
     if phase is verifying:
         assert b"reassembled in an earlier run" in again.stdout
     assert list((store / "tmp").iterdir()) == []
