@@ -155,7 +155,7 @@ class Store:
     def find(self, spec: str) -> InstalledBundle:
         """NAME (the highest installed version) or NAME@VERSION."""
         name, _, version = spec.partition("@")
-        candidates = self.installed(check_name(name))
+        candidates = self.installed(_name_from_command_line(name, spec))
         if version:
             candidates = [b for b in candidates if str(b.version) == version]
         if not candidates:
@@ -246,7 +246,7 @@ class Store:
     def remove(self, spec: str) -> InstalledBundle:
         """Remove NAME@VERSION (or NAME when one version is installed); the rollback mark stays."""
         name, _, version = spec.partition("@")
-        candidates = [b for b in self.installed(check_name(name)) if not version or str(b.version) == version]
+        candidates = [b for b in self.installed(_name_from_command_line(name, spec)) if not version or str(b.version) == version]
         if not candidates:
             raise UsageError(f"{spec} is not installed in the store at {self.root} (see `sovpack list`)")
         if len(candidates) > 1:
@@ -282,6 +282,13 @@ class Store:
                     deleted += 1
                     _remove_empty(obj.parent)
         return deleted
+
+
+def _name_from_command_line(name: str, spec: str) -> str:
+    try:
+        return check_name(name)
+    except Refused:
+        raise UsageError(f"{spec!r} is not NAME or NAME@VERSION of an installed bundle (see `sovpack list`)") from None
 
 
 def installed_summary(store: Store, bundle: InstalledBundle) -> dict:

@@ -139,6 +139,8 @@ def test_remove_keeps_the_rollback_mark_and_deletes_unshared_files(cli, signed_b
 def test_remove_what_is_not_installed(cli, store):
     result = cli("remove", "ghost@1", "--store", store)
     assert result.code == 2 and "not installed" in result.err
+    assert cli("remove", "no such name", "--store", store).code == 2
+    assert cli("verify", "no such name", "--store", store).code == 2
 
 
 # verify NAME
