@@ -16,6 +16,3 @@ class Progress:
 
     def volume(self, status: Any) -> None:
         """One volume has been checked."""
-
-    def note(self, message: str) -> None:
-        """Something the operator should read."""

@@ -58,11 +58,6 @@ class TerminalProgress(Progress):
         detail = f"  {escape(status.detail)}" if status.detail else ""
         self.out.print(f"  {escape(status.file)}  [{colour}]{label}[/]{detail}")
 
-    def note(self, message: str) -> None:
-        from rich.markup import escape
-
-        self.out.print(f"[yellow]warning:[/] {escape(message)}")
-
 
 def _policy(trust: Optional[list[Path]], threshold: Optional[int], store, *, required: bool = True):
     from sovpack.trust import load_trust
