@@ -56,7 +56,7 @@ class TerminalProgress(Progress):
         colour = {"ok": "green", "reused": "green", "damaged": "bold red", "missing": "bold red"}[status.state]
         label = "OK" if status.state == "reused" else status.state.upper()
         detail = f"  {escape(status.detail)}" if status.detail else ""
-        self.out.print(f"  {escape(status.file)}  [{colour}]{label}[/]{detail}")
+        self.out.print(f"  {escape(status.file)}  [{colour}]{label}[/]{detail}", soft_wrap=True)
 
 
 def _policy(trust: Optional[list[Path]], threshold: Optional[int], store, *, required: bool = True):
@@ -114,7 +114,7 @@ def _render_export(result, out) -> None:
     for warning in result.warnings:
         out.print(f"[yellow]warning:[/] {escape(warning)}")
     for v in result.volumes:
-        out.print(f"  {escape(v.file)}  {human_size(v.size):>10}  sha256 {v.sha256}")
+        out.print(f"  {escape(v.file)}  {human_size(v.size):>10}  sha256 {v.sha256}", soft_wrap=True)
     for f in result.left_out:
         out.print(f"  left out (the secure side holds it): {escape(f.path)} ({human_size(f.size)})")
     where = f"{len(result.volumes)} volume(s) + {escape(result.index_path.name)}" if result.index_path else "one stream"
@@ -170,7 +170,7 @@ def _render_volume_summary(report) -> None:
     if report.ok:
         console.print(f"[bold green]OK[/] all {len(report.volumes)} volume(s) of {escape(report.index.bundle.label)} are intact")
     else:
-        console.print(f"[bold red]DAMAGED[/] {escape(report.failure_message())}")
+        console.print(f"[bold red]DAMAGED[/] {escape(report.failure_message())}", soft_wrap=True)
 
 
 @app.command("import")
