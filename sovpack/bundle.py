@@ -46,7 +46,7 @@ def read_metadata(root: Path) -> BundleMetadata:
 def scan_tree(root: Path) -> Tree:
     """Every entry under `root`, refusing symlinks, device files and unsafe names."""
     files, signatures = [], []
-    for rel, entry in _walk(root, ""):
+    for rel in _walk(root, ""):
         if rel.split("/")[0] == SIGNATURES_DIR:
             if "/" in rel[len(SIGNATURES_DIR) + 1 :] or not rel.endswith(SIGNATURE_SUFFIX):
                 raise Refused(f"{rel} does not belong in {SIGNATURES_DIR}/, which holds only *{SIGNATURE_SUFFIX} files")
@@ -72,7 +72,7 @@ def _walk(root: Path, prefix: str):
         if stat.S_ISDIR(mode):
             yield from _walk(root, rel + "/")
         elif stat.S_ISREG(mode):
-            yield rel, entry
+            yield rel
         else:
             raise Refused(f"{rel} is a device, socket or pipe; bundles may hold only regular files")
 

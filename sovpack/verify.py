@@ -15,7 +15,7 @@ from pathlib import Path
 from sovpack.bundle import Tree, read_metadata_bytes, scan_tree
 from sovpack.errors import Refused, SovpackError
 from sovpack.formats import inspect_file
-from sovpack.hashing import check_shards, sha256_bytes, shard_jobs, FileDigest
+from sovpack.hashing import FileDigest, check_shards, sha256_bytes, shard_jobs
 from sovpack.metadata import METADATA_FILE, BundleMetadata, format_time, parse_metadata
 from sovpack.signature import MAX_SIGNATURE_BYTES, SignatureFile, Statement, parse_signature, parse_statement
 from sovpack.trust import TrustedKey, TrustPolicy
