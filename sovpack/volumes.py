@@ -28,6 +28,7 @@ from sovpack.metadata import check_name
 from sovpack.progress import Progress
 from sovpack.safepath import check_safe_path
 from sovpack.signature import MAX_SIGNATURE_BYTES, build_statement, parse_signature, parse_statement, sign_statement
+from sovpack.sizes import parse_size
 from sovpack.trust import TrustPolicy
 
 INDEX_FORMAT = "sovpack-export"
@@ -39,21 +40,11 @@ DEFAULT_VOLUME_SIZE = 4095 * 1024 * 1024  # just under FAT32's 4 GiB - 1 byte fi
 MIN_VOLUME_SIZE = 4096
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _VOLUME_NAME = re.compile(r"^(?P<stem>.+)\.(?P<number>[0-9]{3,})$")
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
 
 def parse_volume_size(text: str) -> int:
     """`4G`, `700M`, `4.7G` (decimal, as media are labelled), `4GiB`/`512Mi` (binary), or bytes."""
-    match = _SIZE.match(text)
-    if not match:
-        raise UsageError(f"--volume-size {text!r}: give bytes or a size like 700M, 4G, 4.7G or 4095MiB")
-    number, unit, binary = float(match[1]), match[2].upper(), bool(match[3])
-    if unit:
-        size = int(number * (1024 if binary else 1000) ** ("KMGT".index(unit) + 1))
-    elif binary or not number.is_integer():
-        raise UsageError(f"--volume-size {text!r}: a size without a unit is a whole number of bytes")
-    else:
-        size = int(number)
+    size = parse_size(text, "--volume-size")
     if size < MIN_VOLUME_SIZE:
         raise UsageError(f"--volume-size {text!r} is below the minimum of {MIN_VOLUME_SIZE} bytes")
     return size
