@@ -30,7 +30,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per slot (default: (cores - 1) / --parallel, at least 1)."),
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allowed browser origin, e.g. https://chat.example.mil; repeat. None by default."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Largest max_tokens a request may ask for (default: the context size)."),
-    max_request_size: str = typer.Option("1M", "--max-request-size", help="Largest request body (413 beyond it), e.g. 1M, 256K."),
+    max_request_size: str = typer.Option("1M", "--max-request-size", help="Largest request body (413 beyond it): bytes, or 1M, 256K, 2MiB."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait for a slot; more get 503 with Retry-After."),
     shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", help="Seconds in-flight requests get to finish on SIGTERM/SIGINT."),
     access_log: Optional[Path] = typer.Option(None, "--access-log", help="JSON-lines access log (default STORE/logs/access.jsonl)."),
@@ -43,14 +43,15 @@ def serve(
     non-loopback --host without --api-key-file, a missing TLS file); 3 other failures (port in
     use, missing `serve` extra, audit log not writable).
     """
-    from sovpack.server.options import ServeOptions, parse_size
+    from sovpack.server.options import ServeOptions
     from sovpack.server.runner import serve as run_server
+    from sovpack.sizes import parse_size
 
     options = ServeOptions(
         target=target, variant=variant, store=store, trust=tuple(trust), threshold=threshold, host=host, port=port,
         api_key_file=api_key_file, tls_cert=tls_cert, tls_key=tls_key, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
         parallel=parallel, threads=threads, cors_origins=tuple(cors_origin), max_tokens=max_tokens,
-        max_request_bytes=parse_size(max_request_size), max_queue=max_queue, shutdown_timeout=shutdown_timeout,
+        max_request_bytes=parse_size(max_request_size, "--max-request-size"), max_queue=max_queue, shutdown_timeout=shutdown_timeout,
         access_log=access_log, log_prompts=log_prompts, full_verify=full_verify,
     )  # fmt: skip
     raise typer.Exit(run_server(options, _say))

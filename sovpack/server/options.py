@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from sovpack.errors import UsageError
 
-MIB = 1024 * 1024
 DEFAULT_CTX = 4096
 
 
@@ -30,7 +28,7 @@ class ServeOptions:
     threads: int | None = None  # per slot; default: default_threads(parallel)
     cors_origins: tuple[str, ...] = ()
     max_tokens: int | None = None  # upper limit on a request's max_tokens; default: the context size
-    max_request_bytes: int = MIB
+    max_request_bytes: int = 1_000_000
     max_queue: int = 16
     shutdown_timeout: float = 30.0
     access_log: Path | None = None  # default: STORE/logs/access.jsonl
@@ -79,14 +77,6 @@ def parse_gpu_layers(text: str) -> int | None:
     if value < -1:
         raise UsageError(f"--n-gpu-layers {value}: give auto, a number of layers, or -1 for all")
     return value
-
-
-def parse_size(text: str) -> int:
-    """`1048576`, `512K`, `1M`, `2MiB` -> bytes (K and M are powers of 1024)."""
-    match = re.fullmatch(r"(\d{1,12})\s*([KM]?)(I?B)?", text.strip().upper())
-    if not match:
-        raise UsageError(f"size {text!r}: give bytes, or a number with K or M (1M = 1 MiB)")
-    return int(match.group(1)) * {"": 1, "K": 1024, "M": MIB}[match.group(2)]
 
 
 def _at_least(flag: str, value: int, minimum: int) -> None:
