@@ -139,7 +139,10 @@ def _unverified_choice(target: ServeTarget, variant: str | None, now: datetime |
 
 def _checked_template(root: Path, choice: GgufChoice) -> str | None:
     signed = (choice.entry.details or {}).get("chat_template_sha256")
-    template = read_chat_template(root / choice.entry.path)
+    try:
+        template = read_chat_template(root / choice.entry.path)
+    except Exception as e:  # the header was valid moments ago: the file changed under us
+        raise StepFailed("formats", f"{choice.entry.path}: cannot read its chat template ({type(e).__name__})", choice.entry.path) from None
     actual = hashlib.sha256(template.encode()).hexdigest() if template is not None else None
     if actual != signed:
         raise StepFailed(
