@@ -181,6 +181,9 @@ def check_digests(
 ) -> int:
     """Sizes first (cheap), then every shard on all cores. Returns the bytes checked."""
     wanted = None if paths is None else set(paths)
+    unlisted = sorted((wanted or set()) - {f.path for f in metadata.files})
+    if unlisted:
+        raise StepFailed("digests", f"{_list(unlisted)} not listed in the inventory ({METADATA_FILE})", unlisted[0])
     entries = [f for f in metadata.files if wanted is None or f.path in wanted]
     for f in entries:
         size = (root / f.path).stat().st_size

@@ -368,7 +368,8 @@ def test_unsigned_bundle(cli, tmp_path, model_dir, keys):
 
 def test_expired_bundle(cli, tmp_path, model_dir, keys):
     bundle = tmp_path / "b"
-    assert cli("pack", model_dir, "--out", bundle, "--name", "old", "--expires", "2020-01-01").code == 0
+    packed = cli("pack", model_dir, "--out", bundle, "--name", "old", "--expires", "2020-01-01")
+    assert packed.code == 0 and "warning: this bundle expired on 2020-01-01T00:00:00Z" in packed.out
     assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
     assert "bundle old v1 expired on 2020-01-01T00:00:00Z" in refused(cli, bundle, keys / "alice.pub")
 
@@ -478,3 +479,12 @@ def test_case_only_collisions_are_refused(tmp_path, cli):
     (src / "readme.md").write_text("b")
     result = cli("pack", src, "--out", tmp_path / "b", "--name", "x")
     assert result.code == 1 and "README.md and readme.md" in result.err and "FAT32" in result.err
+
+
+def test_checking_an_unlisted_path_is_refused(signed_bundle, keys):
+    from sovpack.trust import load_trust
+    from sovpack.verify import verify_bundle
+
+    report = verify_bundle(signed_bundle, load_trust([keys / "alice.pub"]), paths=["not-there.gguf"])
+    assert not report.ok and "not-there.gguf not listed in the inventory" in str(report.failure)
+    assert verify_bundle(signed_bundle, load_trust([keys / "alice.pub"]), paths=["gguf/tiny-F32.gguf"]).ok

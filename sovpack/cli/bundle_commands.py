@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from sovpack.cli import app
-from sovpack.cli.render import console, human_size, print_json
+from sovpack.cli.render import console, human_size, print_json, warn_if_expired
 from sovpack.errors import UsageError
 
 TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for several."
@@ -59,6 +59,7 @@ def pack(
     metadata, skipped = pack_bundle(src, out, name, version=version, expires=parse_expiry(expires, now), now=now)
     for s in skipped:
         console.print(f"skipped {s} (git metadata)")
+    warn_if_expired(metadata)
     total = sum(f.size for f in metadata.files)
     console.print(f"packed {metadata.name} v{metadata.version}: {len(metadata.files)} files, {human_size(total)} -> {out}")
     console.print(f"next: sovpack sign {out} --key KEYFILE")

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from sovpack.cli import app
-from sovpack.cli.render import console, human_size
+from sovpack.cli.render import console, human_size, warn_if_expired
 from sovpack.errors import UsageError
 
 
@@ -53,6 +53,7 @@ def fetch(
     Tokens for gated or private repositories come from HF_TOKEN. Re-running an interrupted fetch continues
     where it stopped. Details: docs/fetch.md.
     """
+    from sovpack.bundle import read_metadata
     from sovpack.fetch import fetch as run_fetch
     from sovpack.fetch_spec import load_spec, request_from_args, with_overrides
 
@@ -76,6 +77,7 @@ def fetch(
         view.dry_run_summary(result)
     else:
         view.summary(result)
+        warn_if_expired(read_metadata(out))
 
 
 class FetchView:  # implements sovpack.fetch.FetchEvents

@@ -20,3 +20,13 @@ def print_error(message: str) -> None:
 
 def print_json(document: object) -> None:
     sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
+
+def warn_if_expired(metadata) -> None:
+    """A bundle written already expired is almost always a typo in --expires."""
+    from datetime import datetime, timezone
+
+    from sovpack.metadata import format_time
+
+    if metadata.is_expired(datetime.now(timezone.utc)):
+        console.print(f"[yellow]warning:[/] this bundle expired on {format_time(metadata.expires)}: verify and import will refuse it")

@@ -245,7 +245,8 @@ def _split_info(metadata: dict[str, _Value]) -> dict | None:
     return {"index": number.value if number else None, "count": count.value}
 
 
-def _parse(path: Path, buf: mmap.mmap) -> dict:
+def _read(buf: mmap.mmap) -> tuple[int, dict[str, _Value], list[_Tensor]]:
+    """Header, metadata and tensor table, every bound checked; raises ValueError/_Truncated."""
     cur = _Cursor(buf)
     if buf[:4] != MAGIC:
         raise ValueError(f"not a GGUF file: starts with {bytes(buf[:4])!r}, expected b'GGUF'")
@@ -263,30 +264,31 @@ def _parse(path: Path, buf: mmap.mmap) -> dict:
         raise ValueError(f"general.alignment {alignment!r} is not a power of two up to 65536")
     data_start = -(-cur.pos // alignment) * alignment
     _check_layout(tensors, data_start, len(buf), alignment)
-    return _summary(version, metadata, tensors)
+    return version, metadata, tensors
 
 
-def inspect_gguf(path: Path) -> dict:
-    """Validate a GGUF file's header and tensor table; return what a verifier records."""
+def _validated(path: Path) -> tuple[int, dict[str, _Value], list[_Tensor]]:
+    """Read and validate a GGUF file; every problem becomes a FormatError naming it."""
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         if size < 24:
             raise FormatError(path, f"GGUF file is {size} bytes, too short for a GGUF header")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
-                return _parse(path, buf)
+                return _read(buf)
             except _Truncated as e:
                 raise FormatError(path, f"malformed GGUF: the header runs past the end of the file (at byte {e.args[0]})") from None
             except (ValueError, OverflowError, struct.error) as e:
                 raise FormatError(path, f"malformed GGUF: {e}") from None
 
 
+def inspect_gguf(path: Path) -> dict:
+    """Validate a GGUF file's header and tensor table; return what a verifier records."""
+    return _summary(*_validated(path))
+
+
 def read_chat_template(path: Path) -> str | None:
-    """The default chat template text, for serving exactly what was signed."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        cur = _Cursor(buf)
-        cur.take(8)
-        cur.u64()
-        metadata = _read_metadata(cur, cur.u64())
+    """The default chat template text, for serving exactly what was signed (the file is validated again)."""
+    _, metadata, _ = _validated(path)
     value = metadata.get("tokenizer.chat_template")
     return value.value if value is not None and isinstance(value.value, str) else None

@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sovpack.bundle import read_metadata
-from sovpack.errors import Refused
+from sovpack.errors import FormatError, Refused
 from sovpack.formats.gguf import read_chat_template
 from sovpack.metadata import BundleMetadata
 from sovpack.server.fingerprint import Fingerprint, VerificationRecords, describe_change
@@ -141,8 +141,10 @@ def _checked_template(root: Path, choice: GgufChoice) -> str | None:
     signed = (choice.entry.details or {}).get("chat_template_sha256")
     try:
         template = read_chat_template(root / choice.entry.path)
-    except Exception as e:  # the header was valid moments ago: the file changed under us
-        raise StepFailed("formats", f"{choice.entry.path}: cannot read its chat template ({type(e).__name__})", choice.entry.path) from None
+    except FormatError as e:  # the header was valid moments ago: the file changed under us
+        raise StepFailed("formats", f"{choice.entry.path}: cannot read its chat template: {e.detail}", choice.entry.path) from None
+    except OSError as e:
+        raise StepFailed("formats", f"{choice.entry.path}: cannot read its chat template: {e.strerror}", choice.entry.path) from None
     actual = hashlib.sha256(template.encode()).hexdigest() if template is not None else None
     if actual != signed:
         raise StepFailed(
