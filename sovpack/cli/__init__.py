@@ -6,6 +6,7 @@ commands that need them so that `sovpack --help` and `sovpack verify` start fast
 
 from __future__ import annotations
 
+import importlib
 import signal
 
 import typer
@@ -37,12 +38,11 @@ def _root(
     pass
 
 
-from sovpack.cli import bundle_commands  # noqa: E402,F401  (registers commands)
-from sovpack.cli import fetch_commands  # noqa: E402,F401  (registers fetch)
-from sovpack.cli import transfer_commands  # noqa: E402,F401  (registers export, check-volumes, import)
-from sovpack.cli import store_commands  # noqa: E402,F401  (registers list, remove, trust, audit)
-from sovpack.cli import serve_commands  # noqa: E402,F401  (registers serve)
-from sovpack.cli import quantize_commands  # noqa: E402,F401  (registers quantize)
+# Each module registers its commands on `app`; this order is the order of `sovpack --help`:
+# the trip from the Hub to the server.
+COMMAND_MODULES = ("bundle_commands", "fetch_commands", "quantize_commands", "transfer_commands", "store_commands", "serve_commands")
+for _module in COMMAND_MODULES:
+    importlib.import_module(f"sovpack.cli.{_module}")
 
 
 class Interrupted(SovpackError):
