@@ -34,7 +34,7 @@ from importlib.util import find_spec
 from pathlib import Path, PurePosixPath
 
 from sovpack import __version__
-from sovpack.bundle import read_metadata, require_bundle_dir, scan_tree, write_metadata
+from sovpack.bundle import fsync_dir, read_metadata, require_bundle_dir, scan_tree, write_metadata
 from sovpack.errors import Failure, Refused, UsageError
 from sovpack.formats import inspect_file
 from sovpack.formats.gguf import FILE_TYPES, UNQUANTIZED_FILE_TYPES
@@ -500,7 +500,7 @@ class WorkDir:
                     os.replace(b.partial, target)
                 write_metadata(self.root, metadata)
                 for directory in {(self.root / b.entry.path).parent for b in built} | {self.root}:
-                    _fsync_dir(directory)
+                    fsync_dir(directory)
         except BaseException:
             self._roll_back(journal_path)
             raise
@@ -533,9 +533,3 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

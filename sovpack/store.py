@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sovpack.audit import AuditLog
-from sovpack.bundle import write_atomically
+from sovpack.bundle import fsync_dir, write_atomically
 from sovpack.errors import Refused, UsageError
 from sovpack.keys import public_pem
 from sovpack.metadata import METADATA_FILE, BundleMetadata, check_name, parse_metadata
@@ -179,7 +179,6 @@ class Store:
             self.versions_path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(self.versions_path, json.dumps(versions, indent=2, sort_keys=True).encode())
 
-
     # installing and removing
 
     @contextmanager
@@ -215,7 +214,7 @@ class Store:
                 raise Refused(f"{name} v{version} is already installed in {self.root}; remove it first (`sovpack remove {name}@{version}`)")
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging, target)
-            _fsync_directory(target.parent)
+            fsync_dir(target.parent)
         return target
 
     def complete_install(self, installed: InstalledBundle, record: dict | None = None) -> InstalledBundle:
@@ -326,14 +325,6 @@ def _files(root: Path) -> Iterator[Path]:
     for directory, _, files in os.walk(root):
         for name in files:
             yield Path(directory, name)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_empty(directory: Path) -> None:

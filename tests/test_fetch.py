@@ -35,26 +35,10 @@ HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 
 @pytest.fixture(autouse=True)
-def hf_home(tmp_path, monkeypatch):
-    """huggingface_hub reads its settings at import: patch the environment and its constants (see test_hubserver)."""
-    home = tmp_path / "hf_home"
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN_PATH", "HF_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    for name, value in {
-        "HF_HOME": home,
-        "HF_HUB_CACHE": home / "hub",
-        "HF_ASSETS_CACHE": home / "assets",
-        "HF_XET_CACHE": home / "xet",
-        "HF_TOKEN_PATH": home / "token",
-        "HF_STORED_TOKENS_PATH": home / "stored_tokens",
-    }.items():
-        monkeypatch.setattr(constants, name, str(value))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(sovpack.hub, "RETRY_WAIT", 0.0)  # retries without sleeping
-    return home
+def fast_retries(hf_home, monkeypatch):
+    """Every test runs against an isolated huggingface_hub home (conftest) and retries without sleeping."""
+    monkeypatch.setattr(sovpack.hub, "RETRY_WAIT", 0.0)
+    return hf_home
 
 
 @pytest.fixture

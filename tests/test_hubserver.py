@@ -45,30 +45,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture(autouse=True)
-def hf_home(tmp_path, monkeypatch):
-    """Keep the client away from the user's cache and token.
-
-    huggingface_hub reads its environment once, at import: set the variables for subprocesses *and* the
-    already-computed module constants.
-    """
-    home = tmp_path / "hf_home"
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    for name, value in {
-        "HF_HOME": home,
-        "HF_HUB_CACHE": home / "hub",
-        "HF_ASSETS_CACHE": home / "assets",
-        "HF_XET_CACHE": home / "xet",
-        "HF_TOKEN_PATH": home / "token",
-        "HF_STORED_TOKENS_PATH": home / "stored_tokens",
-    }.items():
-        monkeypatch.setattr(constants, name, str(value))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    return home
+pytestmark = pytest.mark.usefixtures("hf_home")  # an isolated huggingface_hub home (conftest)
 
 
 @pytest.fixture
