@@ -387,22 +387,3 @@ def _left_out_hint(entry: FileEntry, index: ExportIndex) -> str:
         return (f": it was left out of this delta export (made --since {since.get('name')} v{since.get('version')}); "
                 f"import that export first, or export again without --since")  # fmt: skip
     return ""
-
-
-def verify_target(spec: str, store: Store, policy: TrustPolicy | None, threshold: int | None) -> VerifyReport:
-    """`sovpack verify`: a bundle directory, or NAME[@VERSION] installed in the store (audited).
-
-    Without explicit trust (policy None) the store's trusted keys and threshold apply.
-    """
-    from sovpack.bundle import require_bundle_dir
-
-    path = Path(spec)
-    if path.is_dir() or "/" in spec or spec.startswith("."):
-        require_bundle_dir(path)
-        return verify_bundle(path, policy or store.trust_policy(threshold))
-    installed = store.find(spec)
-    report = verify_bundle(installed.path, policy or store.trust_policy(threshold))
-    failure = {"step": report.failure.step, "reason": str(report.failure)} if report.failure else {}
-    store.audit.append("verify", name=installed.name, version=installed.version, ok=report.ok,
-                       signers=[k.name for k in report.signers], **failure)  # fmt: skip
-    return report

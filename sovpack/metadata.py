@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sovpack.errors import Refused, UsageError
+from sovpack.jsonfields import HEX64, JsonFields
 from sovpack.safepath import case_collisions, check_safe_path
 
 FORMAT = "sovpack-bundle"
@@ -18,7 +19,6 @@ SIGNATURES_DIR = "signatures"
 RESERVED_NAMES = (METADATA_FILE, SIGNATURES_DIR)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_METADATA_BYTES = 64 * 1024 * 1024
 
 
@@ -100,34 +100,11 @@ def check_name(name: str, error: type[Exception] = Refused) -> str:
     return name
 
 
-class _Fields:
-    """Typed access to one JSON object of the metadata, with errors naming the field."""
-
-    def __init__(self, data: object, where: str, allowed: set[str]):
-        what = where or "the top level"
-        if not isinstance(data, dict):
-            raise Refused(f"{METADATA_FILE}: {what} must be a JSON object")
-        unknown = set(data) - allowed
-        if unknown:
-            raise Refused(f"{METADATA_FILE}: {what} has unknown field(s) {', '.join(sorted(unknown))}")
-        self.data, self.where = data, where
-
-    def get(self, key: str, kind: type | tuple, *, optional: bool = False):
-        if key not in self.data and optional:
-            return None
-        value = self.data.get(key)
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if not ok and not (optional and value is None):
-            field_name = f"{self.where}.{key}" if self.where else key
-            raise Refused(f"{METADATA_FILE}: field {field_name!r} is missing or not of type {getattr(kind, '__name__', kind)}")
-        return value
-
-
 def _parse_file(data: object, index: int, shard_size: int) -> FileEntry:
-    f = _Fields(data, f"files[{index}]", {"path", "size", "sha256", "shards", "role", "format", "details", "source"})
+    f = JsonFields(data, METADATA_FILE, f"files[{index}]", {"path", "size", "sha256", "shards", "role", "format", "details", "source"})
     path = check_safe_path(f.get("path", str), "file path in " + METADATA_FILE)
     size, sha256, shards = f.get("size", int), f.get("sha256", str), f.get("shards", list)
-    if size < 0 or not _HEX64.match(sha256) or not all(isinstance(s, str) and _HEX64.match(s) for s in shards):
+    if size < 0 or not HEX64.match(sha256) or not all(isinstance(s, str) and HEX64.match(s) for s in shards):
         raise Refused(f"{METADATA_FILE}: entry for {path} has an invalid size or digest")
     if len(shards) != max(1, -(-size // shard_size)):
         raise Refused(f"{METADATA_FILE}: entry for {path} lists {len(shards)} shard digests, expected {max(1, -(-size // shard_size))} for {size} bytes")
@@ -144,7 +121,7 @@ def parse_metadata(raw: bytes) -> BundleMetadata:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise Refused(f"{METADATA_FILE} is not valid JSON: {e}") from None
-    top = _Fields(data, "", {
+    top = JsonFields(data, METADATA_FILE, "", {
         "format", "format_version", "name", "version", "created", "expires", "created_by", "shard_size", "sources", "files",
     })  # fmt: skip
     if top.get("format", str) != FORMAT:

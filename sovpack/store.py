@@ -33,11 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sovpack.audit import AuditLog
-from sovpack.bundle import fsync_dir, write_atomically
+from sovpack.bundle import fsync_dir, require_bundle_dir, write_atomically
 from sovpack.errors import Refused, UsageError
 from sovpack.keys import public_pem
 from sovpack.metadata import METADATA_FILE, BundleMetadata, check_name, parse_metadata
 from sovpack.trust import TrustedKey, TrustPolicy, trusted_key_from_file
+from sovpack.verify import VerifyReport, verify_bundle
 
 STORE_ENV = "SOVPACK_HOME"
 _VERSION_DIR = re.compile(r"^[1-9][0-9]{0,17}$")
@@ -337,3 +338,20 @@ def _remove_empty(directory: Path) -> None:
 def remove_tree(path: Path) -> None:
     """Delete a tree whose files are read-only (its directories are not)."""
     shutil.rmtree(path, ignore_errors=not path.exists())
+
+
+def verify_target(spec: str, store: Store, policy: TrustPolicy | None, threshold: int | None) -> VerifyReport:
+    """`sovpack verify`: a bundle directory, or NAME[@VERSION] installed in the store (audited).
+
+    Without explicit trust (policy None) the store's trusted keys and threshold apply.
+    """
+    path = Path(spec)
+    if path.is_dir() or "/" in spec or spec.startswith("."):
+        require_bundle_dir(path)
+        return verify_bundle(path, policy or store.trust_policy(threshold))
+    installed = store.find(spec)
+    report = verify_bundle(installed.path, policy or store.trust_policy(threshold))
+    failure = {"step": report.failure.step, "reason": str(report.failure)} if report.failure else {}
+    store.audit.append("verify", name=installed.name, version=installed.version, ok=report.ok,
+                       signers=[k.name for k in report.signers], **failure)  # fmt: skip
+    return report

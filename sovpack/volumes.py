@@ -24,6 +24,7 @@ from pathlib import Path
 from sovpack.bundle import write_atomically
 from sovpack.errors import Refused, UsageError
 from sovpack.hashing import READ_SIZE, cpu_count, sha256_bytes
+from sovpack.jsonfields import JsonFields
 from sovpack.metadata import check_name
 from sovpack.progress import Progress
 from sovpack.safepath import check_safe_path
@@ -38,7 +39,6 @@ INDEX_SIGNATURE_SUFFIX = ".index.sig"
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 DEFAULT_VOLUME_SIZE = 4095 * 1024 * 1024  # just under FAT32's 4 GiB - 1 byte file size limit
 MIN_VOLUME_SIZE = 4096
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _VOLUME_NAME = re.compile(r"^(?P<stem>.+)\.(?P<number>[0-9]{3,})$")
 
 
@@ -139,46 +139,17 @@ class ExportIndex:
 # ---- reading an index from untrusted media
 
 
-class _Fields:
-    """Typed access to one JSON object of an index, with errors naming the file and field."""
-
-    def __init__(self, data: object, where: str, source: str):
-        if not isinstance(data, dict):
-            raise Refused(f"{source}: {where} must be a JSON object")
-        self.data, self.where, self.source = data, where, source
-
-    def get(self, key: str, kind: type | tuple, *, optional: bool = False):
-        value = self.data.get(key)
-        if value is None and optional:
-            return None
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise Refused(f"{self.source}: field {self.where}.{key} is missing or not a {getattr(kind, '__name__', kind)}")
-        return value
-
-    def count(self, key: str) -> int:
-        value = self.get(key, int)
-        if value < 0:
-            raise Refused(f"{self.source}: field {self.where}.{key} is negative")
-        return value
-
-    def digest(self, key: str) -> str:
-        value = self.get(key, str)
-        if not _HEX64.match(value):
-            raise Refused(f"{self.source}: field {self.where}.{key} is not a SHA-256 hex digest")
-        return value
-
-
 def parse_index(raw: bytes, source: str) -> ExportIndex:
     """Parse and validate an index file; every problem is a Refused naming `source` and the field."""
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise Refused(f"{source} is not a sovpack export index (invalid JSON: {e})") from None
-    top = _Fields(data, "the top level", source)
+    top = JsonFields(data, source)
     if top.get("format", str) != INDEX_FORMAT or top.get("format_version", int) != INDEX_FORMAT_VERSION:
         raise Refused(f"{source}: format {data.get('format')!r} version {data.get('format_version')!r} is not "
                       f"{INDEX_FORMAT} version {INDEX_FORMAT_VERSION}")  # fmt: skip
-    b = _Fields(top.get("bundle", dict), "bundle", source)
+    b = JsonFields(top.get("bundle", dict), source, "bundle")
     try:
         name = check_name(b.get("name", str))
     except Refused as e:
@@ -189,7 +160,7 @@ def parse_index(raw: bytes, source: str) -> ExportIndex:
     for number, v in enumerate(volumes, start=1):
         if v.file != volume_name(bundle.stem, number):
             raise Refused(f"{source}: volume {number} is named {v.file!r}, expected {volume_name(bundle.stem, number)!r}")
-    archive = _Fields(top.get("archive", dict), "archive", source)
+    archive = JsonFields(top.get("archive", dict), source, "archive")
     archive_size = archive.count("size")
     if archive_size != sum(v.size for v in volumes):
         raise Refused(f"{source}: the archive size {archive_size} is not the sum of its volumes' sizes")
@@ -207,12 +178,12 @@ def parse_index(raw: bytes, source: str) -> ExportIndex:
 
 
 def _parse_volume(data: object, i: int, source: str) -> VolumeEntry:
-    v = _Fields(data, f"volumes[{i}]", source)
+    v = JsonFields(data, source, f"volumes[{i}]")
     return VolumeEntry(v.get("file", str), v.count("size"), v.digest("sha256"))
 
 
 def _parse_file(data: object, where: str, source: str) -> FileRef:
-    f = _Fields(data, where, source)
+    f = JsonFields(data, source, where)
     return FileRef(check_safe_path(f.get("path", str), f"path in {source}"), f.count("size"), f.digest("sha256"))
 
 

@@ -94,8 +94,7 @@ def verify(
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report instead of a table."),
 ) -> None:
     """Check signatures, threshold, metadata, inventory, digests, formats and expiry, in that order."""
-    from sovpack.installer import verify_target
-    from sovpack.store import Store
+    from sovpack.store import Store, verify_target
     from sovpack.trust import load_trust
 
     policy = load_trust(trust, threshold or 1) if trust else None
