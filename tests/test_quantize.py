@@ -20,9 +20,6 @@ from builders import write_gguf, write_llama_gguf
 from sovpack.metadata import METADATA_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed"
-)
 
 
 def _pack(cli, model_dir: Path, bundle: Path, version: int = 1) -> Path:
