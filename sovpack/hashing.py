@@ -3,7 +3,9 @@
 A file's whole-file SHA-256 is what the Hub publishes and what the interoperable
 signature statement carries; it can only be computed in one sequential pass. The shard
 digests (one SHA-256 per `shard_size` piece) let verification spread a single large file
-over every core. Both are produced in one read by `Digester`; `check_shards` verifies.
+over every core. Both are produced in one read by `Digester`; `check_shards` verifies files
+on disk, and `compare_shards` checks digests a `ShardHasher` computed from bytes as they
+streamed past (export and import hash what they write instead of reading it again).
 hashlib releases the GIL on large buffers, so plain threads use all cores.
 """
 
@@ -14,6 +16,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -48,12 +51,19 @@ class FileDigest:
     shards: tuple[str, ...]
 
 
-class Digester:
-    """Whole-file SHA-256 and shard digests of one byte stream, fed in order."""
+@dataclass(frozen=True)
+class ShardDigests:
+    """The shard digests of bytes as they streamed past (no whole-file SHA-256)."""
+
+    size: int
+    shards: tuple[str, ...]
+
+
+class ShardHasher:
+    """One SHA-256 per `shard_size` piece of one byte stream, fed in order."""
 
     def __init__(self, shard_size: int = SHARD_SIZE):
         self.shard_size = shard_size
-        self._whole = hashlib.sha256()
         self._shard = hashlib.sha256()
         self._shard_filled = 0
         self._shards: list[str] = []
@@ -61,16 +71,7 @@ class Digester:
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-        if len(view) >= 1 << 20:
-            pending = _overlap_pool().submit(self._whole.update, view)
-            self._update_shards(view)
-            pending.result()
-        else:
-            self._whole.update(view)
-            self._update_shards(view)
         self.size += len(view)
-
-    def _update_shards(self, view: memoryview) -> None:
         while view:
             take = min(len(view), self.shard_size - self._shard_filled)
             self._shard.update(view[:take])
@@ -84,10 +85,37 @@ class Digester:
         self._shard = hashlib.sha256()
         self._shard_filled = 0
 
-    def finish(self) -> FileDigest:
+    def finish(self) -> ShardDigests:
         if self._shard_filled or not self._shards:
             self._close_shard()
-        return FileDigest(self.size, self._whole.hexdigest(), tuple(self._shards))
+        return ShardDigests(self.size, tuple(self._shards))
+
+
+class Digester:
+    """Whole-file SHA-256 and shard digests of one byte stream, fed in order."""
+
+    def __init__(self, shard_size: int = SHARD_SIZE):
+        self.shard_size = shard_size
+        self._whole = hashlib.sha256()
+        self._shards = ShardHasher(shard_size)
+
+    @property
+    def size(self) -> int:
+        return self._shards.size
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        if len(view) >= 1 << 20:
+            pending = _overlap_pool().submit(self._whole.update, view)
+            self._shards.update(view)
+            pending.result()
+        else:
+            self._whole.update(view)
+            self._shards.update(view)
+
+    def finish(self) -> FileDigest:
+        shards = self._shards.finish()
+        return FileDigest(shards.size, self._whole.hexdigest(), shards.shards)
 
 
 def digest_file(path: Path, shard_size: int = SHARD_SIZE) -> FileDigest:
@@ -177,6 +205,17 @@ def check_shards(
             if result:
                 mismatches.append(result)
     return sorted(mismatches, key=lambda m: (m.path, m.index))
+
+
+def compare_shards(name: str, expected: FileDigest, found: ShardDigests, shard_size: int) -> ShardMismatch | None:
+    """The first shard where bytes hashed as they streamed past differ from the expected digests, if any."""
+    for i, (want, got) in enumerate(zip_longest(expected.shards, found.shards)):
+        if want != got:
+            return ShardMismatch(name, i, i * shard_size)
+    if found.size != expected.size:  # same digests, other length: only possible for a length the shards cannot tell
+        last = shard_count(expected.size, shard_size) - 1
+        return ShardMismatch(name, last, last * shard_size)
+    return None
 
 
 def sha256_file(path: Path) -> str:
