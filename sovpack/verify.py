@@ -7,7 +7,7 @@ in docs/verify-json.md and kept stable.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,8 +15,8 @@ from pathlib import Path
 from sovpack.bundle import Tree, read_metadata_bytes, scan_tree
 from sovpack.errors import Refused, SovpackError
 from sovpack.formats import inspect_file
-from sovpack.hashing import FileDigest, check_shards, sha256_bytes, shard_jobs
-from sovpack.metadata import METADATA_FILE, BundleMetadata, format_time, parse_metadata
+from sovpack.hashing import FileDigest, ShardDigests, ShardMismatch, check_shards, compare_shards, sha256_bytes, shard_jobs
+from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
 from sovpack.signature import MAX_SIGNATURE_BYTES, SignatureFile, Statement, parse_signature, parse_statement
 from sovpack.trust import TrustedKey, TrustPolicy
 
@@ -173,39 +173,58 @@ def _list(paths: list[str]) -> str:
     return shown + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
 
-def check_digests(
-    root: Path,
-    metadata: BundleMetadata,
-    paths: Iterable[str] | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> int:
-    """Sizes first (cheap), then every shard on all cores. Returns the bytes checked."""
-    wanted = None if paths is None else set(paths)
-    unlisted = sorted((wanted or set()) - {f.path for f in metadata.files})
-    if unlisted:
-        raise StepFailed("digests", f"{_list(unlisted)} not listed in the inventory ({METADATA_FILE})", unlisted[0])
-    entries = [f for f in metadata.files if wanted is None or f.path in wanted]
+def check_sizes(root: Path, entries: Iterable[FileEntry]) -> None:
     for f in entries:
         size = (root / f.path).stat().st_size
         if size != f.size:
             change = "truncated" if size < f.size else "grown"
             raise StepFailed("digests", f"{f.path} has {size} bytes, the inventory in {METADATA_FILE} says {f.size} ({change})", f.path)
+
+
+def check_digests(
+    root: Path,
+    metadata: BundleMetadata,
+    paths: Iterable[str] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    known_digests: Mapping[str, ShardDigests] | None = None,
+) -> int:
+    """Sizes first (cheap), then every shard on all cores. Returns the bytes checked.
+
+    Files in `known_digests` are not read: the shard digests given are compared instead (see verify_bundle).
+    """
+    wanted = None if paths is None else set(paths)
+    unlisted = sorted((wanted or set()) - {f.path for f in metadata.files})
+    if unlisted:
+        raise StepFailed("digests", f"{_list(unlisted)} not listed in the inventory ({METADATA_FILE})", unlisted[0])
+    entries = [f for f in metadata.files if wanted is None or f.path in wanted]
+    check_sizes(root, entries)
+    known = known_digests or {}
     jobs = [
         job
         for f in entries
+        if f.path not in known
         for job in shard_jobs(f.path, root / f.path, FileDigest(f.size, f.sha256, f.shards), metadata.shard_size)
     ]
     mismatches = check_shards(jobs, on_progress=on_progress)
+    for f in entries:
+        if f.path in known:
+            mismatch = compare_shards(f.path, FileDigest(f.size, f.sha256, f.shards), known[f.path], metadata.shard_size)
+            mismatches += [mismatch] if mismatch else []
     if mismatches:
-        first = mismatches[0]
-        damaged = sorted({m.path for m in mismatches})
-        raise StepFailed(
-            "digests",
-            f"{first.path} does not match its digest in {METADATA_FILE} (shard {first.index}, bytes from {first.offset})"
-            + (f"; also damaged: {_list(damaged[1:])}" if len(damaged) > 1 else ""),
-            first.path,
-        )
+        raise digest_failure(sorted(mismatches, key=lambda m: (m.path, m.index)))
     return sum(f.size for f in entries)
+
+
+def digest_failure(mismatches: list[ShardMismatch]) -> StepFailed:
+    """The message for files whose bytes do not match their signed shard digests (the first one named in full)."""
+    first = mismatches[0]
+    damaged = sorted({m.path for m in mismatches})
+    return StepFailed(
+        "digests",
+        f"{first.path} does not match its digest in {METADATA_FILE} (shard {first.index}, bytes from {first.offset})"
+        + (f"; also damaged: {_list(damaged[1:])}" if len(damaged) > 1 else ""),
+        first.path,
+    )
 
 
 def check_formats(root: Path, metadata: BundleMetadata) -> int:
@@ -240,11 +259,22 @@ def verify_bundle(
     now: datetime | None = None,
     paths: Iterable[str] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    known_digests: Mapping[str, ShardDigests] | None = None,
 ) -> VerifyReport:
     """Run every check in order; the report says what passed and, if any, the first failure.
 
     `paths` limits the digest step to the files about to be used (serve); the inventory
     is always checked in full.
+
+    `known_digests` (import) gives, for files that were just written into `root`, the shard
+    digests of the very bytes written, computed while they were written: the digest step
+    compares those with the signed ones instead of reading the files again (their sizes are
+    still checked on disk; every other step is unchanged, and files not given are hashed from
+    disk as always). This is sound because nothing else writes `root` (a staging directory in
+    the store, created empty by the import, its files created with O_EXCL) between the write
+    and the install, which renames this very directory, inodes and all, into place; what the
+    digests describe is what gets installed. It does not re-check the disk itself: `sovpack
+    verify NAME` and `serve` hash the installed files from disk.
     """
     report = VerifyReport(str(root), policy.threshold)
     now = now or datetime.now(timezone.utc)
@@ -266,7 +296,7 @@ def verify_bundle(
         check_inventory(report.metadata, tree, root)
         report.checks.append(("inventory", f"{len(report.metadata.files)} files, nothing extra or missing"))
         step = "digests"
-        checked = check_digests(root, report.metadata, paths, on_progress)
+        checked = check_digests(root, report.metadata, paths, on_progress, known_digests)
         report.checks.append(("digests", f"{checked} bytes match their signed SHA-256 shard digests"))
         step = "formats"
         report.checks.append(("formats", f"{check_formats(root, report.metadata)} weight file header(s) valid, no pickles"))
