@@ -14,22 +14,23 @@ Everything else is refused before a byte of it is written.
 
 from __future__ import annotations
 
-import errno
 import os
 import tarfile
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from sovpack.bundle import SIGNATURE_SUFFIX
 from sovpack.errors import Failure, Refused
 from sovpack.metadata import MAX_METADATA_BYTES, METADATA_FILE, SIGNATURES_DIR, BundleMetadata, FileEntry, parse_metadata
 from sovpack.safepath import unsafe_reason
 from sovpack.signature import MAX_SIGNATURE_BYTES
+from sovpack.staging import StagedFiles
 from sovpack.volume_io import ConcatenatedReader
 
 TAR_FORMAT = tarfile.PAX_FORMAT
-COPY_SIZE = 4 * 1024 * 1024
 MAX_SIGNATURE_FILES = 256
 MAX_HEADER_BYTES = 1 << 20  # tar/pax headers tarfile reads whole into memory; real ones are tiny
 
@@ -67,28 +68,62 @@ def plan_archive(root: Path, metadata: BundleMetadata, signatures: list[str], le
     return ArchivePlan(root, f"{metadata.name}-v{metadata.version}", int(metadata.created.timestamp()), members)
 
 
-def write_archive(plan: ArchivePlan, out) -> None:
+class FileFeed(Protocol):
+    """Another reader of one member's bytes as they are written (export: its shard check)."""
+
+    def update(self, chunk: memoryview) -> Future | None: ...  # the task reading `chunk` until it finishes
+
+    def close(self) -> None: ...
+
+
+def write_archive(plan: ArchivePlan, out, on_file: Callable[[str], FileFeed | None] | None = None) -> None:
     """Write the tar stream to `out` (a VolumeWriter or StreamWriter), reading each file once.
 
     tarfile writes the headers; the data is copied here through the writer's reused buffers,
     because TarFile.addfile allocates a fresh buffer per chunk, which costs a page fault per
-    4 KiB on multi-gigabyte files.
+    4 KiB on multi-gigabyte files. `on_file(path)` may return a feed that also gets every chunk.
     """
     for path, size in plan.members:
         out.write(plan.tarinfo(path, size).tobuf(TAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
-        try:
-            with open(plan.root / path, "rb", buffering=0) as f:
-                copied = out.copy_from(f, size)
-        except OSError as e:
-            raise Failure(f"cannot read {path} from {plan.root}: {e.strerror}") from None
+        feed = on_file(path) if on_file else None
+        with _BundleFile(plan.root, path) as f:
+            copied = out.copy_from(f, size, feed.update if feed else None)
         if copied != size:
             raise Refused(f"{path} shrank while it was being exported ({copied} of {size} bytes); export again")
+        if feed:
+            feed.close()
         out.write(bytes(-size % tarfile.BLOCKSIZE))
     end = 2 * tarfile.BLOCKSIZE  # the end-of-archive marker, then zeros up to a whole record, as tar writes
     end += -(out.tell() + end) % tarfile.RECORDSIZE
     out.write(bytes(end))
     if out.tell() != plan.size:
         raise Failure(f"internal error: the tar stream has {out.tell()} bytes, {plan.size} were planned")
+
+
+class _BundleFile:
+    """A file of the bundle being exported: a read error names it (errors writing the stream name what they write)."""
+
+    def __init__(self, root: Path, path: str):
+        self.root, self.path = root, path
+        try:
+            self.file = open(root / path, "rb", buffering=0)
+        except OSError as e:
+            raise self._failure(e) from None
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self.file.readinto(buffer)
+        except OSError as e:
+            raise self._failure(e) from None
+
+    def _failure(self, e: OSError) -> Failure:
+        return Failure(f"cannot read {self.path} from {self.root}: {e.strerror}")
+
+    def __enter__(self) -> "_BundleFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 # ---- reading
@@ -107,21 +142,24 @@ FindObject = Callable[[str, int], "Path | None"]  # (sha256, size) -> a file the
 
 def extract_archive(
     reader: ConcatenatedReader,
-    staging: Path,
+    files: StagedFiles,
     *,
     find_object: FindObject,
     top: str | None = None,
     on_metadata: Callable[[BundleMetadata, bytes], None] | None = None,
     missing_hint: Callable[[FileEntry], str] | None = None,
 ) -> Extracted:
-    """Rebuild the bundle in `staging` from the stream; files the store holds are linked, not written."""
-    staging.mkdir(parents=True, exist_ok=True)
+    """Rebuild the bundle into `files` (the staging directory) from the stream; files the store holds are linked, not written.
+
+    The bytes written are hashed and flushed by `files` meanwhile; `files.finish()` waits for that.
+    """
+    files.root.mkdir(parents=True, exist_ok=True)
     reader.max_read = MAX_HEADER_BYTES
     try:
         tar = tarfile.open(fileobj=reader, mode="r:")
     except tarfile.TarError as e:
         raise Refused(f"{reader.where} does not hold a tar stream of a bundle ({e})") from None
-    extraction = _Extraction(reader, staging, find_object, top, on_metadata)
+    extraction = _Extraction(reader, files, find_object, top, on_metadata)
     while (member := _next_member(tar, reader)) is not None:
         extraction.add(member)
     return extraction.finish(missing_hint)
@@ -135,8 +173,8 @@ def _next_member(tar: tarfile.TarFile, reader: ConcatenatedReader) -> tarfile.Ta
 
 
 class _Extraction:
-    def __init__(self, reader: ConcatenatedReader, staging: Path, find_object: FindObject, top: str | None, on_metadata):
-        self.reader, self.staging, self.find_object, self.top, self.on_metadata = reader, staging, find_object, top, on_metadata
+    def __init__(self, reader: ConcatenatedReader, files: StagedFiles, find_object: FindObject, top: str | None, on_metadata):
+        self.reader, self.files, self.find_object, self.top, self.on_metadata = reader, files, find_object, top, on_metadata
         self.metadata: BundleMetadata | None = None
         self.raw = b""
         self.seen: set[str] = set()
@@ -186,7 +224,7 @@ class _Extraction:
             raise Refused(f"the stream's directory {self.top}/ does not match the bundle it holds ({expected_top})")
         if self.on_metadata:
             self.on_metadata(self.metadata, self.raw)
-        self._write_bytes(METADATA_FILE, self.raw)
+        self.files.write_bytes(METADATA_FILE, self.raw)
         self.result = Extracted(self.metadata, self.raw)
 
     def _add_signature(self, member: tarfile.TarInfo, rel: str) -> None:
@@ -195,7 +233,7 @@ class _Extraction:
             raise Refused(f"{member.name} in {self.reader.where} does not belong in {SIGNATURES_DIR}/")
         if member.size > MAX_SIGNATURE_BYTES:
             raise Refused(f"{member.name} in {self.reader.where} is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature")
-        self._write_bytes(rel, self._read_exactly(member.size, member.name))
+        self.files.write_bytes(rel, self._read_exactly(member.size, member.name))
 
     def _add_file(self, member: tarfile.TarInfo, rel: str) -> None:
         entry = self.metadata.file(rel)
@@ -204,18 +242,18 @@ class _Extraction:
         if member.size != entry.size:
             raise Refused(f"{member.name} in {self.reader.where} has {member.size} bytes, {METADATA_FILE} lists {entry.size}")
         if self._link_known(entry):
-            self.result.linked.append(rel)  # tarfile seeks past the bytes: held already, not written twice
+            self.result.linked.append(rel)  # held already: its bytes in the stream are read past (for the volume check), not written
             return
-        self._copy_from_stream(entry)
+        self.files.copy(rel, entry.size, self.reader, self.metadata.shard_size)
         self.result.written.append(rel)
-        self.by_digest.setdefault(entry.sha256, self.staging / rel)
+        self.by_digest.setdefault(entry.sha256, self.files.root / rel)
 
     def _link_known(self, entry: FileEntry) -> bool:
         """Hard-link a file the store (or this bundle) already holds with the listed digest; verify checks it later."""
         for source in (self.by_digest.get(entry.sha256), self.find_object(entry.sha256, entry.size)):
             if source is None:
                 continue
-            target = self._target(entry.path)
+            target = self.files.target(entry.path)
             try:
                 os.link(source, target)
                 return True
@@ -224,11 +262,6 @@ class _Extraction:
             except OSError as e:
                 raise Failure(f"cannot link {entry.path} from the store's objects: {e.strerror}") from None
         return False
-
-    def _target(self, rel: str) -> Path:
-        target = self.staging / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
 
     def _read_exactly(self, size: int, name: str) -> bytes:
         buffer = bytearray(size)
@@ -240,37 +273,6 @@ class _Extraction:
                 raise Refused(f"{self.reader.where} ends inside {name} ({done} of {size} bytes): a volume is cut short")
             done += n
         return bytes(buffer)
-
-    def _write_bytes(self, rel: str, data: bytes) -> None:
-        with self._create(rel) as f:
-            f.write(data)
-
-    def _create(self, rel: str):
-        try:
-            fd = os.open(self._target(rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise _write_failure(rel, self.staging, e) from None
-        return os.fdopen(fd, "wb", buffering=0)
-
-    def _copy_from_stream(self, entry: FileEntry) -> None:
-        with self._create(entry.path) as f:
-            try:
-                done = self.reader.copy_into(f.fileno(), entry.size)
-            except OSError as e:
-                raise _write_failure(entry.path, self.staging, e) from None
-            buffer = bytearray(min(COPY_SIZE, max(entry.size - done, 1)))
-            view = memoryview(buffer)
-            while done < entry.size:
-                n = self.reader.readinto(view[: min(len(view), entry.size - done)])
-                if not n:
-                    raise Refused(f"{self.reader.where} ends inside {entry.path} ({done} of {entry.size} bytes): a volume is cut short")
-                try:
-                    chunk = view[:n]
-                    while chunk:
-                        chunk = chunk[f.write(chunk) :]
-                except OSError as e:
-                    raise _write_failure(entry.path, self.staging, e) from None
-                done += n
 
     def finish(self, missing_hint: Callable[[FileEntry], str] | None) -> Extracted:
         if self.metadata is None:
@@ -284,8 +286,3 @@ class _Extraction:
                               f"neither in {self.reader.where} nor in the store{hint}")  # fmt: skip
             self.result.linked.append(entry.path)
         return self.result
-
-
-def _write_failure(rel: str, staging: Path, e: OSError) -> Failure:
-    full = " (the store's disk is full or does not allow files this large)" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
-    return Failure(f"cannot write {rel} into the store's staging directory {staging}: {e.strerror}{full}")

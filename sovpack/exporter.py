@@ -1,14 +1,18 @@
 """Export: a signed bundle written as volumes for media, or as one stream for a data diode.
 
-The bundle is checked first (signed, unexpired, every file matching its inventory), then
-read once into a tar stream that is cut into volumes while it is hashed; the index, written
-last, is what makes the export complete. Nothing is copied twice and memory stays flat.
+The bundle is checked first (signed, unexpired, its inventory and file sizes as listed), then
+each file is read once: its bytes go into the tar stream, cut into volumes each hashed on a
+thread of its own, and to the shard hasher of a second thread, which compares the file with
+its signed shard digests as it ends. A file that does not match stops the export and removes
+what was written; the index, written last, is what makes an export complete. Nothing is read
+twice and memory stays flat.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,11 +22,12 @@ from sovpack import __version__
 from sovpack.archive import ArchivePlan, plan_archive, write_archive
 from sovpack.bundle import read_metadata_bytes, require_bundle_dir, scan_tree, write_atomically
 from sovpack.errors import Failure, Refused, UsageError
-from sovpack.hashing import sha256_bytes
-from sovpack.metadata import METADATA_FILE, BundleMetadata, format_time, parse_metadata
+from sovpack.hashing import FileDigest, ShardHasher, compare_shards, sha256_bytes
+from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
+from sovpack.pipeline import Lane
 from sovpack.progress import Progress
 from sovpack.signature import parse_signature, parse_statement
-from sovpack.verify import check_digests, check_expiry, check_inventory
+from sovpack.verify import check_digests, check_expiry, check_inventory, check_sizes, digest_failure
 from sovpack.volume_io import StreamWriter, VolumeWriter
 from sovpack.volumes import (
     DEFAULT_VOLUME_SIZE,
@@ -58,8 +63,11 @@ class _Checked:
     warnings: tuple[str, ...]
 
 
-def check_exportable(root: Path, progress: Progress, now: datetime | None = None) -> _Checked:
-    """Refuse a bundle the secure side would refuse anyway: unsigned, expired, or not matching its inventory."""
+def check_exportable(root: Path, now: datetime | None = None) -> _Checked:
+    """Refuse a bundle the secure side would refuse anyway: unsigned, expired, or not matching its inventory.
+
+    The files' bytes are checked as they are exported (_DigestCheck), not here.
+    """
     require_bundle_dir(root)
     raw = read_metadata_bytes(root)
     metadata = parse_metadata(raw)
@@ -72,8 +80,7 @@ def check_exportable(root: Path, progress: Progress, now: datetime | None = None
     try:
         check_expiry(metadata, now or datetime.now(timezone.utc))
         check_inventory(metadata, tree, root)
-        progress.phase("checking the bundle", sum(f.size for f in metadata.files))
-        check_digests(root, metadata, on_progress=progress.advance)
+        check_sizes(root, metadata.files)
     except Refused as e:
         raise Refused(f"refusing to export {root}: {e}") from None
     identity = BundleIdentity(metadata.name, metadata.version, metadata_sha256, format_time(metadata.created),
@@ -114,6 +121,72 @@ def _plan(checked: _Checked, since: Path | None) -> tuple[ArchivePlan, list[File
     return plan, left_out, since_doc
 
 
+def _check_left_out(checked: _Checked, left_out: list[FileRef], progress: Progress) -> None:
+    """Files a delta export leaves out are not in the stream: their digests are checked from disk, on all cores."""
+    if not left_out:
+        return
+    progress.phase("checking files left out", sum(f.size for f in left_out))
+    try:
+        check_digests(checked.root, checked.metadata, [f.path for f in left_out], on_progress=progress.advance)
+    except Refused as e:
+        raise Refused(f"refusing to export {checked.root}: {e}") from None
+
+
+class _DigestCheck:
+    """Each exported file against its signed shard digests, hashed on a thread of its own from the bytes being exported.
+
+    A file's verdict is known shortly after its last byte was read; the first file that does
+    not match is raised at the start of the next file, or by `wait`, in stream order.
+    """
+
+    def __init__(self, checked: _Checked):
+        self.root = checked.root
+        self.entries = {f.path: f for f in checked.metadata.files}
+        self.shard_size = checked.metadata.shard_size
+        self.lane = Lane("export-check")
+        self.verdicts: list[Future] = []
+
+    def on_file(self, path: str) -> _FileCheck | None:
+        self._raise_failure(wait=False)
+        entry = self.entries.get(path)
+        return _FileCheck(self, entry) if entry else None  # sovpack.json and signatures: checked by check_exportable
+
+    def judge(self, entry: FileEntry, hasher: ShardHasher) -> None:
+        self.verdicts.append(self.lane.submit(self._compare, entry, hasher))
+
+    def _compare(self, entry: FileEntry, hasher: ShardHasher) -> None:
+        expected = FileDigest(entry.size, entry.sha256, entry.shards)
+        mismatch = compare_shards(entry.path, expected, hasher.finish(), self.shard_size)
+        if mismatch:
+            raise Refused(f"refusing to export {self.root}: {digest_failure([mismatch])}")
+
+    def wait(self) -> None:
+        """Every file checked: raise the first that does not match."""
+        self._raise_failure(wait=True)
+
+    def _raise_failure(self, *, wait: bool) -> None:
+        for verdict in self.verdicts:  # in stream order; the lane decides them in that order too
+            if not (wait or verdict.done()):
+                return
+            verdict.result()
+
+    def close(self) -> None:
+        self.lane.close(cancel=True)
+
+
+class _FileCheck:
+    """The shard hasher of one file being exported (archive.FileFeed)."""
+
+    def __init__(self, check: _DigestCheck, entry: FileEntry):
+        self.check, self.entry, self.hasher = check, entry, ShardHasher(check.shard_size)
+
+    def update(self, chunk: memoryview) -> Future:
+        return self.check.lane.submit(self.hasher.update, chunk)
+
+    def close(self) -> None:
+        self.check.judge(self.entry, self.hasher)
+
+
 def export_volumes(
     root: Path,
     to: Path,
@@ -125,15 +198,18 @@ def export_volumes(
     now: datetime | None = None,
 ) -> ExportResult:
     progress = progress or Progress()
-    checked = check_exportable(root, progress, now)
+    checked = check_exportable(root, now)
     plan, left_out, since_doc = _plan(checked, since)
+    _check_left_out(checked, left_out, progress)
     stem = checked.identity.stem
     _prepare_destination(to, stem, plan.size, volume_size)
     writer = VolumeWriter(to, stem, volume_size, progress)
+    check = _DigestCheck(checked)
     index_path, signature_path = to / index_name(stem), to / index_signature_name(stem)
     progress.phase("writing volumes", plan.size)
     try:
-        write_archive(plan, writer)
+        write_archive(plan, writer, check.on_file)
+        check.wait()  # before anything that makes the export look complete
         volumes = writer.close()
         index = ExportIndex(
             bundle=checked.identity,
@@ -151,9 +227,11 @@ def export_volumes(
             write_atomically(signature_path, sign_index(private_key, index, raw_index))
         write_atomically(index_path, raw_index)  # last: volumes without their index are an unfinished export
     except BaseException:
+        check.close()
         writer.abort()
         signature_path.unlink(missing_ok=True)
         raise
+    check.close()
     return ExportResult(checked.identity, index.archive_size, left_out, volumes, index_path,
                         signature_path if private_key is not None else None, checked.warnings)  # fmt: skip
 
@@ -178,15 +256,24 @@ def _prepare_destination(to: Path, stem: str, archive_size: int, volume_size: in
 
 def export_stream(root: Path, stream: BinaryIO, *, since: Path | None = None, progress: Progress | None = None,
                   now: datetime | None = None) -> ExportResult:  # fmt: skip
-    """The same tar stream as the volumes, written to `stream` (a data diode, a pipe)."""
+    """The same tar stream as the volumes, written to `stream` (a data diode, a pipe).
+
+    A file found not to match its digests stops the stream where it is: the receiving import
+    refuses a stream cut short, or that file.
+    """
     progress = progress or Progress()
-    checked = check_exportable(root, progress, now)
+    checked = check_exportable(root, now)
     plan, left_out, _ = _plan(checked, since)
+    _check_left_out(checked, left_out, progress)
     progress.phase("writing the stream", plan.size)
     writer = StreamWriter(stream, progress)
+    check = _DigestCheck(checked)
     try:
-        write_archive(plan, writer)
-        stream.flush()
+        write_archive(plan, writer, check.on_file)
+        writer.close()
+        check.wait()
     except BrokenPipeError:
         raise Failure("the receiving end closed the stream before the export finished") from None
+    finally:
+        check.close()
     return ExportResult(checked.identity, writer.tell(), left_out, [], warnings=checked.warnings)

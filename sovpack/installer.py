@@ -3,13 +3,17 @@
 Phases, each leaving the installed store untouched until the last one:
 
 1. read the index; refuse early a version not newer than the store's high-water mark;
-2. check every volume on its own (OK / damaged / missing), remembering the intact ones in a
-   journal so that a re-run does not read them again;
-3. reassemble the bundle into tmp/import-<index digest>/bundle, on the store's file system;
-   files the store already holds (same SHA-256, or left out of a delta export) are
-   hard-linked from objects/ instead of being written;
-4. run the full verification (signatures, threshold, inventory, digests, formats, expiry);
-5. install: one rename into bundles/NAME/VERSION (the commit point), then the record, the
+2. read the volumes once, in order, as one stream (volume_stream.py): each volume's SHA-256 on
+   one thread, and the bundle reassembled into tmp/import-<index digest>/bundle on the store's
+   file system, each file's shard digests computed on another thread from the bytes written
+   (staging.py); files the store already holds (same SHA-256, or left out of a delta export)
+   are hard-linked from objects/ instead. Missing or cut volumes are known before reading. The
+   verdict of every volume (OK / damaged / missing) is reported before anything is used: a bad
+   volume refuses the import, naming every bad one. A journal of intact volumes spares a re-run
+   hashing them again;
+3. run the full verification (signatures, threshold, inventory, digests, formats, expiry),
+   the digests of written files from what was computed as they were written;
+4. install: one rename into bundles/NAME/VERSION (the commit point), then the record, the
    shared objects and the high-water mark, which a re-run completes if it was interrupted.
 
 Every outcome, accepted or refused, is appended to the audit log.
@@ -17,8 +21,6 @@ Every outcome, accepted or refused, is appended to the audit log.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -29,16 +31,26 @@ from typing import BinaryIO
 
 from sovpack.archive import extract_archive
 from sovpack.errors import Failure, Refused, SovpackError
-from sovpack.hashing import sha256_bytes
+from sovpack.hashing import ShardDigests, sha256_bytes
+from sovpack.import_job import ImportJob, sweep_staging
 from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time
 from sovpack.progress import Progress
-from sovpack.store import InstalledBundle, Store, remove_tree
+from sovpack.staging import StagedFiles, flush_tree
+from sovpack.store import InstalledBundle, Store
 from sovpack.trust import TrustPolicy
 from sovpack.verify import VerifyReport, verify_bundle
 from sovpack.volume_io import ConcatenatedReader
-from sovpack.volumes import BundleIdentity, CheckJournal, ExportIndex, VolumeReport, check_volumes, find_index, read_index
-
-REASSEMBLED = "reassembled"  # journal key: the staging directory holds the whole bundle
+from sovpack.volume_stream import StreamedVolumeCheck
+from sovpack.volumes import (
+    BundleIdentity,
+    ExportIndex,
+    VolumeReport,
+    check_index_signature,
+    check_volumes,
+    find_index,
+    foreign_files,
+    read_index,
+)
 
 
 @dataclass
@@ -56,81 +68,6 @@ class ImportResult:
 class _AlreadyInstalled(Exception):
     def __init__(self, installed: InstalledBundle):
         self.installed = installed
-
-
-class ImportJob:
-    """tmp/<id>/: a lock (one import of an export at a time), the journal, the staging directory."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.staging = directory / "bundle"
-        self.journal = CheckJournal(directory / "journal.json")
-        self._lock_fd: int | None = None
-
-    def __enter__(self) -> "ImportJob":
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _try_lock(self.directory / "lock")
-        if self._lock_fd is None:
-            raise Failure(f"another sovpack import of this export is running (it holds {self.directory / 'lock'}); wait for it to finish")
-        self.journal = CheckJournal(self.directory / "journal.json")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    @property
-    def reassembled(self) -> bool:
-        return self.journal[REASSEMBLED] is True and self.staging.is_dir()
-
-    def start_staging(self) -> None:
-        self.journal[REASSEMBLED] = False
-        remove_tree(self.staging)
-
-    def mark_reassembled(self) -> None:
-        self.journal[REASSEMBLED] = True
-
-    def discard_staging(self) -> None:
-        """After a refusal or failure: keep only the journal of intact volumes."""
-        remove_tree(self.staging)  # first: on a full disk, this is what frees the space
-        try:
-            if self.journal[REASSEMBLED] is not None:
-                self.journal[REASSEMBLED] = False
-        except OSError:
-            pass  # the journal only saves work; a stale "reassembled" is ignored without its staging directory
-
-    def remove(self) -> None:
-        remove_tree(self.directory)
-
-
-def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def sweep_staging(store: Store) -> None:
-    """Clear what killed imports left in tmp/: partial stagings (a re-run redoes them) and streams."""
-    if not store.tmp_dir.is_dir():
-        return
-    for directory in store.tmp_dir.iterdir():
-        if not directory.name.startswith(("import-", "stream-")):
-            continue
-        fd = _try_lock(directory / "lock") if directory.is_dir() else None
-        if fd is None:
-            continue  # running
-        try:
-            if directory.name.startswith("stream-"):
-                remove_tree(directory)
-            elif CheckJournal(directory / "journal.json")[REASSEMBLED] is not True:
-                remove_tree(directory / "bundle")
-        finally:
-            os.close(fd)
 
 
 def import_bundle(
@@ -179,16 +116,13 @@ class _Importer:
                     job.remove()
             return self._already_installed(done.installed)
         with ImportJob(job_dir) as job:
-            self.result.volumes = report = check_volumes(index_path, self.policy, journal=job.journal, progress=self.progress)
-            if not report.ok:
-                raise Refused(report.failure_message())
-            self._note_volume_warnings(report)
+            reuse = job.reassembled
+            if reuse:  # a killed run left the whole bundle staged; a bad volume refuses, keeping it for the next run
+                self._check_volumes(index_path, job)
+                self.result.reassembled_before = True
             try:
-                if job.reassembled:
-                    self.result.reassembled_before = True
-                else:
-                    self._reassemble_volumes(job, index_path.parent, index)
-                result = self._verify_and_install(job.staging, index.bundle)
+                known = None if reuse else self._reassemble(job, index_path, index, raw_index)
+                result = self._verify_and_install(job.staging, index.bundle, known)
             except BaseException:
                 job.discard_staging()
                 raise
@@ -202,13 +136,19 @@ class _Importer:
                 reader = ConcatenatedReader(stream=stream, progress=self.progress)
                 self.progress.phase("receiving the stream")
                 job.start_staging()
+                files = StagedFiles(job.staging)
                 try:
-                    extracted = extract_archive(reader, job.staging, find_object=self.store.find_object,
+                    extracted = extract_archive(reader, files, find_object=self.store.find_object,
                                                 on_metadata=self._on_stream_metadata)  # fmt: skip
+                    known = files.finish()
                 except _AlreadyInstalled as done:
+                    files.abort()
                     return self._already_installed(done.installed)
+                except BaseException:
+                    files.abort()
+                    raise
                 self.result.written, self.result.linked = len(extracted.written), len(extracted.linked)
-                return self._verify_and_install(job.staging, None)
+                return self._verify_and_install(job.staging, None, known)
             finally:
                 job.remove()
 
@@ -220,23 +160,63 @@ class _Importer:
         if "not in the trust set" in report.signature:
             self.result.warnings.append(report.signature)
 
-    def _reassemble_volumes(self, job: ImportJob, directory: Path, index: ExportIndex) -> None:
+    def _check_volumes(self, index_path: Path, job: ImportJob) -> None:
+        """Every volume on its own, several at once (those the journal holds are not read): refused unless all are intact."""
+        self.result.volumes = report = check_volumes(index_path, self.policy, journal=job.journal, progress=self.progress)
+        if not report.ok:
+            raise Refused(report.failure_message())
+        self._note_volume_warnings(report)
+
+    def _reassemble(self, job: ImportJob, index_path: Path, index: ExportIndex, raw_index: bytes) -> dict[str, ShardDigests]:
+        """Read the volumes once, as one stream: the verdict of every volume, and the staged bundle with its files' shard digests."""
+        directory = index_path.parent
+        signature = check_index_signature(directory, index, raw_index, self.policy)
+        checker = StreamedVolumeCheck(directory, index, job.journal, self.progress)
+        if not checker.readable:  # a volume missing or cut: nothing to reassemble; every volume is still checked for the report
+            self._check_volumes(index_path, job)  # refuses, unless the volume came back meanwhile
+            checker = StreamedVolumeCheck(directory, index, job.journal, self.progress)
+        self._start_staging(job, index)
+        self.progress.phase("reading the volumes", index.archive_size)
+        reader = ConcatenatedReader.of_volumes(directory, index, self.progress, checker)
+        files = StagedFiles(job.staging)
+        try:
+            refusal = self._extract_volumes(reader, files, index)
+            reader.drain()  # whatever the extraction found, every volume is read to its end and judged
+            self.result.volumes = report = VolumeReport(index_path, index, signature, checker.finish(), foreign_files(directory, index))
+            if not report.ok:
+                raise Refused(report.failure_message())  # a bad volume also explains a failed extraction
+            if refusal is not None:
+                raise refusal
+            self._note_volume_warnings(report)
+            job.mark_read()
+            known = files.finish()
+        except BaseException:
+            files.abort()
+            checker.settle()
+            raise
+        finally:
+            reader.close()
+        job.mark_reassembled()
+        return known
+
+    def _start_staging(self, job: ImportJob, index: ExportIndex) -> None:
         job.start_staging()
         left_out = {f.path for f in index.left_out}
         needed = sum(f.size for f in index.files if f.path not in left_out and not self.store.find_object(f.sha256, f.size))
         self._check_free_space(job.directory, needed, index.bundle.label)
-        reader = ConcatenatedReader.of_volumes(directory, index, self.progress)
-        self.progress.phase("reassembling", index.archive_size)
+
+    def _extract_volumes(self, reader: ConcatenatedReader, files: StagedFiles, index: ExportIndex) -> Refused | None:
+        """Extract the stream into staging; a refusal is returned, to be raised once every volume has been judged."""
         try:
             extracted = extract_archive(
-                reader, job.staging, find_object=self.store.find_object, top=index.bundle.stem,
+                reader, files, find_object=self.store.find_object, top=index.bundle.stem,
                 on_metadata=lambda metadata, raw: self._expect_identity(metadata, raw, index.bundle),
                 missing_hint=lambda entry: _left_out_hint(entry, index),
             )  # fmt: skip
-        finally:
-            reader.close()
+        except Refused as refusal:
+            return refusal
         self.result.written, self.result.linked = len(extracted.written), len(extracted.linked)
-        job.mark_reassembled()
+        return None
 
     def _on_stream_metadata(self, metadata: BundleMetadata, raw: bytes) -> None:
         self.identity = BundleIdentity(metadata.name, metadata.version, sha256_bytes(raw), format_time(metadata.created),
@@ -273,17 +253,10 @@ class _Importer:
             raise Refused(f"{name} v{version} is already installed with different contents; remove it first "
                           f"(`sovpack remove {name}@{version}`) to replace it")  # fmt: skip
 
-    def _verify_and_install(self, staging: Path, expected: BundleIdentity | None) -> ImportResult:
+    def _verify_and_install(self, staging: Path, expected: BundleIdentity | None, known: dict[str, ShardDigests] | None) -> ImportResult:
         metadata_sha256 = sha256_bytes((staging / METADATA_FILE).read_bytes())
         label = expected.label if expected else self.identity.label
-        self.progress.phase("verifying", expected.size if expected else self.identity.size)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush") as flusher:
-            # the bytes must be on disk before the commit renames them into place: flushing them
-            # while verification reads them from the page cache overlaps disk and SHA-256
-            flushed = flusher.submit(_flush_tree, staging)
-            report = verify_bundle(staging, self.policy, now=self.now, on_progress=self.progress.advance)
-            flushed.result()
-        self.result.report = report
+        self.result.report = report = self._verify(staging, expected.size if expected else self.identity.size, known)
         if not report.ok:
             raise Refused(f"{label} failed verification ({report.failure.step}): {report.failure}")
         metadata = report.metadata
@@ -298,6 +271,20 @@ class _Importer:
         path = self.store.commit(staging, metadata.name, metadata.version)
         installed = InstalledBundle(metadata.name, metadata.version, path, {})
         return self._complete(installed, self._record(report, metadata_sha256), "installed")
+
+    def _verify(self, staging: Path, size: int, known: dict[str, ShardDigests] | None) -> VerifyReport:
+        """verify_bundle; files written by this run are not read again (their digests were computed as they were written)."""
+        if known is not None:  # and already flushed
+            self.progress.phase("verifying", size - sum(d.size for d in known.values()))
+            return verify_bundle(staging, self.policy, now=self.now, on_progress=self.progress.advance, known_digests=known)
+        self.progress.phase("verifying", size)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush") as flusher:
+            # staged by a killed run: the bytes must be on disk before the commit renames them into
+            # place; flushing them while verification reads them overlaps disk and SHA-256
+            flushed = flusher.submit(flush_tree, staging)
+            report = verify_bundle(staging, self.policy, now=self.now, on_progress=self.progress.advance)
+            flushed.result()
+        return report
 
     def _record(self, report: VerifyReport, metadata_sha256: str) -> dict:
         m = report.metadata
@@ -356,19 +343,6 @@ class _Importer:
                                     exit_code=error.exit_code, source=self.source, **identity)  # fmt: skip
         except OSError:
             pass  # a full disk must not hide the original error
-
-
-def _flush_tree(root: Path) -> None:
-    try:
-        for directory, _, names in os.walk(root):
-            for name in names:
-                fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-    except OSError as e:
-        raise Failure(f"cannot flush the staged bundle to the store's disk: {e.strerror} ({e.filename})") from None
 
 
 def _installed_metadata_sha256(installed: InstalledBundle) -> str | None:

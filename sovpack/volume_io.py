@@ -1,6 +1,8 @@
 """Byte streams of volumes: one stream written as numbered volume files, and volumes read back as one stream.
 
-Both stay flat in memory (a few 4 MiB chunks in flight) whatever the size of the bundle.
+Both read each byte once into a ring of reused buffers and hand it to the threads that hash
+or flush it (pipeline.py), so memory stays flat (a few 4 MiB buffers) whatever the size of
+the bundle.
 """
 
 from __future__ import annotations
@@ -8,53 +10,52 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from sovpack.errors import Failure, Refused
+from sovpack.pipeline import BufferRing, FlushedFile, Lane, wait_all
 from sovpack.progress import Progress
 from sovpack.volumes import ExportIndex, VolumeEntry, volume_name
 
-COPY_SIZE = 4 * 1024 * 1024
+if TYPE_CHECKING:
+    from sovpack.volume_stream import StreamedVolumeCheck
+
+Tap = Callable[[memoryview], "Future | None"]  # another consumer of each chunk copied (export: the shard check)
 
 
 class VolumeWriter:
-    """A write-only stream cut into volume files of at most `volume_size` bytes, each hashed as written.
+    """A write-only stream cut into volume files of at most `volume_size` bytes.
 
-    Writing happens on a background thread while this thread hashes, so disk and SHA-256 overlap;
-    at most a few chunks are in flight, so memory stays flat.
+    The writing thread reads and writes; each volume's SHA-256 is computed on a thread of its
+    own from the very bytes written, and each volume is flushed to the medium on another while
+    it grows (media are unplugged right after an export).
     """
-
-    IN_FLIGHT = 4
 
     def __init__(self, directory: Path, stem: str, volume_size: int, progress: Progress | None = None):
         self.directory, self.stem, self.volume_size = directory, stem, volume_size
         self.progress = progress or Progress()
-        self.volumes: list[VolumeEntry] = []
         self.written: list[Path] = []  # every file this writer created, for cleanup on failure
-        self._file: BinaryIO | None = None
+        self.ring = BufferRing()
+        self._hash_lane = Lane("volume-sha256")
+        self._flush_lane = Lane("volume-flush")
+        self._file: FlushedFile | None = None
         self._filled = 0
         self._sha256 = hashlib.sha256()
+        self._closed: list[tuple[str, int, Future]] = []  # (file, size, its SHA-256 once computed)
+        self._flushes: list[Future] = []
+        self._abandoned = threading.Event()
         self._position = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-write")
-        self._pending: deque[Future] = deque()
-        self._ring = [bytearray(COPY_SIZE) for _ in range(self.IN_FLIGHT + 2)]
-        self._ring_position = 0
 
     def tell(self) -> int:
         return self._position
 
-    def copy_from(self, source: BinaryIO, size: int) -> int:
-        """Copy `size` bytes of `source` into the volumes through a ring of reused buffers."""
-        return _copy(source, size, self._next_buffer, self.write)
-
-    def _next_buffer(self) -> bytearray:
-        # write() returns with at most IN_FLIGHT writes pending, oldest first: a buffer used
-        # IN_FLIGHT + 1 calls ago has been written and may be filled again.
-        self._ring_position = (self._ring_position + 1) % len(self._ring)
-        return self._ring[self._ring_position]
+    def copy_from(self, source: BinaryIO, size: int, tap: Tap | None = None) -> int:
+        """Copy `size` bytes of `source` into the volumes; each chunk also goes to `tap`."""
+        return copy_through(self.ring, source, size, self.write, tap)
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -62,14 +63,14 @@ class VolumeWriter:
         while view:
             if self._file is None:
                 self._open_next()
-            take = min(len(view), self.volume_size - self._filled)
-            piece = view[:take]
-            self._pending.append(self._pool.submit(_write_all, self._file, piece))
-            self._sha256.update(piece)  # while the writer thread writes the previous chunks
-            self._filled += take
-            view = view[take:]
-            while len(self._pending) > self.IN_FLIGHT:
-                self._wait(self._pending.popleft())
+            piece = view[: self.volume_size - self._filled]
+            self.ring.hold(self._hash_lane.submit(self._sha256.update, piece))
+            try:
+                self._file.write(piece)
+            except OSError as e:
+                raise self._failure("write", e) from None
+            self._filled += len(piece)
+            view = view[len(piece) :]
             if self._filled == self.volume_size:
                 self._close_current()
         self._position += total
@@ -77,55 +78,53 @@ class VolumeWriter:
         return total
 
     def _open_next(self) -> None:
-        path = self.directory / volume_name(self.stem, len(self.volumes) + 1)
+        path = self.directory / volume_name(self.stem, len(self._closed) + 1)
         self.written.append(path)
         try:
-            self._file = open(path, "wb", buffering=0)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise Failure(f"cannot create volume {path}: {e.strerror}") from None
+        self._file = FlushedFile(path, fd, self._flush_lane, self._abandoned)
         self._filled = 0
         self._sha256 = hashlib.sha256()
 
-    def _wait(self, future: Future) -> None:
-        try:
-            future.result()
-        except OSError as e:
-            name = self.written[-1].name if self.written else self.stem
-            raise Failure(f"cannot write volume {name} in {self.directory}: {e.strerror}"
-                          + (" (the destination is full or does not allow files this large)" if e.errno in (errno.ENOSPC, errno.EFBIG) else "")) from None  # fmt: skip
+    def _failure(self, doing: str, e: OSError) -> Failure:
+        name = Path(e.filename).name if e.filename else self.written[-1].name
+        full = " (the destination is full or does not allow files this large)" if e.errno in (errno.ENOSPC, errno.EFBIG) else ""
+        if doing == "write":
+            return Failure(f"cannot write volume {name} in {self.directory}: {e.strerror}{full}")
+        return Failure(f"cannot flush volume {name} to {self.directory}: {e.strerror}{full}")
 
     def _close_current(self) -> None:
-        while self._pending:
-            self._wait(self._pending.popleft())
-        try:
-            os.fsync(self._file.fileno())  # media are unplugged right after an export: the bytes must be on them
-        except OSError as e:
-            raise Failure(f"cannot flush volume {self.written[-1].name} to {self.directory}: {e.strerror}") from None
-        finally:
-            self._file.close()
-        self.volumes.append(VolumeEntry(self.written[-1].name, self._filled, self._sha256.hexdigest()))
+        self._closed.append((self.written[-1].name, self._filled, self._hash_lane.submit(self._sha256.hexdigest)))
+        self._file.close()
+        self._flushes += self._file.flushes
         self._file = None
 
     def close(self) -> list[VolumeEntry]:
+        """Every volume hashed and on the medium: their entries for the index."""
         if self._file is not None:
             self._close_current()
-        self._pool.shutdown()
-        return self.volumes
+        self.ring.wait()
+        try:
+            wait_all(self._flushes)
+        except OSError as e:
+            raise self._failure("flush", e) from None
+        volumes = [VolumeEntry(name, size, sha256.result()) for name, size, sha256 in self._closed]
+        self._hash_lane.close()
+        self._flush_lane.close()
+        return volumes
 
     def abort(self) -> None:
         """Remove every volume written so far (an export that fails leaves nothing behind)."""
-        for future in self._pending:
-            future.cancel()
-        self._pool.shutdown(wait=True)
+        self._abandoned.set()
         if self._file is not None:
-            self._file.close()
+            self._file.close(flush=False)
+            self._file = None
+        self._hash_lane.close(cancel=True)
+        self._flush_lane.close()  # closes every file it was handed
         for path in self.written:
             path.unlink(missing_ok=True)
-
-
-def _write_all(f: BinaryIO, view: memoryview) -> None:
-    while view:
-        view = view[f.write(view) :]
 
 
 class StreamWriter:
@@ -133,7 +132,7 @@ class StreamWriter:
 
     def __init__(self, stream: BinaryIO, progress: Progress | None = None):
         self.stream, self.progress, self._position = stream, progress or Progress(), 0
-        self._buffer = bytearray(COPY_SIZE)
+        self.ring = BufferRing()
 
     def tell(self) -> int:
         return self._position
@@ -145,19 +144,26 @@ class StreamWriter:
         self.progress.advance(n)
         return n
 
-    def copy_from(self, source: BinaryIO, size: int) -> int:
-        return _copy(source, size, lambda: self._buffer, self.write)
+    def copy_from(self, source: BinaryIO, size: int, tap: Tap | None = None) -> int:
+        return copy_through(self.ring, source, size, self.write, tap)
+
+    def close(self) -> None:
+        self.ring.wait()
+        self.stream.flush()
 
 
-def _copy(source: BinaryIO, size: int, next_buffer, write) -> int:
-    """Copy `size` bytes of `source` through `write`; returns how many there were."""
+def copy_through(ring: BufferRing, source: BinaryIO, size: int, write, tap: Tap | None = None) -> int:
+    """Copy `size` bytes of `source` through `write` in buffers of `ring`; returns how many there were."""
     done = 0
     while done < size:
-        view = memoryview(next_buffer())
+        view = ring.take()
         n = source.readinto(view[: min(len(view), size - done)])
         if not n:
             break
-        write(view[:n])
+        chunk = view[:n]
+        if tap is not None:
+            ring.hold(tap(chunk))
+        write(chunk)
         done += n
     return done
 
@@ -166,21 +172,28 @@ def _copy(source: BinaryIO, size: int, next_buffer, write) -> int:
 
 
 class ConcatenatedReader:
-    """The volumes (or a pipe) read as one stream, forward only, knowing which volume each byte is in."""
+    """The volumes (or a pipe) read as one stream, forward only, knowing which volume each byte is in.
 
-    def __init__(self, parts: list[Path] | None = None, stream: BinaryIO | None = None, progress: Progress | None = None):
+    With a `checker` (volume_stream.py), every byte read from the volumes goes to it, bytes
+    skipped by seeking included: reading the stream once is what checks every volume.
+    """
+
+    def __init__(self, parts: list[Path] | None = None, stream: BinaryIO | None = None, progress: Progress | None = None,
+                 checker: StreamedVolumeCheck | None = None):  # fmt: skip
         self.parts = list(parts or [])
         self.stream = stream
         self.progress = progress or Progress()
+        self.checker = checker
+        self.ring = BufferRing()
         self._part = -1
         self._file: BinaryIO | None = stream
         self._position = 0
         self.max_read: int | None = None  # cap on read(): tarfile reads whole headers into memory
-        self._kernel_copy_failed = False
 
     @classmethod
-    def of_volumes(cls, directory: Path, index: ExportIndex, progress: Progress | None = None) -> "ConcatenatedReader":
-        return cls([directory / v.file for v in index.volumes], progress=progress)
+    def of_volumes(cls, directory: Path, index: ExportIndex, progress: Progress | None = None,
+                   checker: StreamedVolumeCheck | None = None) -> "ConcatenatedReader":  # fmt: skip
+        return cls([directory / v.file for v in index.volumes], progress=progress, checker=checker)
 
     @property
     def where(self) -> str:
@@ -199,30 +212,62 @@ class ConcatenatedReader:
         if self._file is not None:
             self._file.close()
             self._file = None
+            if self.checker:
+                self.checker.end(self._part)
         if self._part + 1 >= len(self.parts):
             return False
         self._part += 1
         try:
             self._file = open(self.parts[self._part], "rb", buffering=0)
         except OSError as e:
-            raise Failure(f"cannot open volume {self.parts[self._part]}: {e.strerror}") from None
+            self._unreadable(e)
         return True
 
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
+    def _read(self, view: memoryview) -> int:
         while True:
             if self._file is None and not self._open_next_part():
                 return 0
             try:
                 n = self._file.readinto(view)
             except OSError as e:
-                raise Failure(f"cannot read {self.where}: {e.strerror}") from None
+                self._unreadable(e)
             if n:
                 self._position += n
                 self.progress.advance(n)
                 return n
             if not self._open_next_part():
                 return 0
+
+    def _unreadable(self, e: OSError) -> None:
+        """A volume that cannot be read is damaged; with a checker, reading goes on with the next volume."""
+        where = self.where
+        if self.checker is None:
+            raise Failure(f"cannot read {where}: {e.strerror}") from None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.checker.unreadable(self._part, e)
+        raise Refused(f"cannot read {where} ({e.strerror}): the volume is damaged") from None
+
+    def readinto(self, buffer) -> int:
+        """Read into the caller's buffer (tar headers, sovpack.json, signatures); the checker gets a copy."""
+        view = memoryview(buffer).cast("B")
+        n = self._read(view)
+        if n and self.checker:
+            self.checker.feed(self._part, bytes(view[:n]))
+        return n
+
+    def read_chunk(self, limit: int) -> memoryview:
+        """Up to `limit` bytes (empty at the end) in a buffer of the ring: valid until the tasks `hold` names finish."""
+        view = self.ring.take()
+        chunk = view[: self._read(view[: min(len(view), limit)])]
+        if chunk and self.checker:
+            self.ring.hold(self.checker.feed(self._part, chunk))
+        return chunk
+
+    def hold(self, *futures: Future | None) -> None:
+        """The chunk last read is also read by these tasks (hashing it, say): keep its buffer until they finish."""
+        self.ring.hold(*futures)
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
@@ -240,60 +285,26 @@ class ConcatenatedReader:
         del view
         return bytes(buffer[:filled]) if filled < size else bytes(buffer)
 
-    def copy_into(self, out_fd: int, size: int) -> int:
-        """Copy up to `size` bytes to `out_fd` inside the kernel (as cp does); 0 when only a plain copy works.
-
-        Only volumes on a file system that allows copy_file_range to the destination qualify;
-        a pipe, or media the kernel cannot copy from directly, is read and written instead.
-        """
-        if self.stream is not None or self._kernel_copy_failed:
-            return 0
-        copied = 0
-        while copied < size:
-            if self._file is None and not self._open_next_part():
-                break
-            here = self._file.tell()
-            try:
-                n = os.copy_file_range(self._file.fileno(), out_fd, min(size - copied, 1 << 30), here)
-            except OSError as e:
-                if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) and copied == 0:
-                    self._kernel_copy_failed = True
-                    return 0
-                raise
-            if n == 0:
-                if not self._open_next_part():
-                    break
-                continue
-            self._file.seek(here + n)
-            copied += n
-            self._position += n
-            self.progress.advance(n)
-        return copied
-
     def seek(self, offset: int, whence: int = 0) -> int:
-        """Forward only: tarfile seeks past member padding, and sovpack past members it already holds."""
+        """Forward only, by reading: tarfile seeks past member padding, and sovpack past members it already holds."""
         target = offset if whence == 0 else self._position + offset
         if whence not in (0, 1) or target < self._position:
             raise OSError(f"cannot seek backwards in {self.where}")
-        while target > self._position:
-            if self._file is None and not self._open_next_part():
-                break
-            if self.stream is not None:  # a pipe: read and drop
-                if not self.read(min(target - self._position, 1 << 20)):
-                    break
-                continue
-            here = self._file.tell()
-            step = min(target - self._position, os.fstat(self._file.fileno()).st_size - here)
-            if step <= 0:
-                if not self._open_next_part():
-                    break
-                continue
-            self._file.seek(here + step)
-            self._position += step
-            self.progress.advance(step)
+        while self._position < target and self.read_chunk(target - self._position):
+            pass
         return self._position
 
+    def drain(self) -> None:
+        """Read the rest of the stream (after the tar stream ended, or failed): every volume reaches the checker."""
+        while True:
+            try:
+                if not self.read_chunk(1 << 62):
+                    return
+            except Refused:
+                continue  # an unreadable volume is recorded as damaged; go on with the next
+
     def close(self) -> None:
+        """Stop reading (tasks still hashing a chunk keep its buffer alive; their owners wait for them)."""
         if self._file is not None and self.stream is None:
             self._file.close()
         self._file = None

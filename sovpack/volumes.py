@@ -6,8 +6,9 @@ An export of bundle NAME version V is, in one directory (docs/transfer.md):
     NAME-vV.index.json              the bundle's identity and, per volume, its size and SHA-256
     NAME-vV.index.sig               optional: model-signing signature over the index and the volumes
 
-Each volume is checked on its own against its size and SHA-256 in the index (what `sha256sum`
-prints), several volumes at once, before anything is reassembled. Volumes and indexes come from untrusted media: every field is
+`check_volumes` checks each volume on its own against its size and SHA-256 in the index (what
+`sha256sum` prints), several volumes at once; import checks them as it reads them once as one
+stream (volume_stream.py). Volumes and indexes come from untrusted media: every field is
 validated, and the bundle's own signatures, checked after reassembly, are what decide.
 """
 
@@ -319,6 +320,10 @@ class CheckJournal:
         self.entries[key] = value
         self.save()
 
+    def discard(self, key: str) -> None:
+        if self.entries.pop(key, None) is not None:
+            self.save()
+
     def save(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -358,7 +363,8 @@ def check_volumes(
     return VolumeReport(index_path, index, signature, statuses, foreign_files(directory, index))
 
 
-def _check_volume(path: Path, entry: VolumeEntry, journal: CheckJournal | None, progress: Progress) -> VolumeStatus:
+def status_without_reading(path: Path, entry: VolumeEntry, journal: CheckJournal | None) -> VolumeStatus | None:
+    """What the file system alone tells of a volume: missing, of the wrong size, or intact in an earlier run."""
     if not path.is_file():
         return VolumeStatus(entry.file, "missing", "not in the directory")
     if journal and journal.seen(path, entry.sha256):
@@ -366,24 +372,43 @@ def _check_volume(path: Path, entry: VolumeEntry, journal: CheckJournal | None, 
     size = path.stat().st_size
     if size != entry.size:
         return VolumeStatus(entry.file, "damaged", f"{size} bytes, the index says {entry.size}")
-    try:
-        actual = _sha256_with_progress(path, progress)
-    except OSError as e:
-        return VolumeStatus(entry.file, "damaged", f"unreadable: {e.strerror or e}")
-    if actual != entry.sha256:
-        return VolumeStatus(entry.file, "damaged", f"its SHA-256 is {actual}, the index says {entry.sha256}")
+    return None
+
+
+def verdict(entry: VolumeEntry, size: int, sha256: str) -> VolumeStatus:
+    """A volume read in full: `size` bytes with SHA-256 `sha256`, against the index."""
+    if size != entry.size:
+        return VolumeStatus(entry.file, "damaged", f"{size} bytes, the index says {entry.size}")
+    if sha256 != entry.sha256:
+        return VolumeStatus(entry.file, "damaged", f"its SHA-256 is {sha256}, the index says {entry.sha256}")
     return VolumeStatus(entry.file, "ok")
 
 
-def _sha256_with_progress(path: Path, progress: Progress) -> str:
+def unreadable(entry: VolumeEntry, error: OSError) -> VolumeStatus:
+    return VolumeStatus(entry.file, "damaged", f"unreadable: {error.strerror or error}")
+
+
+def _check_volume(path: Path, entry: VolumeEntry, journal: CheckJournal | None, progress: Progress) -> VolumeStatus:
+    status = status_without_reading(path, entry, journal)
+    if status is not None:
+        return status
+    try:
+        return verdict(entry, *_sha256_with_progress(path, progress))
+    except OSError as e:
+        return unreadable(entry, e)
+
+
+def _sha256_with_progress(path: Path, progress: Progress) -> tuple[int, str]:
     digest = hashlib.sha256()
     buffer = bytearray(READ_SIZE)
     view = memoryview(buffer)
+    size = 0
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
             digest.update(view[:n])
             progress.advance(n)
-    return digest.hexdigest()
+            size += n
+    return size, digest.hexdigest()
 
 
 def foreign_files(directory: Path, index: ExportIndex) -> list[str]:

@@ -17,11 +17,15 @@ import pytest
 from builders import write_gguf
 from transfer_helpers import audit_records, flip_byte, sovpack, staged_bundles, store_snapshot, write_big_safetensors
 
+from sovpack.bundle import read_metadata
 from sovpack.errors import Refused, UsageError
 from sovpack.exporter import export_volumes
+from sovpack.hashing import ShardDigests, digest_file
 from sovpack.installer import import_bundle
+from sovpack.progress import Progress
 from sovpack.store import Store
 from sovpack.trust import load_trust
+from sovpack.verify import verify_bundle
 from sovpack.volumes import parse_volume_size
 
 
@@ -115,6 +119,15 @@ def test_export_refuses_a_bundle_that_does_not_match_its_inventory(cli, signed_b
     assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
 
 
+def test_a_stream_export_stops_at_a_file_that_does_not_match_and_the_receiver_refuses(signed_bundle, store, tmp_path):
+    flip_byte(signed_bundle / "model.safetensors", 100)
+    sender = sovpack("export", signed_bundle, "--to", "-")
+    assert sender.returncode == 1 and b"refusing to export" in sender.stderr
+    assert b"model.safetensors does not match its digest in sovpack.json (shard 0, bytes from 0)" in sender.stderr
+    receiver = sovpack("import", "-", "--store", store, input=sender.stdout)  # whatever got through
+    assert receiver.returncode == 1 and not (store / "bundles").exists()
+
+
 def test_export_refuses_to_mix_with_an_existing_export(cli, signed_bundle, tmp_path):
     out = export(cli, signed_bundle, tmp_path / "out")
     result = cli("export", signed_bundle, "--to", out)
@@ -152,6 +165,38 @@ def test_import_installs_a_verified_read_only_bundle(cli, signed_bundle, store, 
     assert cli("verify", "tiny", "--store", store).code == 0
 
 
+class PhaseRecorder(Progress):
+    """Bytes reported per phase: what import reads, and when."""
+
+    def __init__(self):
+        self.phases: list[list] = []
+
+    def phase(self, name, total=None):
+        self.phases.append([name, total, 0])
+
+    def advance(self, n):
+        self.phases[-1][2] += n
+
+
+def test_import_reads_the_volumes_once_and_verification_reads_no_file_written(signed_bundle, keys, tmp_path):
+    """Each volume's SHA-256 and each file's shard digests come from one read of the stream."""
+    out = tmp_path / "out"
+    export_volumes(signed_bundle, out, volume_size=8192)
+    archive_size = json.loads((out / "tiny-v3.index.json").read_text())["archive"]["size"]
+    progress = PhaseRecorder()
+    import_bundle(str(out), Store(tmp_path / "store"), load_trust([keys / "alice.pub"]), progress=progress)
+    assert progress.phases == [["reading the volumes", archive_size, archive_size], ["verifying", 0, 0], ["installing", None, 0]]
+
+
+def test_files_a_delta_export_left_out_are_verified_from_the_store(cli, signed_bundle, store, tmp_path, model_dir, keys):
+    assert cli("import", export(cli, signed_bundle, tmp_path / "v3"), "--store", store).code == 0
+    delta = export(cli, new_version(cli, tmp_path, model_dir, keys, 4), tmp_path / "delta", "--since", signed_bundle)
+    left_out = sum(f["size"] for f in json.loads((delta / "tiny-v4.index.json").read_text())["left_out"])
+    progress = PhaseRecorder()
+    import_bundle(str(delta), Store(store), load_trust([keys / "alice.pub"]), progress=progress)
+    assert progress.phases[1] == ["verifying", left_out, left_out]  # hashed from disk: they were not in the stream
+
+
 def test_stream_through_a_pipe_as_for_a_data_diode(signed_bundle, store, tmp_path):
     sender = subprocess.Popen([sys.executable, "-m", "sovpack", "export", signed_bundle, "--to", "-"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
@@ -162,6 +207,16 @@ def test_stream_through_a_pipe_as_for_a_data_diode(signed_bundle, store, tmp_pat
     assert b"exported tiny v3" in sender.stderr.read()
     assert (store / "bundles" / "tiny" / "3" / "model.safetensors").read_bytes() == (signed_bundle / "model.safetensors").read_bytes()
     assert list((store / "tmp").iterdir()) == []
+
+
+def test_a_receiver_that_closes_the_stream_early_is_named(cli, model_dir, tmp_path, keys):
+    bundle = bundle_with_big_file(cli, model_dir, tmp_path, keys, 4 * 1024 * 1024)  # more than a pipe holds
+    sender = subprocess.Popen([sys.executable, "-m", "sovpack", "export", bundle, "--to", "-"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    sender.stdout.read(1000)
+    sender.stdout.close()
+    assert sender.wait() == 3
+    assert b"the receiving end closed the stream before the export finished" in sender.stderr.read()
 
 
 def test_importing_the_same_export_twice_is_harmless(cli, signed_bundle, store, tmp_path):
@@ -225,6 +280,20 @@ def test_damaged_volume_refused_store_unchanged_and_rerun_reuses_checked_volumes
     assert again.code == 0, again.err
     assert "tiny-v3.001  OK  intact in an earlier run and unchanged since: not read again" in again.out
     assert "tiny-v3.002  OK\n" in again.out
+
+
+def test_a_damaged_tar_header_does_not_hide_a_later_damaged_volume(cli, signed_bundle, store, tmp_path):
+    """Reassembly fails at the first byte, but every volume is still read and judged before the refusal."""
+    out = export(cli, signed_bundle, tmp_path / "out")
+    last = volumes(out)[-1]
+    flip_byte(out / "tiny-v3.001", 0)
+    flip_byte(last, 0)
+    before = store_snapshot(store)
+    result = cli("import", out, "--store", store)
+    assert result.code == 1
+    assert "tiny-v3.001 damaged" in result.err and f"{last.name} damaged" in result.err and "2 of" in result.err
+    assert "tiny-v3.002  OK" in result.out
+    assert store_snapshot(store) == before and staged_bundles(store) == []
 
 
 def test_a_volume_changed_after_it_was_checked_is_read_again(cli, signed_bundle, store, tmp_path):
@@ -320,6 +389,24 @@ def test_import_of_a_bundle_that_fails_verification(cli, tmp_path, model_dir, st
     assert store_snapshot(store) == before and staged_bundles(store) == []
     record = audit_records(store)[-1]
     assert record["outcome"] == "refused" and record["name"] == "tiny" and "threshold" in record["reason"]
+
+
+def test_verify_with_digests_computed_while_writing(signed_bundle, keys):
+    """known_digests replace reading a file for its shard digests; its size is still checked on disk."""
+    policy = load_trust([keys / "alice.pub"])
+    digest = digest_file(signed_bundle / "model.safetensors", read_metadata(signed_bundle).shard_size)
+    written = {"model.safetensors": ShardDigests(digest.size, digest.shards)}
+    flip_byte(signed_bundle / "model.safetensors", digest.size - 1)  # weights, after the digests were computed
+    assert not verify_bundle(signed_bundle, policy).ok
+    assert verify_bundle(signed_bundle, policy, known_digests=written).ok
+    other = {"model.safetensors": ShardDigests(digest.size, ("0" * 64,) * len(digest.shards))}
+    report = verify_bundle(signed_bundle, policy, known_digests=other)
+    assert report.failure.step == "digests" and report.failure.subject == "model.safetensors"
+    assert "model.safetensors does not match its digest in sovpack.json (shard 0, bytes from 0)" in str(report.failure)
+    with open(signed_bundle / "model.safetensors", "r+b") as f:
+        f.truncate(digest.size - 1)
+    report = verify_bundle(signed_bundle, policy, known_digests=written)
+    assert report.failure.step == "digests" and "(truncated)" in str(report.failure)
 
 
 def test_threshold_from_the_command_line(cli, signed_bundle, store, tmp_path, keys):
