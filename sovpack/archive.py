@@ -242,7 +242,7 @@ class _Extraction:
         if member.size != entry.size:
             raise Refused(f"{member.name} in {self.reader.where} has {member.size} bytes, {METADATA_FILE} lists {entry.size}")
         if self._link_known(entry):
-            self.result.linked.append(rel)  # held already: its bytes in the stream are read past (for the volume check), not written
+            self.result.linked.append(rel)  # held already: its bytes in the stream are read past (for the volumes' check)
             return
         self.files.copy(rel, entry.size, self.reader, self.metadata.shard_size)
         self.result.written.append(rel)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -144,7 +145,7 @@ class _DigestCheck:
         self.entries = {f.path: f for f in checked.metadata.files}
         self.shard_size = checked.metadata.shard_size
         self.lane = Lane("export-check")
-        self.verdicts: list[Future] = []
+        self.verdicts: deque[Future] = deque()
 
     def on_file(self, path: str) -> _FileCheck | None:
         self._raise_failure(wait=False)
@@ -165,10 +166,8 @@ class _DigestCheck:
         self._raise_failure(wait=True)
 
     def _raise_failure(self, *, wait: bool) -> None:
-        for verdict in self.verdicts:  # in stream order; the lane decides them in that order too
-            if not (wait or verdict.done()):
-                return
-            verdict.result()
+        while self.verdicts and (wait or self.verdicts[0].done()):  # in stream order, as the lane decides them
+            self.verdicts.popleft().result()
 
     def close(self) -> None:
         self.lane.close(cancel=True)

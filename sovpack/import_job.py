@@ -38,7 +38,8 @@ class ImportJob:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _try_lock(self.directory / "lock")
         if self._lock_fd is None:
-            raise Failure(f"another sovpack import of this export is running (it holds {self.directory / 'lock'}); wait for it to finish")
+            raise Failure(f"another sovpack import of this export is running (it holds {self.directory / 'lock'}); "
+                          "wait for it to finish")
         self.journal = CheckJournal(self.directory / "journal.json")
         return self
 

@@ -168,7 +168,7 @@ class _Importer:
         self._note_volume_warnings(report)
 
     def _reassemble(self, job: ImportJob, index_path: Path, index: ExportIndex, raw_index: bytes) -> dict[str, ShardDigests]:
-        """Read the volumes once, as one stream: the verdict of every volume, and the staged bundle with its files' shard digests."""
+        """Read the volumes once, as one stream: every volume's verdict, and the staged bundle with its files' shard digests."""
         directory = index_path.parent
         signature = check_index_signature(directory, index, raw_index, self.policy)
         checker = StreamedVolumeCheck(directory, index, job.journal, self.progress)
@@ -182,7 +182,8 @@ class _Importer:
         try:
             refusal = self._extract_volumes(reader, files, index)
             reader.drain()  # whatever the extraction found, every volume is read to its end and judged
-            self.result.volumes = report = VolumeReport(index_path, index, signature, checker.finish(), foreign_files(directory, index))
+            report = VolumeReport(index_path, index, signature, checker.finish(), foreign_files(directory, index))
+            self.result.volumes = report
             if not report.ok:
                 raise Refused(report.failure_message())  # a bad volume also explains a failed extraction
             if refusal is not None:
@@ -253,7 +254,9 @@ class _Importer:
             raise Refused(f"{name} v{version} is already installed with different contents; remove it first "
                           f"(`sovpack remove {name}@{version}`) to replace it")  # fmt: skip
 
-    def _verify_and_install(self, staging: Path, expected: BundleIdentity | None, known: dict[str, ShardDigests] | None) -> ImportResult:
+    def _verify_and_install(
+        self, staging: Path, expected: BundleIdentity | None, known: dict[str, ShardDigests] | None
+    ) -> ImportResult:
         metadata_sha256 = sha256_bytes((staging / METADATA_FILE).read_bytes())
         label = expected.label if expected else self.identity.label
         self.result.report = report = self._verify(staging, expected.size if expected else self.identity.size, known)

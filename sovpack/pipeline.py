@@ -82,15 +82,15 @@ def wait_all(futures: list[Future]) -> None:
 class FlushedFile:
     """A file written by the calling thread and flushed to disk on `lane` while it grows.
 
-    An fdatasync is handed to the lane every FLUSH_STEP bytes, up to byte `flush_until` (the
-    rest is left to a final flush). Every call on the file descriptor after the writes
-    (fdatasync, fsync, close) runs on the lane, in order, so the descriptor is closed only once
-    nothing uses it any more. Once `abandoned` is set (the file is about to be deleted), the
-    lane only closes it.
+    An fdatasync is handed to the lane every FLUSH_STEP bytes; when the file's final `size` is
+    given, its last FLUSH_STEP bytes are left to the owner's final flush. Every call on the file
+    descriptor after the writes (fdatasync, fsync, close) runs on the lane, in order, so the
+    descriptor is closed only once nothing uses it any more. Once `abandoned` is set (the file
+    is about to be deleted), the lane only closes it.
     """
 
-    def __init__(self, path: Path, fd: int, lane: Lane, abandoned: threading.Event, flush_until: int | None = None):
-        self.path, self.fd, self.lane, self.abandoned, self.flush_until = path, fd, lane, abandoned, flush_until
+    def __init__(self, path: Path, fd: int, lane: Lane, abandoned: threading.Event, size: int | None = None):
+        self.path, self.fd, self.lane, self.abandoned, self.size = path, fd, lane, abandoned, size
         self.flushes: list[Future] = []
         self.written = 0
         self._flushed = 0
@@ -100,7 +100,7 @@ class FlushedFile:
         self.written += len(view)
         while view:
             view = view[os.write(self.fd, view) :]
-        if self.written - self._flushed >= FLUSH_STEP and (self.flush_until is None or self.written <= self.flush_until):
+        if self.written - self._flushed >= FLUSH_STEP and (self.size is None or self.written <= self.size - FLUSH_STEP):
             self.flushes.append(self.lane.submit(self._sync, os.fdatasync))
             self._flushed = self.written
 

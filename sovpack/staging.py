@@ -5,10 +5,11 @@ when the stream has ended the shard digests of every written file are those of t
 in its staging file; verification compares them with the signed ones instead of reading the
 files again (`verify_bundle(known_digests=...)`).
 
-Large files are flushed to disk on another thread while they are written (every FLUSH_STEP
-bytes); the last stretch of each file, and every small file, is flushed by `finish`, once the
-stream has been read and judged: a staging that a damaged volume makes the import discard is
-not flushed for nothing. `finish` returns once every byte is hashed and on disk.
+Large files are flushed to disk on another thread while they are written (every
+pipeline.FLUSH_STEP bytes); the last stretch of each file, and every small file, is flushed
+by `finish`, once the stream has been read and judged: a staging that a damaged volume makes
+the import discard is not flushed for nothing. `finish` returns once every byte is hashed and
+on disk.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from sovpack.errors import Failure, Refused
 from sovpack.hashing import ShardDigests, ShardHasher
-from sovpack.pipeline import FLUSH_STEP, FlushedFile, Lane, fsync_path, wait_all
+from sovpack.pipeline import FlushedFile, Lane, fsync_path, wait_all
 
 if TYPE_CHECKING:
     from sovpack.volume_io import ConcatenatedReader
@@ -54,7 +55,7 @@ class StagedFiles:
         except OSError as e:
             raise write_failure(rel, self.root, e) from None
         finally:
-            self._flushes.append(f.close(flush=False))
+            self._close(f)
 
     def copy(self, rel: str, size: int, reader: ConcatenatedReader, shard_size: int) -> None:
         """Copy the next `size` bytes of the stream into `rel`, hashing its shards from the very bytes written."""
@@ -73,8 +74,13 @@ class StagedFiles:
                     raise write_failure(rel, self.root, e) from None
                 done += len(chunk)
         finally:
-            self._flushes.append(f.close(flush=False))
+            self._close(f)
         self._digests[rel] = self._hash_lane.submit(hasher.finish)
+
+    def _close(self, f: FlushedFile) -> None:
+        """Close on the flush lane; the final fsync waits for `finish`. Every fdatasync's error counts: Linux reports it once."""
+        f.close(flush=False)
+        self._flushes += f.flushes
 
     def _create(self, rel: str, size: int) -> FlushedFile:
         path = self.target(rel)
@@ -83,7 +89,7 @@ class StagedFiles:
         except OSError as e:
             raise write_failure(rel, self.root, e) from None
         self._written.append(path)
-        return FlushedFile(path, fd, self._flush_lane, self._abandoned, flush_until=size - FLUSH_STEP)
+        return FlushedFile(path, fd, self._flush_lane, self._abandoned, size)
 
     def finish(self) -> dict[str, ShardDigests]:
         """Once every written file is hashed and on disk: the shard digests of each, by path in the bundle."""
@@ -128,5 +134,7 @@ def _flush_failure(e: OSError) -> Failure:
 
 
 def write_failure(rel: str, staging: Path, e: OSError) -> Failure:
-    full = " (the store's disk is full or does not allow files this large)" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+    full = ""
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        full = " (the store's disk is full or does not allow files this large)"
     return Failure(f"cannot write {rel} into the store's staging directory {staging}: {e.strerror}{full}")

@@ -178,7 +178,8 @@ def check_sizes(root: Path, entries: Iterable[FileEntry]) -> None:
         size = (root / f.path).stat().st_size
         if size != f.size:
             change = "truncated" if size < f.size else "grown"
-            raise StepFailed("digests", f"{f.path} has {size} bytes, the inventory in {METADATA_FILE} says {f.size} ({change})", f.path)
+            message = f"{f.path} has {size} bytes, the inventory in {METADATA_FILE} says {f.size} ({change})"
+            raise StepFailed("digests", message, f.path)
 
 
 def check_digests(

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import threading
 
 import pytest
 
+from sovpack import pipeline
+from sovpack.errors import Failure
 from sovpack.hashing import MIB, Digester, ShardDigests, ShardHasher, compare_shards
 from sovpack.pipeline import BufferRing, Lane
+from sovpack.staging import StagedFiles
+from sovpack.volume_io import ConcatenatedReader
 
 SHARD = MIB
 
@@ -62,3 +68,25 @@ def test_compare_shards_names_the_first_shard_that_differs():
     short.update(data[:SHARD])
     assert compare_shards("f", expected, short.finish(), SHARD).index == 1
     assert compare_shards("f", expected, ShardDigests(expected.size, expected.shards), SHARD) is None
+
+
+def test_a_staged_file_is_hashed_from_the_bytes_written_and_a_failed_flush_is_not_lost(tmp_path, monkeypatch):
+    data = os.urandom(5 * MIB)  # two chunks: the first one is flushed while the second is written
+    monkeypatch.setattr(pipeline, "FLUSH_STEP", 1)
+    flushed = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: flushed.append(fd))
+    files = StagedFiles(tmp_path / "ok")
+    files.copy("w", len(data), ConcatenatedReader(stream=io.BytesIO(data)), SHARD)
+    expected = Digester(SHARD)
+    expected.update(data)
+    assert files.finish() == {"w": ShardDigests(len(data), expected.finish().shards)}
+    assert (tmp_path / "ok" / "w").read_bytes() == data and flushed
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)  # Linux reports a writeback error once: the final fsync may not see it
+    files = StagedFiles(tmp_path / "bad")
+    files.copy("w", len(data), ConcatenatedReader(stream=io.BytesIO(data)), SHARD)
+    with pytest.raises(Failure, match="cannot flush the staged bundle to the store's disk: Input/output error"):
+        files.finish()
