@@ -422,9 +422,9 @@ class WorkDir:
     def __exit__(self, *exc) -> None:
         for name in os.listdir(self.path):
             if name not in (self.LOCK, self.JOURNAL):  # a journal left here means a roll-back still to do
-                _unlink(self.path / name)
+                (self.path / name).unlink(missing_ok=True)
         if not (self.path / self.JOURNAL).exists():
-            _unlink(self.path / self.LOCK)
+            (self.path / self.LOCK).unlink(missing_ok=True)
         os.close(self._lock_fd)
         try:
             self.path.rmdir()
@@ -455,7 +455,7 @@ class WorkDir:
         self._roll_back(self.path / self.JOURNAL)
         for name in os.listdir(self.path):
             if name != self.LOCK:
-                _unlink(self.path / name)
+                (self.path / name).unlink(missing_ok=True)
 
     def _roll_back(self, journal: Path) -> None:
         """Remove outputs the journal names that reached the bundle while sovpack.json does not list them."""
@@ -519,13 +519,6 @@ def _interrupts_deferred() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _fsync_file(path: Path) -> None:
