@@ -23,7 +23,7 @@ from sovpack import __version__
 from sovpack.archive import ArchivePlan, plan_archive, write_archive
 from sovpack.bundle import read_metadata_bytes, require_bundle_dir, scan_tree, write_atomically
 from sovpack.errors import Failure, Refused, UsageError
-from sovpack.hashing import FileDigest, ShardHasher, compare_shards, sha256_bytes
+from sovpack.hashing import ShardHasher, compare_shards, sha256_bytes
 from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
 from sovpack.pipeline import Lane
 from sovpack.progress import Progress
@@ -156,7 +156,7 @@ class _DigestCheck:
         self.verdicts.append(self.lane.submit(self._compare, entry, hasher))
 
     def _compare(self, entry: FileEntry, hasher: ShardHasher) -> None:
-        expected = FileDigest(entry.size, entry.sha256, entry.shards)
+        expected = entry.digest
         mismatch = compare_shards(entry.path, expected, hasher.finish(), self.shard_size)
         if mismatch:
             raise Refused(f"refusing to export {self.root}: {digest_failure([mismatch])}")

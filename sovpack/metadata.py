@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sovpack.errors import Refused, UsageError
+from sovpack.hashing import FileDigest, shard_count
 from sovpack.jsonfields import HEX64, JsonFields
 from sovpack.safepath import case_collisions, check_safe_path
 
@@ -32,6 +33,10 @@ class FileEntry:
     format: str
     details: dict | None = None  # what the format inspector found
     source: dict | None = None  # provenance: where the bytes came from
+
+    @property
+    def digest(self) -> FileDigest:
+        return FileDigest(self.size, self.sha256, self.shards)
 
     def to_json(self) -> dict:
         data: dict[str, Any] = {
@@ -106,8 +111,8 @@ def _parse_file(data: object, index: int, shard_size: int) -> FileEntry:
     size, sha256, shards = f.get("size", int), f.get("sha256", str), f.get("shards", list)
     if size < 0 or not HEX64.match(sha256) or not all(isinstance(s, str) and HEX64.match(s) for s in shards):
         raise Refused(f"{METADATA_FILE}: entry for {path} has an invalid size or digest")
-    if len(shards) != max(1, -(-size // shard_size)):
-        raise Refused(f"{METADATA_FILE}: entry for {path} lists {len(shards)} shard digests, expected {max(1, -(-size // shard_size))} for {size} bytes")
+    if len(shards) != shard_count(size, shard_size):
+        raise Refused(f"{METADATA_FILE}: entry for {path} lists {len(shards)} shard digests, expected {shard_count(size, shard_size)} for {size} bytes")
     source = f.get("source", dict, optional=True)
     if source is not None and not isinstance(source.get("type"), str):
         raise Refused(f"{METADATA_FILE}: entry for {path} has a source without a 'type'")

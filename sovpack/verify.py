@@ -15,7 +15,7 @@ from pathlib import Path
 from sovpack.bundle import Tree, read_metadata_bytes, scan_tree
 from sovpack.errors import Refused, SovpackError
 from sovpack.formats import inspect_file
-from sovpack.hashing import FileDigest, ShardDigests, ShardMismatch, check_shards, compare_shards, sha256_bytes, shard_jobs
+from sovpack.hashing import ShardDigests, ShardMismatch, check_shards, compare_shards, digest_file, sha256_bytes, shard_jobs
 from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
 from sovpack.signature import MAX_SIGNATURE_BYTES, SignatureFile, Statement, parse_signature, parse_statement
 from sovpack.trust import TrustedKey, TrustPolicy
@@ -158,8 +158,6 @@ def check_inventory(metadata: BundleMetadata, tree: Tree, root: Path) -> None:
 
 
 def _renamed_message(root: Path, metadata: BundleMetadata, extra: list[str], missing: list[str]) -> str:
-    from sovpack.hashing import digest_file
-
     by_size = {metadata.file(m).size: m for m in missing if metadata.file(m)}
     for e in extra:
         original = by_size.get((root / e).stat().st_size)
@@ -204,12 +202,12 @@ def check_digests(
         job
         for f in entries
         if f.path not in known
-        for job in shard_jobs(f.path, root / f.path, FileDigest(f.size, f.sha256, f.shards), metadata.shard_size)
+        for job in shard_jobs(f.path, root / f.path, f.digest, metadata.shard_size)
     ]
     mismatches = check_shards(jobs, on_progress=on_progress)
     for f in entries:
         if f.path in known:
-            mismatch = compare_shards(f.path, FileDigest(f.size, f.sha256, f.shards), known[f.path], metadata.shard_size)
+            mismatch = compare_shards(f.path, f.digest, known[f.path], metadata.shard_size)
             mismatches += [mismatch] if mismatch else []
     if mismatches:
         raise digest_failure(sorted(mismatches, key=lambda m: (m.path, m.index)))
