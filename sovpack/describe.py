@@ -16,6 +16,7 @@ def describe_bundle(root: Path) -> dict:
     require_bundle_dir(root)
     raw = read_metadata_bytes(root)
     metadata = parse_metadata(raw)
+    metadata_sha256 = sha256_bytes(raw)
     return {
         "bundle": str(root),
         "name": metadata.name,
@@ -23,11 +24,11 @@ def describe_bundle(root: Path) -> dict:
         "created": format_time(metadata.created),
         "expires": format_time(metadata.expires) if metadata.expires else None,
         "created_by": metadata.created_by,
-        "metadata_sha256": sha256_bytes(raw),
+        "metadata_sha256": metadata_sha256,
         "total_size": sum(f.size for f in metadata.files),
         "sources": metadata.sources,
         "files": [f.to_json() | {"shards": len(f.shards)} for f in sorted(metadata.files, key=lambda f: f.path)],
-        "signatures": _signatures(root, sha256_bytes(raw)),
+        "signatures": _signatures(root, metadata_sha256),
     }
 
 

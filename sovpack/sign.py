@@ -41,19 +41,21 @@ def sign_bundle(root: Path, private_key: ec.EllipticCurvePrivateKey) -> SignResu
         check_formats(root, metadata)
     except Refused as e:
         raise Refused(f"refusing to sign {root}: {e}") from None
-    payload = statement_for(metadata, sha256_bytes(raw))
-    target = signature_path(root, key_id(private_key.public_key()))
+    metadata_sha256 = sha256_bytes(raw)
+    signer = key_id(private_key.public_key())
+    target = signature_path(root, signer)
     target.parent.mkdir(exist_ok=True)
     replaced = target.exists()
-    write_atomically(target, sign_statement(private_key, payload), tmp_dir=root.resolve().parent)
-    stale = [name for name in tree.signatures if root / name != target and not _covers(root / name, name, payload)]
-    return SignResult(target, key_id(private_key.public_key()), metadata, replaced, stale)
+    write_atomically(target, sign_statement(private_key, statement_for(metadata, metadata_sha256)), tmp_dir=root.resolve().parent)
+    stale = [name for name in tree.signatures if root / name != target and not _covers(root / name, name, metadata_sha256)]
+    return SignResult(target, signer, metadata, replaced, stale)
 
 
-def _covers(path: Path, name: str, payload: bytes) -> bool:
+def _covers(path: Path, name: str, metadata_sha256: str) -> bool:
+    """Whether a signature's statement names this very sovpack.json (the rule verify applies)."""
     try:
         theirs = parse_statement(parse_signature(path.read_bytes(), name).payload, name)
     except Refused:
         return False
-    return theirs.resources == parse_statement(payload, name).resources
+    return theirs.resources.get(METADATA_FILE) == metadata_sha256
 
