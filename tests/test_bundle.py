@@ -488,3 +488,21 @@ def test_checking_an_unlisted_path_is_refused(signed_bundle, keys):
     report = verify_bundle(signed_bundle, load_trust([keys / "alice.pub"]), paths=["not-there.gguf"])
     assert not report.ok and "not-there.gguf not listed in the inventory" in str(report.failure)
     assert verify_bundle(signed_bundle, load_trust([keys / "alice.pub"]), paths=["gguf/tiny-F32.gguf"]).ok
+
+
+def test_verify_json_report_on_failure(cli, signed_bundle, keys):
+    (signed_bundle / "README.md").write_text("changed")
+    result = cli("verify", signed_bundle, "--trust", keys / "alice.pub", "--json")
+    report = json.loads(result.out)
+    assert result.code == 1 and report["ok"] is False
+    assert report["error"]["step"] == "digests" and report["error"]["subject"] == "README.md"
+    assert "README.md" in report["error"]["message"]
+    assert [c["step"] for c in report["checks"]] == ["signatures", "threshold", "metadata", "inventory"]
+
+
+def test_inspect_names_a_broken_signature_without_failing(cli, signed_bundle):
+    (signed_bundle / "signatures" / "junk.sig").write_text("{}")
+    result = cli("inspect", signed_bundle, "--json")
+    assert result.code == 0
+    junk = next(s for s in json.loads(result.out)["signatures"] if s["file"] == "signatures/junk.sig")
+    assert junk["covers_metadata"] is False and "not a valid model-signing signature file" in junk["problem"]
