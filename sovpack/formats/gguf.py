@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,9 @@ FILE_TYPES = {
 }  # fmt: skip
 
 UNQUANTIZED_FILE_TYPES = {"F32", "F16", "BF16"}
+
+# Split GGUF files, as llama.cpp's gguf-split names them: MODEL-00001-of-00003.gguf
+SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 
 
 class _Truncated(Exception):
