@@ -74,10 +74,11 @@ class FetchResult:
 
 
 def bundle_name(request: FetchRequest) -> str:
+    """--name, else the spec's name (checked when the spec was read), else the model repository's name."""
     name = request.name or request.model.repo.split("/")[-1]
     try:
-        return check_name(name)
-    except Refused as e:
+        return check_name(name, UsageError)
+    except UsageError as e:
         raise UsageError(f"{e}; choose one with --name") from None
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from sovpack.errors import UsageError
 from sovpack.hub import COMMIT_RE, check_repo_id
+from sovpack.metadata import check_name
 
 SPEC_VERSION = 1
 DEFAULT_REVISION = "main"
@@ -220,10 +221,15 @@ def parse_spec(document: dict, path: Path) -> FetchRequest:
     version = bundle.get("version", int, 1)
     if version < 1:
         raise bundle.error("[bundle].version must be 1 or more")
+    name = bundle.get("name", str, required=True)
+    try:
+        check_name(name, UsageError)
+    except UsageError as e:
+        raise bundle.error(f"[bundle].name: {e}") from None
     return FetchRequest(
         model=model,
         ggufs=tuple(ggufs),
-        name=bundle.get("name", str, required=True),
+        name=name,
         version=version,
         expires=bundle.get("expires", str),
         spec=path,

@@ -616,6 +616,10 @@ files = ["*Q4_K_M.gguf", "*F16-00002-of-00002.gguf"]
             "spec_version = 1\n[bundle]\nname='x'\nversion='1'\n[model]\nrepo='org/tiny'\nrevision='" + "a" * 40 + "'\n",
             "[bundle].version must be a int",
         ),
+        (
+            "spec_version = 1\n[bundle]\nname='bad name!'\n[model]\nrepo='org/tiny'\nrevision='" + "a" * 40 + "'\n",
+            "[bundle].name: bundle name 'bad name!' is not allowed",
+        ),
     ],
 )
 def test_bad_spec_is_a_usage_error_naming_the_file(cli, server, tmp_path, text, message):
