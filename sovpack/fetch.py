@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sovpack import __version__
 from sovpack.bundle import write_atomically
-from sovpack.errors import Failure, Refused, UsageError
+from sovpack.errors import Failure, UsageError
 from sovpack.fetch_plan import WORK_DIR, Plan, make_plan
 from sovpack.fetch_spec import FetchRequest
 from sovpack.hashing import SHARD_SIZE, FileDigest
@@ -65,7 +65,6 @@ class FetchResult:
     plan: Plan
     status: dict[str, FileStatus]
     metadata: BundleMetadata | None = None  # None for a dry run
-    downloaded: int = 0  # bytes transferred by this run
     out: Path | None = None
 
     @property
@@ -134,7 +133,6 @@ def _fetch_into(
         result.status = status
         todo = [f for f in plan.files if status[f.path].state != "staged"]
         digests = {f.path: staging.complete[f.path].digest for f in plan.files if status[f.path].state == "staged"}
-        result.downloaded = sum(f.size - status[f.path].kept for f in todo)
         for f in plan.files:
             if status[f.path].state == "staged":
                 events.started(f, f.size)

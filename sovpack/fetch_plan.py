@@ -124,7 +124,6 @@ def select_gguf_files(repo: str, paths: list[str], globs: tuple[str, ...]) -> Se
 class Plan:
     """What a fetch will take: resolved repositories, the files, what was left out."""
 
-    request: FetchRequest
     snapshots: list[tuple[RepoSelection, Snapshot]]
     files: list[RemoteFile]  # each lands in the bundle at its path in the repository
     skipped: list[Skipped]
@@ -165,12 +164,12 @@ def make_plan(request: FetchRequest, hub: Hub) -> Plan:
     skipped: list[Skipped] = []
     model_sel, model_snap = snapshots[0]
     model = select_model_files(model_sel.repo, sorted(model_snap.files), model_sel.include, model_sel.exclude)
-    _refuse_unmatched(request, model_sel, model_snap, model.unmatched, "include")
+    _refuse_unmatched(request, model_sel, model_snap, model.unmatched)
     chosen += [model_snap.files[p] for p in model.paths]
     skipped += model.skipped
     for sel, snap in snapshots[1:]:
         gguf = select_gguf_files(sel.repo, sorted(snap.files), sel.include)
-        _refuse_unmatched(request, sel, snap, gguf.unmatched, "files")
+        _refuse_unmatched(request, sel, snap, gguf.unmatched)
         chosen += [snap.files[p] for p in gguf.paths]
 
     files = _merge(chosen)
@@ -180,10 +179,10 @@ def make_plan(request: FetchRequest, hub: Hub) -> Plan:
         first = next((f for f in files if f.repo == snap.repo and f.commit == snap.commit), None)
         if first is not None:
             hub.check_access(first)
-    return Plan(request, snapshots, files, skipped, hub.endpoint)
+    return Plan(snapshots, files, skipped, hub.endpoint)
 
 
-def _refuse_unmatched(request: FetchRequest, sel: RepoSelection, snap: Snapshot, unmatched: list[str], key: str) -> None:
+def _refuse_unmatched(request: FetchRequest, sel: RepoSelection, snap: Snapshot, unmatched: list[str]) -> None:
     if not unmatched:
         return
     if request.spec is not None:

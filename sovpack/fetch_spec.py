@@ -47,10 +47,6 @@ class RepoSelection:
     include: tuple[str, ...] = ()  # globs; for the model, empty means the default selection
     exclude: tuple[str, ...] = ()
 
-    @property
-    def label(self) -> str:
-        return f"{self.repo}@{self.revision}"
-
 
 @dataclass(frozen=True)
 class FetchRequest:

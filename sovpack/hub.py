@@ -86,11 +86,8 @@ class Snapshot:
     """A repository at the commit one revision resolved to."""
 
     repo: str
-    revision: str  # as asked: branch, tag or commit
-    commit: str  # the 40-hex commit it resolved to
+    commit: str  # the 40-hex commit the revision resolved to
     files: dict[str, RemoteFile]
-    gated: bool
-    private: bool
 
 
 def check_repo_id(repo: str, what: str = "repository") -> str:
@@ -135,7 +132,7 @@ class Hub:
 
         api = HfApi(endpoint=self.url, library_name="sovpack", library_version=__version__)
         with self.errors(repo, revision):
-            info = api.model_info(repo, revision=revision, expand=["sha", "gated", "private"])
+            info = api.model_info(repo, revision=revision, expand=["sha"])
         commit = info.sha or ""
         if not COMMIT_RE.match(commit):
             raise Failure(f"{self.endpoint} resolved {repo}@{revision} to {commit!r}, which is not a 40-hex commit id")
@@ -146,7 +143,7 @@ class Hub:
             for entry in api.list_repo_tree(repo, revision=commit, recursive=True):
                 if isinstance(entry, RepoFile):
                     files[entry.path] = self._remote_file(repo, commit, entry)
-        return Snapshot(repo, revision, commit, files, bool(info.gated), bool(info.private))
+        return Snapshot(repo, commit, files)
 
     def _remote_file(self, repo: str, commit: str, entry) -> RemoteFile:
         lfs = entry.lfs.sha256 if entry.lfs is not None else None
