@@ -614,3 +614,16 @@ def test_chat_template_must_be_the_signed_one(env):
         chat_handler(llama, template + " ", signed, lambda: False)
     with pytest.raises(Refused):
         chat_handler(llama, None, signed, lambda: False)
+
+
+def test_altered_metadata_naming_no_gguf_is_refused_not_a_usage_error(cli, env):
+    bundle = env.copy_bundle("no-gguf-claimed")
+    metadata = bundle / "sovpack.json"
+    text = metadata.read_text()
+    assert text.count('"format": "gguf"') == 1
+    metadata.write_text(text.replace('"format": "gguf"', '"format": "data"'))  # after signing
+    result = _serve(cli, env, bundle, "--trust", env.keys / "alice.pub")
+    assert result.code == 1, result.err
+    assert "sovpack.json" in result.err and "quantize" not in result.err, result.err
+    refused = [r for r in env.audit() if r["event"] == "serve-refused"][-1]
+    assert refused["bundle"] == str(bundle.resolve()) and refused["exit_code"] == 1

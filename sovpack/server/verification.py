@@ -2,7 +2,8 @@
 
 Order:
 1. choose the GGUF from sovpack.json as found (not yet trusted; only to know which files
-   to hash), and fingerprint those files;
+   to hash), and fingerprint those files; if it names none that can be served, verify
+   first, so that an altered sovpack.json is refused rather than taken at its word;
 2. `verify_bundle` with `paths=` those files: signatures, threshold, metadata, inventory,
    their shard digests, formats, expiry. Files that the fast-path record vouches for
    (unchanged and read-only since a full verification) skip the digest step;
@@ -22,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sovpack.bundle import read_metadata
-from sovpack.errors import FormatError, Refused
+from sovpack.errors import FormatError, Refused, UsageError
 from sovpack.formats.gguf import read_chat_template
 from sovpack.metadata import BundleMetadata
 from sovpack.server.fingerprint import Fingerprint, VerificationRecords, describe_change
@@ -128,13 +129,18 @@ def verify_for_serving(
 
 
 def _unverified_choice(target: ServeTarget, variant: str | None, now: datetime | None) -> GgufChoice:
-    """The GGUF named by sovpack.json before it is trusted; a bad sovpack.json fails verification."""
+    """The GGUF named by sovpack.json before it is trusted.
+
+    When sovpack.json cannot be read, or names no GGUF that can be served (none, several,
+    no such --variant, a split part missing), the bundle is verified first (every step but
+    the digests): an altered sovpack.json is refused for what it is (exit 1), and only a
+    signed one earns the usage error about what it says.
+    """
     try:
-        metadata = read_metadata(target.bundle)
-    except Refused:
+        return choose_gguf(read_metadata(target.bundle), variant)
+    except (Refused, UsageError):
         verify_bundle(target.bundle, target.policy, now=now, paths=[]).raise_for_failure()
         raise
-    return choose_gguf(metadata, variant)
 
 
 def _checked_template(root: Path, choice: GgufChoice) -> str | None:
