@@ -409,6 +409,20 @@ def test_sigterm_lets_the_stream_in_flight_finish(env):
         httpx.get(f"{s.url}/health")
 
 
+def test_shutdown_timeout_zero_cancels_the_stream_at_once(env):
+    s = Server(env, env.bundle, "--shutdown-timeout", "0", name="timeout0").wait_ready()
+    body = {"prompt": PROMPT, "max_tokens": 400, "min_tokens": 400, "temperature": 0, "stream": True}
+    chunks = []
+    with pytest.raises(httpx.HTTPError):  # cut short: no [DONE]
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, headers=s.headers(), timeout=60) as r:
+            for line in r.iter_lines():
+                chunks.append(line)
+                if len(chunks) == 1:
+                    s.proc.send_signal(signal.SIGTERM)
+    assert "data: [DONE]" not in chunks
+    assert s.proc.wait(15) == 0, s.output()  # 0 means no grace period, not "wait forever"
+
+
 def test_tls(env):
     cert, key = _self_signed(env.root / "tls")
     s = Server(env, env.bundle, "--tls-cert", cert, "--tls-key", key, tls=cert, name="tls").wait_ready()

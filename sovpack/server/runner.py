@@ -118,7 +118,7 @@ def _run(options, store, keys, model, sock, audit, say) -> int:
         log_level="warning",
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=int(options.shutdown_timeout) if options.shutdown_timeout else None,
+        timeout_graceful_shutdown=options.shutdown_timeout,  # seconds, fractions too; 0: cancel at once
         timeout_keep_alive=5,
         server_header=False,
         proxy_headers=False,
