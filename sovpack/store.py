@@ -103,9 +103,14 @@ class Store:
 
     @property
     def threshold(self) -> int:
-        if not self.policy_path.exists():
+        repair = "set it again with `sovpack trust threshold K`"
+        policy = self._read_json(self.policy_path, repair)
+        if policy is None:
             return 1
-        return int(json.loads(self.policy_path.read_text())["threshold"])
+        threshold = policy.get("threshold")
+        if not _is_count(threshold):
+            raise _damaged(self.policy_path, "its 'threshold' is not a whole number of at least 1", repair)
+        return threshold
 
     def set_threshold(self, threshold: int) -> None:
         if threshold < 1:
@@ -142,16 +147,46 @@ class Store:
         return self.records_dir / check_name(name) / f"{version}.json"
 
     def installed(self, name: str | None = None) -> list[InstalledBundle]:
-        names = [name] if name else sorted(p.name for p in self.bundles_dir.iterdir()) if self.bundles_dir.is_dir() else []
+        """Installed bundles (of `name`, or all), each name's highest version first, with their records."""
+        return [InstalledBundle(n, v, self.bundle_path(n, v), self._read_record(n, v)) for n, v in self._installed_versions(name)]
+
+    def _installed_versions(self, name: str | None = None) -> list[tuple[str, int]]:
+        if name:
+            names = [check_name(name)]
+        else:
+            names = sorted(p.name for p in self.bundles_dir.iterdir()) if self.bundles_dir.is_dir() else []
         found = []
         for n in names:
             directory = self.bundles_dir / check_name(n)
-            if not directory.is_dir():
-                continue
-            for v in sorted((int(p.name) for p in directory.iterdir() if _VERSION_DIR.match(p.name)), reverse=True):
-                record = self.record_path(n, v)
-                found.append(InstalledBundle(n, v, directory / str(v), json.loads(record.read_text()) if record.exists() else {}))
+            if directory.is_dir():
+                found += [(n, v) for v in sorted((int(p.name) for p in directory.iterdir() if _VERSION_DIR.match(p.name)), reverse=True)]
         return found
+
+    def _read_record(self, name: str, version: int) -> dict:
+        path = self.record_path(name, version)
+        repair = "delete it and run the same import again, which verifies the bundle and writes its record anew"
+        record = self._read_json(path, repair)
+        if record is None:
+            return {}
+        accepted_by = record.get("accepted_by", [])
+        if not isinstance(accepted_by, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("hint"), str) for a in accepted_by
+        ):
+            raise _damaged(path, "its 'accepted_by' is not a list of signers with a name and a hint", repair)
+        return record
+
+    @staticmethod
+    def _read_json(path: Path, repair: str) -> dict | None:
+        """A JSON object the store wrote; None when the file does not exist. A damaged one is refused, naming it."""
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as e:  # UnicodeDecodeError included
+            raise _damaged(path, f"it is not valid JSON ({e})", repair) from None
+        if not isinstance(data, dict):
+            raise _damaged(path, "it does not hold a JSON object", repair)
+        return data
 
     def find(self, spec: str) -> InstalledBundle:
         """NAME (the highest installed version) or NAME@VERSION."""
@@ -165,16 +200,26 @@ class Store:
 
     def highest_versions(self) -> dict[str, int]:
         """Highest version ever installed per name, including bundles installed right before a crash."""
-        versions = json.loads(self.versions_path.read_text()) if self.versions_path.exists() else {}
-        for b in self.installed():
-            versions[b.name] = max(versions.get(b.name, 0), b.version)
+        versions = self._recorded_versions()
+        for name, version in self._installed_versions():
+            versions[name] = max(versions.get(name, 0), version)
+        return versions
+
+    def _recorded_versions(self) -> dict[str, int]:
+        """state/versions.json: the high-water marks, which nothing else can restore."""
+        repair = "restore it from a backup: it holds the highest version ever installed of each bundle (rollback protection)"
+        versions = self._read_json(self.versions_path, repair)
+        if versions is None:
+            return {}
+        if not all(_is_count(v) for v in versions.values()):
+            raise _damaged(self.versions_path, "a version in it is not a whole number of at least 1", repair)
         return versions
 
     def highest_version(self, name: str) -> int:
         return self.highest_versions().get(name, 0)
 
     def record_version(self, name: str, version: int) -> None:
-        versions = json.loads(self.versions_path.read_text()) if self.versions_path.exists() else {}
+        versions = self._recorded_versions()
         if version > versions.get(name, 0):
             versions[name] = version
             self.versions_path.parent.mkdir(parents=True, exist_ok=True)
@@ -282,6 +327,14 @@ class Store:
                     deleted += 1
                     _remove_empty(obj.parent)
         return deleted
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _damaged(path: Path, what: str, repair: str) -> Refused:
+    return Refused(f"the store's {path} is damaged: {what}; {repair}")
 
 
 def _name_from_command_line(name: str, spec: str) -> str:

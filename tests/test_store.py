@@ -193,3 +193,48 @@ def test_a_failed_import_changes_nothing_but_the_audit_log(cli, signed_bundle, s
     flip_byte(tmp_path / "out-bundle" / "tiny-v3.001", 0)
     assert cli("import", tmp_path / "out-bundle", "--store", store).code == 0  # already installed: not even read
     assert store_snapshot(store) == before
+
+
+# damaged store files: refused (exit 1), naming the file, never a traceback
+
+
+def test_a_damaged_trust_policy_is_named(signed_bundle, store, tmp_path):
+    policy = store / "trust" / "policy.json"
+    policy.parent.mkdir(parents=True, exist_ok=True)
+    policy.write_text('{"threshold": 2')
+    listed = sovpack("trust", "list", "--store", store)
+    assert listed.returncode == 1 and b"Traceback" not in listed.stderr
+    assert str(policy).encode() in listed.stderr and b"not valid JSON" in listed.stderr
+    assert b"sovpack trust threshold K" in listed.stderr
+    policy.write_text('{"threshold": "two"}')
+    result = sovpack("import", tmp_path / "nowhere", "--store", store)
+    assert result.returncode == 1 and str(policy).encode() in result.stderr and b"'threshold'" in result.stderr
+
+
+def test_a_damaged_import_record_is_named_and_can_be_rewritten(cli, signed_bundle, store, tmp_path):
+    install(cli, signed_bundle, store, tmp_path)
+    record = store / "records" / "tiny" / "3.json"
+    record.write_text("[")
+    for args in (["list"], ["verify", "tiny"], ["import", tmp_path / "out-bundle"]):
+        result = cli(*args, "--store", store)
+        assert result.code == 1 and str(record) in result.err and "not valid JSON" in result.err, args
+    record.write_text('{"accepted_by": [{"name": "alice"}]}')
+    damaged = cli("list", "--store", store)
+    assert damaged.code == 1 and str(record) in damaged.err and "'accepted_by'" in damaged.err
+    record.unlink()  # the repair the message gives: the same import again verifies the bundle and writes the record
+    assert cli("import", tmp_path / "out-bundle", "--store", store).code == 0
+    assert json.loads(cli("list", "--store", store, "--json").out)["bundles"][0]["signers"] == ["alice"]
+
+
+def test_a_damaged_rollback_state_is_named(cli, signed_bundle, store, tmp_path, model_dir, keys):
+    install(cli, signed_bundle, store, tmp_path)
+    versions = store / "state" / "versions.json"
+    versions.write_bytes(b"\xff\xfe")
+    out = tmp_path / "out-v4"
+    assert cli("export", version_4(cli, tmp_path, model_dir, keys), "--to", out).code == 0
+    result = cli("import", out, "--store", store)  # the rollback check reads it
+    assert result.code == 1 and str(versions) in result.err and "restore it from a backup" in result.err
+    versions.write_text('{"tiny": "3"}')
+    result = cli("remove", "tiny", "--store", store)
+    assert result.code == 1 and str(versions) in result.err and "not a whole number" in result.err
+    assert (store / "bundles" / "tiny" / "3").is_dir()
