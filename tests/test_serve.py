@@ -588,6 +588,22 @@ def test_not_installed_name(cli, env):
     assert result.code == 2 and "not installed" in result.err
 
 
+def test_a_verified_gguf_llama_cpp_cannot_load_exits_3(env):
+    from builders import write_gguf
+
+    model = env.root / "unloadable-model"
+    write_gguf(model / "tiny-F32.gguf")  # valid GGUF, but no llama model in it
+    bundle = env.root / "unloadable"
+    assert run("pack", model, "--out", bundle, "--name", "tiny") == 0
+    assert run("sign", bundle, "--key", env.keys / "alice.key") == 0
+    s = Server(env, bundle, key=False, name="unloadable")
+    assert s.proc.wait(60) == 3, s.output()
+    assert "llama.cpp could not load tiny-F32.gguf" in s.output()
+    records = [r for r in env.audit() if r["pid"] == s.proc.pid]
+    assert [r["event"] for r in records] == ["serve-start", "serve-stop"]  # a failure, not a refusal
+    assert records[-1]["reason"] == "failure" and "tiny-F32.gguf" in records[-1]["error"]
+
+
 # verification internals, on the real files
 
 

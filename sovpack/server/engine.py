@@ -27,7 +27,7 @@ import llama_cpp
 from llama_cpp.llama import StoppingCriteriaList
 from llama_cpp.server.app import prepare_request_resources
 
-from sovpack.errors import Refused
+from sovpack.errors import Failure, Refused
 from sovpack.server.slots import SlotPool
 from sovpack.server.template import chat_handler
 from sovpack.server.verification import VerifiedModel
@@ -137,8 +137,8 @@ class Engine:
                 chat_handler=_no_chat_yet,  # never let llama-cpp-python guess a chat format
                 verbose=False,
             )
-        except (ValueError, RuntimeError) as e:
-            raise Refused(f"llama.cpp could not load {self.model.choice.entry.path}: {e}") from None
+        except (ValueError, RuntimeError) as e:  # a verified file llama.cpp cannot run: not a refusal
+            raise Failure(f"llama.cpp could not load {self.model.choice.entry.path}: {e}") from None
         slot.llama.chat_handler = chat_handler(slot.llama, self.model.chat_template, self.model.chat_template_sha256, slot.should_stop)
         return slot
 
