@@ -87,7 +87,7 @@ def sign(
 
 @app.command()
 def verify(
-    bundle: str = typer.Argument(..., help="Bundle directory, or NAME[@VERSION] of a bundle installed in the store."),
+    bundle: str = typer.Argument(..., help="Bundle directory, or NAME\\[@VERSION] of a bundle installed in the store."),
     trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP + " Default: the store's trusted keys."),
     threshold: Optional[int] = typer.Option(None, "--threshold", help="How many distinct trusted keys must have signed (default 1 with --trust, else the store's threshold)."),
     store: Optional[Path] = typer.Option(None, "--store", help="Store directory (default $SOVPACK_HOME or the platform data directory)."),

@@ -14,7 +14,7 @@ TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for sever
 
 @app.command()
 def serve(
-    target: str = typer.Argument(..., metavar="NAME_OR_BUNDLE", help="Installed bundle NAME[@VERSION], or a bundle directory."),
+    target: str = typer.Argument(..., metavar="NAME_OR_BUNDLE", help="Installed bundle NAME\\[@VERSION], or a bundle directory."),
     variant: Optional[str] = typer.Option(None, "--variant", help="GGUF to serve: quantization type (Q4_K_M) or file path in the bundle."),
     store: Optional[Path] = typer.Option(None, "--store", help="Store directory (default $SOVPACK_HOME or the platform data dir)."),
     trust: List[Path] = typer.Option([], "--trust", help=TRUST_HELP),
