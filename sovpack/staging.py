@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,7 +126,14 @@ def flush_files(paths: Iterable[Path]) -> None:
 
 
 def flush_tree(root: Path) -> None:
-    flush_files(Path(directory, name) for directory, _, names in os.walk(root) for name in names)
+    flush_files(files_under(root))
+
+
+def files_under(root: Path) -> Iterator[Path]:
+    """Every file of a staged tree (which holds only directories and regular files)."""
+    for directory, _, names in os.walk(root):
+        for name in names:
+            yield Path(directory, name)
 
 
 def _flush_failure(e: OSError) -> Failure:

@@ -36,7 +36,8 @@ from sovpack.audit import AuditLog
 from sovpack.bundle import fsync_dir, require_bundle_dir, write_atomically
 from sovpack.errors import Refused, UsageError
 from sovpack.keys import public_pem
-from sovpack.metadata import METADATA_FILE, BundleMetadata, check_name, parse_metadata
+from sovpack.metadata import METADATA_FILE, BundleMetadata, check_name, format_time, parse_metadata
+from sovpack.staging import files_under
 from sovpack.trust import TrustedKey, TrustPolicy, trusted_key_from_file
 from sovpack.verify import VerifyReport, verify_bundle
 
@@ -190,13 +191,15 @@ class Store:
 
     def find(self, spec: str) -> InstalledBundle:
         """NAME (the highest installed version) or NAME@VERSION."""
+        return self._matching(spec)[0]
+
+    def _matching(self, spec: str) -> list[InstalledBundle]:
+        """The installed bundles NAME@VERSION or NAME (every version, highest first) names; a usage error if none."""
         name, _, version = spec.partition("@")
-        candidates = self.installed(_name_from_command_line(name, spec))
-        if version:
-            candidates = [b for b in candidates if str(b.version) == version]
-        if not candidates:
+        found = [b for b in self.installed(_name_from_command_line(name, spec)) if not version or str(b.version) == version]
+        if not found:
             raise UsageError(f"{spec} is not installed in the store at {self.root} (see `sovpack list`)")
-        return candidates[0]
+        return found
 
     def highest_versions(self) -> dict[str, int]:
         """Highest version ever installed per name, including bundles installed right before a crash."""
@@ -252,7 +255,7 @@ class Store:
 
     def commit(self, staging: Path, name: str, version: int) -> Path:
         """Make a verified staging directory the installed bundle NAME vVERSION: one rename."""
-        for path in _files(staging):
+        for path in files_under(staging):
             os.chmod(path, 0o444)
         target = self.bundle_path(name, version)
         with self.lock():
@@ -290,13 +293,10 @@ class Store:
 
     def remove(self, spec: str) -> InstalledBundle:
         """Remove NAME@VERSION (or NAME when one version is installed); the rollback mark stays."""
-        name, _, version = spec.partition("@")
-        candidates = [b for b in self.installed(_name_from_command_line(name, spec)) if not version or str(b.version) == version]
-        if not candidates:
-            raise UsageError(f"{spec} is not installed in the store at {self.root} (see `sovpack list`)")
+        candidates = self._matching(spec)
         if len(candidates) > 1:
             versions = ", ".join(str(b.version) for b in candidates)
-            raise UsageError(f"{name} has {len(candidates)} versions installed ({versions}): give NAME@VERSION")
+            raise UsageError(f"{candidates[0].name} has {len(candidates)} versions installed ({versions}): give NAME@VERSION")
         bundle = candidates[0]
         with self.lock():
             self.record_version(bundle.name, bundle.version)  # removing never lowers the high-water mark
@@ -361,24 +361,12 @@ def installed_summary(store: Store, bundle: InstalledBundle) -> dict:
         "signers": [a.get("name") for a in record.get("accepted_by", [])],
         "threshold": record.get("threshold"),
         "imported": record.get("imported"),
-        "created": metadata and _time(metadata.created),
-        "expires": metadata and metadata.expires and _time(metadata.expires),
+        "created": metadata and format_time(metadata.created),
+        "expires": metadata and metadata.expires and format_time(metadata.expires),
         "gguf_variants": sorted({(f.details or {}).get("file_type") or "unknown" for f in metadata.files if f.format == "gguf"}) if metadata else [],
         "metadata_sha256": record.get("metadata_sha256"),
         "problem": problem if problem else (None if record else "no import record: run the import again to complete it"),
     }
-
-
-def _time(t) -> str:
-    from sovpack.metadata import format_time
-
-    return format_time(t)
-
-
-def _files(root: Path) -> Iterator[Path]:
-    for directory, _, files in os.walk(root):
-        for name in files:
-            yield Path(directory, name)
 
 
 def _remove_empty(directory: Path) -> None:
