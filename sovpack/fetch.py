@@ -34,6 +34,7 @@ from sovpack.hashing import SHARD_SIZE, FileDigest
 from sovpack.hub import Hub, RemoteFile
 from sovpack.metadata import BundleMetadata, FileEntry, check_name, parse_expiry
 from sovpack.pack import StagedBundle, file_entry
+from sovpack.sizes import human_size
 
 STATE_FORMAT = "sovpack-fetch-state"
 STATE_VERSION = 1
@@ -101,7 +102,7 @@ def fetch(
         raise UsageError(f"{out} already exists; choose a new --out directory")
     hub = Hub(endpoint)
     plan = make_plan(request, hub)
-    status = staged_status(staging_dir(out), plan) if out is not None else {f.path: FileStatus("download") for f in plan.files}
+    status = staged_status(StagedBundle.staging_dir(out), plan) if out is not None else {f.path: FileStatus("download") for f in plan.files}
     result = FetchResult(plan, status, out=out)
     events.planned(plan, status)
     if dry_run:
@@ -211,13 +212,9 @@ def _check_free_space(out: Path, needed: int) -> None:
     free = shutil.disk_usage(existing).free
     if needed + SPACE_MARGIN > free:
         raise Failure(
-            f"not enough free space for this fetch in {existing}: it needs {_mib(needed)} more, "
-            f"{_mib(free)} is free. Free some space or choose another --out; nothing was downloaded"
+            f"not enough free space for this fetch in {existing}: it needs {human_size(needed)} more, "
+            f"{human_size(free)} is free. Free some space or choose another --out; nothing was downloaded"
         )
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
 
 
 # ---------------------------------------------------------------------- staging state
@@ -295,11 +292,6 @@ def _complete_is_intact(root: Path, path: str, c: _Complete) -> bool:
         and st.st_size == c.digest.size
         and st.st_mtime_ns == c.mtime_ns
     )
-
-
-def staging_dir(out: Path) -> Path:
-    """Where StagedBundle builds `out` (its hidden sibling)."""
-    return out.with_name(f".{out.name}.partial")
 
 
 def staged_status(root: Path, plan: Plan) -> dict[str, FileStatus]:

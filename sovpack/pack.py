@@ -40,10 +40,15 @@ class StagedBundle:
         if out.exists():
             raise UsageError(f"{out} already exists; choose a new --out directory")
         self.out = out
-        self.dir = out.with_name(f".{out.name}.partial")
+        self.dir = self.staging_dir(out)
         if self.dir.exists() and not resume:
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def staging_dir(out: Path) -> Path:
+        """Where the bundle `out` is built: its hidden sibling `.<name>.partial`."""
+        return out.with_name(f".{out.name}.partial")
 
     def publish(self, metadata: BundleMetadata) -> None:
         check_inventory_paths([f.path for f in metadata.files])

@@ -42,6 +42,7 @@ from sovpack.hashing import cpu_count, digest_file, sha256_file
 from sovpack.llama_quantizer import QuantizerRun, run_llama_quantize
 from sovpack.metadata import BundleMetadata, FileEntry, check_inventory_paths
 from sovpack.pack import file_entry
+from sovpack.pipeline import fsync_path
 from sovpack.sizes import human_size
 from sovpack.verify import check_digests, check_inventory
 
@@ -348,7 +349,7 @@ class _Builder:
         run = run_llama_quantize(self.root / self.source.entry.path, partial, qtype, ftype=LLAMA_FTYPES[qtype], threads=self.threads,
                                  allow_requantize=self.allow_requantize, name=self.source.entry.path,
                                  on_tensor=lambda done, total: self._report("quantizing", rel, done, total))  # fmt: skip
-        _fsync_file(partial)
+        fsync_path(partial)
         self._report("hashing", rel)
         digest = digest_file(partial, self.metadata.shard_size)
         entry = file_entry(partial, rel, digest, _provenance(self.source, qtype, run))
@@ -490,7 +491,7 @@ class WorkDir:
         journal = {"outputs": [{"path": b.entry.path, "size": b.entry.size, "sha256": b.entry.sha256} for b in built]}
         journal_path = self.path / self.JOURNAL
         journal_path.write_text(json.dumps(journal))
-        _fsync_file(journal_path)
+        fsync_path(journal_path)
         try:
             with _interrupts_deferred():
                 for b in built:
@@ -519,10 +520,3 @@ def _interrupts_deferred() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-

@@ -18,11 +18,12 @@ from huggingface_hub import constants
 import sovpack.hub
 from sovpack.bundle import read_metadata, scan_tree
 from sovpack.errors import Refused, UsageError
-from sovpack.fetch import bundle_name, staging_dir
+from sovpack.fetch import bundle_name
 from sovpack.fetch_plan import matches, select_gguf_files, select_model_files
 from sovpack.fetch_spec import load_spec, parse_gguf_option, parse_repo_ref
 from sovpack.hub import Hub, RemoteFile
 from sovpack.metadata import parse_metadata
+from sovpack.pack import StagedBundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hubserver import HubServer, git_blob_id  # noqa: E402
@@ -32,6 +33,7 @@ MODEL = "org/tiny"
 GGUF = "quant/tiny-GGUF"
 MIB = 1 << 20
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
+staging_dir = StagedBundle.staging_dir
 
 
 @pytest.fixture(autouse=True)
