@@ -20,11 +20,12 @@ imported inside the functions so that `sovpack --help` stays fast.
 from __future__ import annotations
 
 import hashlib
-import queue
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sovpack import __version__
 from sovpack.errors import Failure, Refused, SovpackError, UsageError
-from sovpack.hashing import Digester, FileDigest
+from sovpack.hashing import READ_SIZE, Digester, FileDigest
+from sovpack.pipeline import Lane, wait_all
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -40,7 +42,6 @@ REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]
 
 MAX_ATTEMPTS = 6  # consecutive failed attempts of one file (an attempt that brings bytes resets the count)
 RETRY_WAIT = 1.0  # seconds before the first retry, doubled each time up to 8 s (tests set it to 0)
-HASH_BLOCK = 4 * 1024 * 1024  # bytes handed to the hashing thread at a time (>= 1 MiB: Digester overlaps)
 PROGRESS_STEP = 1024 * 1024  # report progress at most once per MiB
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 
@@ -361,36 +362,40 @@ class _Throttled:
             self.pending = 0
 
 
-class _HashThread:
-    """Feeds blocks to a Digester (and the git blob SHA-1) on its own thread, in order."""
+class _Hashing:
+    """The digests of one download (Digester, and the git blob SHA-1 of a small file), on a lane beside the writer.
+
+    At most MAX_QUEUED blocks wait for the lane: a network faster than hashing waits, memory stays bounded.
+    """
+
+    MAX_QUEUED = 4
 
     def __init__(self, f: RemoteFile):
         self.digester = Digester()
         self.blob = None if f.lfs_sha256 else hashlib.sha1(b"blob %d\0" % f.size)
-        self.queue: queue.Queue = queue.Queue(maxsize=4)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"hash {f.path}", daemon=True)
-        self.thread.start()
+        self.lane = Lane(f"hash {f.path}")
+        self.queued: deque[Future] = deque()
 
-    def _run(self) -> None:
-        while (block := self.queue.get()) is not None:
-            if self.error is not None:
-                continue
-            try:
-                self.digester.update(block)
-                if self.blob is not None:
-                    self.blob.update(block)
-            except BaseException as e:  # noqa: BLE001 - handed to the writer thread
-                self.error = e
+    def _update(self, block: bytes) -> None:
+        self.digester.update(block)
+        if self.blob is not None:
+            self.blob.update(block)
 
-    def put(self, block: bytes | bytearray) -> None:
-        self.queue.put(block)
+    def put(self, block: bytes) -> None:
+        if len(self.queued) >= self.MAX_QUEUED:
+            self.queued.popleft().result()  # wait for room; an error of the hashing is raised here
+        self.queued.append(self.lane.submit(self._update, block))
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+        """Wait until every block is hashed; raise the first error."""
+        self.lane.close()
+        wait_all(list(self.queued))
+        self.queued.clear()
+
+    def abandon(self) -> None:
+        """Stop: blocks not yet hashed are dropped, and so are the digests."""
+        self.lane.close(cancel=True)
+        self.queued.clear()
 
 
 class _VerifyingFile:
@@ -401,14 +406,14 @@ class _VerifyingFile:
         self.started = False
         self.offset = 0
         self.file = None
-        self.hasher: _HashThread | None = None
+        self.hasher: _Hashing | None = None
         self.pending: list[bytes] = []
         self.pending_size = 0
 
     def __enter__(self) -> _VerifyingFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "ab")
-        self.hasher = _HashThread(self.f)
+        self.hasher = _Hashing(self.f)
         kept = self.file.tell()
         if kept > self.f.size:
             self.restart()
@@ -419,7 +424,7 @@ class _VerifyingFile:
     def _rehash_prefix(self, length: int) -> None:
         """Hash the bytes a previous run left, from disk, before continuing after them."""
         with open(self.path, "rb") as prefix:
-            while self.offset < length and (block := prefix.read(min(HASH_BLOCK, length - self.offset))):
+            while self.offset < length and (block := prefix.read(min(READ_SIZE, length - self.offset))):
                 self.hasher.put(block)
                 self.offset += len(block)
         self.report(self.offset)
@@ -431,7 +436,7 @@ class _VerifyingFile:
         self.offset += len(chunk)
         self.pending.append(chunk)
         self.pending_size += len(chunk)
-        if self.pending_size >= HASH_BLOCK:
+        if self.pending_size >= READ_SIZE:
             self._hand_over()
         self.report(len(chunk))
 
@@ -443,12 +448,12 @@ class _VerifyingFile:
     def restart(self) -> None:
         """Drop what is there and start the file from byte 0."""
         self.pending, self.pending_size = [], 0
-        self.hasher.close()
+        self.hasher.abandon()
         self.file.seek(0)
         self.file.truncate()
         self.report(-self.offset)
         self.offset = 0
-        self.hasher = _HashThread(self.f)
+        self.hasher = _Hashing(self.f)
 
     def finish(self) -> FileDigest:
         self._hand_over()
@@ -470,8 +475,7 @@ class _VerifyingFile:
     def __exit__(self, *exc) -> None:
         try:
             if self.hasher is not None:
-                self.hasher.queue.put(None)  # stop the thread; the partial file stays for the next run
-                self.hasher.thread.join()
+                self.hasher.abandon()  # the partial file stays for the next run, which hashes it again
         finally:
             if self.file is not None and not self.file.closed:
                 self.file.close()
