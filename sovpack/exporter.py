@@ -109,10 +109,11 @@ def held_digests(since: Path) -> tuple[set[str], dict]:
         raw = read_metadata_bytes(since)
         metadata = parse_metadata(raw)
         return {f.sha256 for f in metadata.files}, {"name": metadata.name, "version": metadata.version, "metadata_sha256": sha256_bytes(raw)}
+    hint = "give --since the index file (*.index.json) of an earlier export, or the earlier bundle directory"
     if since.is_file() or since.suffix == ".json":
-        index, _ = read_index(find_index(since))
+        index, _ = read_index(find_index(since, hint))
         return {f.sha256 for f in index.files}, index.bundle.to_json() | {"from": "index"}
-    raise UsageError(f"--since {since}: give the index file (*.index.json) of an earlier export, or the earlier bundle directory")
+    raise UsageError(f"{since} is not an index file or a bundle directory; {hint}")
 
 
 def _plan(checked: _Checked, since: Path | None) -> tuple[ArchivePlan, list[FileRef], dict | None]:

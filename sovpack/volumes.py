@@ -188,14 +188,14 @@ def _parse_file(data: object, where: str, source: str) -> FileRef:
     return FileRef(check_safe_path(f.get("path", str), f"path in {source}"), f.count("size"), f.digest("sha256"))
 
 
-def find_index(path: Path) -> Path:
-    """The index named, or the only index in a directory."""
+def find_index(path: Path, hint: str = "give the directory holding the volumes, or their index file") -> Path:
+    """The index named, or the only index in a directory; `hint` (what the caller accepts) ends a usage error."""
     if path.is_file():
         if not path.name.endswith(INDEX_SUFFIX):
-            raise UsageError(f"{path} is not an export index (*{INDEX_SUFFIX}); give the directory holding the volumes")
+            raise UsageError(f"{path} is not an export index (*{INDEX_SUFFIX}); {hint}")
         return path
     if not path.is_dir():
-        raise UsageError(f"{path} does not exist; give the directory holding the volumes, or - for a stream on standard input")
+        raise UsageError(f"{path} does not exist; {hint}")
     indexes = sorted(p for p in path.iterdir() if p.name.endswith(INDEX_SUFFIX) and p.is_file())
     if not indexes:
         raise UsageError(f"{path} holds no export index (*{INDEX_SUFFIX}): copy it from the media together with the volumes")

@@ -579,6 +579,19 @@ def test_import_of_a_directory_without_index(cli, store, tmp_path):
     assert result.code == 2 and "holds no export index" in result.err
 
 
+def test_a_path_that_is_not_there_gets_the_advice_of_its_command(cli, signed_bundle, store, tmp_path):
+    missing = tmp_path / "missing.index.json"
+    imported = cli("import", missing, "--store", store)
+    assert imported.code == 2 and f"{missing} does not exist" in imported.err and "- for a stream on standard input" in imported.err
+    checked = cli("check-volumes", missing)
+    assert checked.code == 2 and f"{missing} does not exist" in checked.err and "standard input" not in checked.err
+    assert "give the directory holding the volumes, or their index file" in checked.err
+    for since in (tmp_path / "missing.json", tmp_path / "missing"):
+        exported = cli("export", signed_bundle, "--to", tmp_path / "out", "--since", since)
+        assert exported.code == 2 and str(since) in exported.err and "standard input" not in exported.err
+        assert "give --since the index file (*.index.json) of an earlier export, or the earlier bundle directory" in exported.err
+
+
 def test_index_signed_with_a_key_from_the_command_line(cli, signed_bundle, tmp_path, keys):
     out = export(cli, signed_bundle, tmp_path / "out", "--key", keys / "alice.key")
     result = cli("check-volumes", out, "--trust", keys / "alice.pub")
