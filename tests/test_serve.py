@@ -405,6 +405,8 @@ def test_sigterm_lets_the_stream_in_flight_finish(env):
     assert s.proc.wait(60) == 0, s.output()
     stop = [r for r in env.audit() if r["event"] == "serve-stop"][-1]
     assert stop["reason"] == "signal SIGTERM" and stop["pid"] == s.proc.pid
+    start = [r for r in env.audit() if r["event"] == "serve-start" and r["pid"] == s.proc.pid][-1]
+    assert start["url"] == s.url and start["loopback_only"] is True  # judged on the address bound
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{s.url}/health")
 

@@ -15,7 +15,7 @@ TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for sever
 @app.command()
 def serve(
     target: str = typer.Argument(..., metavar="NAME_OR_BUNDLE", help="Installed bundle NAME\\[@VERSION], or a bundle directory."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="GGUF to serve: quantization type (Q4_K_M) or file path in the bundle."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="GGUF to serve: quantization type (Q4_K_M), or its path or file name in the bundle."),
     store: Optional[Path] = typer.Option(None, "--store", help="Store directory (default $SOVPACK_HOME or the platform data dir)."),
     trust: List[Path] = typer.Option([], "--trust", help=TRUST_HELP),
     threshold: Optional[int] = typer.Option(None, "--threshold", help="Distinct trusted signers required. With --trust: default 1. Without: replaces the store's threshold for a bundle directory; for an installed NAME it can only raise the threshold the bundle was imported under (a lower value is ignored)."),

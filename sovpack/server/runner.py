@@ -107,10 +107,11 @@ def _run(options, store, keys, model, sock, audit, say) -> int:
         cors_origins=options.cors_origins,
         say=say,
     )
-    audit.start(model, settings, backend, f"{scheme}://{_show_host(host)}:{port}", keys, access_path)
+    url = f"{scheme}://{_show_host(host)}:{port}"
+    audit.start(model, settings, backend, url, is_loopback(host), keys, access_path)
     for line in _start_lines(model, settings, backend, keys, access_path, options):
         say(line)
-    say(f"listening on {scheme}://{_show_host(host)}:{port} (loading the model; /health answers 503 until ready)")
+    say(f"listening on {url} (loading the model; /health answers 503 until ready)")
     config = uvicorn.Config(
         create_app(state),
         ssl_certfile=str(options.tls_cert) if options.tls_cert else None,
@@ -252,13 +253,13 @@ class Auditor:
         with contextlib.suppress(Failure):
             self._append("serve-refused", reason=str(error), exit_code=error.exit_code, step=step, **fields)
 
-    def start(self, model, settings, backend: str, url: str, keys, access_path: Path) -> None:
+    def start(self, model, settings, backend: str, url: str, loopback_only: bool, keys, access_path: Path) -> None:
         m, entry = model.metadata, model.choice.entry
         self._append(
             "serve-start", bundle=str(model.target.bundle.resolve()), name=m.name, version=m.version, file=entry.path,
             sha256=entry.sha256, chat_template_sha256=model.chat_template_sha256, signers=model.signers,
             threshold=model.target.policy.threshold, trust=model.target.trust_source, digests=model.digests,
-            url=url, loopback_only=is_loopback(self.options.host), api_keys=list(keys.ids) if keys else [],
+            url=url, loopback_only=loopback_only, api_keys=list(keys.ids) if keys else [],
             tls=bool(self.options.tls_cert), parallel=settings.parallel, ctx_size=settings.ctx_size,
             n_gpu_layers=settings.n_gpu_layers, backend=backend, access_log=str(access_path.resolve()),
             log_prompts=self.options.log_prompts,
