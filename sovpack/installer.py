@@ -102,7 +102,7 @@ class _Importer:
     # -- the two kinds of source
 
     def from_volumes(self, path: Path) -> ImportResult:
-        index_path = find_index(path, "give the directory holding the volumes, their index file, or - for a stream on standard input")
+        index_path = find_index(path, "give the directory holding the volumes, their index file, or - for a stream on standard input")  # fmt: skip
         self.source = {"kind": "volumes", "index": str(index_path.resolve())}
         index, raw_index = read_index(index_path)
         self.identity = index.bundle

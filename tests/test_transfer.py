@@ -582,7 +582,8 @@ def test_import_of_a_directory_without_index(cli, store, tmp_path):
 def test_a_path_that_is_not_there_gets_the_advice_of_its_command(cli, signed_bundle, store, tmp_path):
     missing = tmp_path / "missing.index.json"
     imported = cli("import", missing, "--store", store)
-    assert imported.code == 2 and f"{missing} does not exist" in imported.err and "- for a stream on standard input" in imported.err
+    assert imported.code == 2 and f"{missing} does not exist" in imported.err
+    assert "- for a stream on standard input" in imported.err
     checked = cli("check-volumes", missing)
     assert checked.code == 2 and f"{missing} does not exist" in checked.err and "standard input" not in checked.err
     assert "give the directory holding the volumes, or their index file" in checked.err
