@@ -27,7 +27,7 @@ from sovpack.hashing import ShardHasher, compare_shards, sha256_bytes
 from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
 from sovpack.pipeline import Lane
 from sovpack.progress import Progress
-from sovpack.signature import parse_signature, parse_statement
+from sovpack.signature import parse_statement, read_signature_file
 from sovpack.verify import check_digests, check_expiry, check_inventory, check_sizes, digest_failure
 from sovpack.volume_io import StreamWriter, VolumeWriter
 from sovpack.volumes import (
@@ -95,7 +95,7 @@ def _signatures_covering(root: Path, signatures: list[str], metadata_sha256: str
     covering, stale = [], []
     for name in signatures:
         try:
-            statement = parse_statement(parse_signature((root / name).read_bytes(), name).payload, name)
+            statement = parse_statement(read_signature_file(root / name, name).payload, name)
         except Refused as e:
             raise Refused(f"refusing to export {root}: {e}") from None
         (covering if statement.resources.get(METADATA_FILE) == metadata_sha256 else stale).append(name)

@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -125,6 +126,13 @@ def parse_signature(raw: bytes, name: str) -> SignatureFile:
     if not isinstance(hint, str) or len(hint) != 64:
         raise bad("the public key hint is not a SHA-256 hex digest")
     return SignatureFile(name, hint.lower(), payload, signature)
+
+
+def read_signature_file(path: Path, name: str) -> SignatureFile:
+    """Read and parse a signature file no larger than MAX_SIGNATURE_BYTES (what import accepts); errors name it."""
+    if path.stat().st_size > MAX_SIGNATURE_BYTES:
+        raise Refused(f"{name} is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature file")
+    return parse_signature(path.read_bytes(), name)
 
 
 @dataclass(frozen=True)

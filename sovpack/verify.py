@@ -17,7 +17,7 @@ from sovpack.errors import Refused, SovpackError
 from sovpack.formats import inspect_file
 from sovpack.hashing import ShardDigests, ShardMismatch, check_shards, compare_shards, digest_file, sha256_bytes, shard_jobs
 from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
-from sovpack.signature import MAX_SIGNATURE_BYTES, SignatureFile, Statement, parse_signature, parse_statement
+from sovpack.signature import SignatureFile, Statement, parse_statement, read_signature_file
 from sovpack.trust import TrustedKey, TrustPolicy
 
 STEPS = ("signatures", "threshold", "metadata", "inventory", "digests", "formats", "expiry")
@@ -84,9 +84,10 @@ def check_signatures(root: Path, tree: Tree, policy: TrustPolicy, metadata_sha25
     """Read every signature; a trusted key's signature must verify cryptographically."""
     results = []
     for name in tree.signatures:
-        if (root / name).stat().st_size > MAX_SIGNATURE_BYTES:
-            raise StepFailed("signatures", f"{name} is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature file", name)
-        sig = parse_signature((root / name).read_bytes(), name)
+        try:
+            sig = read_signature_file(root / name, name)
+        except Refused as e:
+            raise StepFailed("signatures", str(e), name) from None
         signer = policy.key_for(sig.key_hint)
         if signer is None:
             results.append(SignatureResult(name, sig.key_id, "untrusted"))

@@ -29,7 +29,7 @@ from sovpack.jsonfields import JsonFields
 from sovpack.metadata import check_name
 from sovpack.progress import Progress
 from sovpack.safepath import check_safe_path
-from sovpack.signature import MAX_SIGNATURE_BYTES, build_statement, parse_signature, parse_statement, sign_statement
+from sovpack.signature import build_statement, parse_statement, read_signature_file, sign_statement
 from sovpack.sizes import parse_size
 from sovpack.trust import TrustPolicy
 
@@ -235,9 +235,7 @@ def check_index_signature(directory: Path, index: ExportIndex, raw_index: bytes,
     path = directory / name
     if not path.is_file():
         return "index not signed"
-    if path.stat().st_size > MAX_SIGNATURE_BYTES:
-        raise Refused(f"{name} is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature file")
-    sig = parse_signature(path.read_bytes(), name)
+    sig = read_signature_file(path, name)
     statement = parse_statement(sig.payload, name)
     if statement.resources != parse_statement(index_statement(index, raw_index), name).resources:
         raise Refused(f"{name} does not cover this {index_name(index.bundle.stem)}: the index was edited after it was "

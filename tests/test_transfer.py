@@ -23,6 +23,7 @@ from sovpack.exporter import export_volumes
 from sovpack.hashing import ShardDigests, digest_file
 from sovpack.installer import import_bundle
 from sovpack.progress import Progress
+from sovpack.signature import MAX_SIGNATURE_BYTES
 from sovpack.store import Store
 from sovpack.trust import load_trust
 from sovpack.verify import verify_bundle
@@ -126,6 +127,18 @@ def test_a_stream_export_stops_at_a_file_that_does_not_match_and_the_receiver_re
     assert b"model.safetensors does not match its digest in sovpack.json (shard 0, bytes from 0)" in sender.stderr
     receiver = sovpack("import", "-", "--store", store, input=sender.stdout)  # whatever got through
     assert receiver.returncode == 1 and not (store / "bundles").exists()
+
+
+def test_export_refuses_a_signature_file_import_would_refuse_for_its_size(cli, signed_bundle, tmp_path, keys):
+    (sig,) = (signed_bundle / "signatures").glob("*.sig")
+    with open(sig, "ab") as f:  # still a valid signature (JSON allows trailing blanks), but over the 64 MiB cap
+        f.write(b" " * (MAX_SIGNATURE_BYTES + 1))
+    name = f"signatures/{sig.name}"
+    result = cli("export", signed_bundle, "--to", tmp_path / "out")
+    assert result.code == 1 and f"{name} is larger than {MAX_SIGNATURE_BYTES} bytes" in result.err
+    assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+    verified = cli("verify", signed_bundle, "--trust", keys / "alice.pub", "--json")
+    assert verified.code == 1 and json.loads(verified.out)["error"]["subject"] == name
 
 
 def test_export_refuses_to_mix_with_an_existing_export(cli, signed_bundle, tmp_path):
