@@ -26,6 +26,7 @@ from pathlib import PurePosixPath
 
 from sovpack.errors import Refused, UsageError
 from sovpack.fetch_spec import FetchRequest, RepoSelection
+from sovpack.formats.gguf import SPLIT_NAME
 from sovpack.formats.pickle import PICKLE_SUFFIXES
 from sovpack.hub import Hub, RemoteFile, Snapshot
 from sovpack.metadata import RESERVED_NAMES
@@ -45,7 +46,6 @@ DEFAULT_SELECTION = (
     "readme.md",
 )  # fmt: skip
 
-_SPLIT_GGUF = re.compile(r"^(?P<stem>.+)-(?P<part>\d+)-of-(?P<count>\d+)\.gguf$", re.IGNORECASE)
 _CONSOLIDATED = re.compile(r"^consolidated(\.\d+)?\.safetensors$", re.IGNORECASE)
 
 
@@ -106,17 +106,16 @@ def select_gguf_files(repo: str, paths: list[str], globs: tuple[str, ...]) -> Se
     ggufs = [p for p in paths if p.lower().endswith(".gguf")]
     chosen = {p for p in ggufs if any(matches(p, g) for g in globs)}
     unmatched = [g for g in globs if not any(matches(p, g) for p in ggufs)]
-    present = set(ggufs)
+    present = {p.lower(): p for p in ggufs}
     for p in sorted(chosen):
-        split = _SPLIT_GGUF.match(p)
+        split = SPLIT_NAME.match(p)
         if not split:
             continue
-        width, count = len(split["part"]), int(split["count"])
-        parts = [f"{split['stem']}-{i:0{width}d}-of-{split['count']}.gguf" for i in range(1, count + 1)]
-        missing = [q for q in parts if q not in present]
+        parts = [f"{split['stem']}-{i:05d}-of-{split['count']}.gguf" for i in range(1, int(split["count"]) + 1)]
+        missing = [q for q in parts if q.lower() not in present]
         if missing:
             raise Refused(f"split GGUF {split['stem']} in {repo} is incomplete: {', '.join(missing)} missing")
-        chosen.update(parts)
+        chosen.update(present[q.lower()] for q in parts)
     return Selection(sorted(chosen), [], unmatched)
 
 

@@ -37,7 +37,7 @@ from sovpack import __version__
 from sovpack.bundle import fsync_dir, read_metadata, require_bundle_dir, scan_tree, write_metadata
 from sovpack.errors import Failure, Refused, UsageError
 from sovpack.formats import inspect_file
-from sovpack.formats.gguf import FILE_TYPES, UNQUANTIZED_FILE_TYPES
+from sovpack.formats.gguf import FILE_TYPES, SPLIT_NAME, UNQUANTIZED_FILE_TYPES
 from sovpack.hashing import cpu_count, digest_file, sha256_file
 from sovpack.llama_quantizer import QuantizerRun, run_llama_quantize
 from sovpack.metadata import BundleMetadata, FileEntry, check_inventory_paths
@@ -61,7 +61,6 @@ _MAX_BITS_PER_WEIGHT = 8.5
 _SOURCE_BITS = {"F32": 32, "F16": 16, "BF16": 16}
 _SPACE_MARGIN = 64 << 20
 
-_SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _TYPE_SUFFIX = re.compile(r"[-._](?:FP32|FP16|" + "|".join(FILE_TYPES.values()) + r")$", re.IGNORECASE)
 
 
@@ -118,8 +117,11 @@ def parse_types(names: list[str]) -> list[str]:
 def output_path_for(source_path: str, qtype: str) -> str:
     """`gguf/Model-F16.gguf` -> `gguf/Model-Q4_K_M.gguf`; a split's `-00001-of-00003` goes too."""
     path = PurePosixPath(source_path)
-    stem = path.name[:-5] if path.name.lower().endswith(".gguf") else path.stem
-    stem = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
+    split = SPLIT_NAME.match(path.name)
+    if split:
+        stem = split["stem"]
+    else:
+        stem = path.name[:-5] if path.name.lower().endswith(".gguf") else path.stem
     stem = _TYPE_SUFFIX.sub("", stem) or "model"
     return str(path.with_name(f"{stem}-{qtype}.gguf"))
 
@@ -187,11 +189,11 @@ def _source_model(metadata: BundleMetadata, entry: FileEntry) -> SourceModel:
     _, count = _split(entry)
     if count == 1:
         return SourceModel(entry, (entry,), gguf_file_type(entry))
-    match = _SPLIT_NAME.match(entry.path)
-    if not match or int(match["number"]) != 1 or int(match["count"]) != count:
+    match = SPLIT_NAME.match(entry.path)
+    if not match or int(match["part"]) != 1 or int(match["count"]) != count:
         raise Refused(f"{entry.path} is the first of {count} split GGUF parts, but its name does not end in -00001-of-{count:05d}.gguf, "
                       "so llama.cpp cannot find the other parts")  # fmt: skip
-    names = [f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    names = [f"{match['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
     missing = [n for n in names if metadata.file(n) is None]
     if missing:
         raise Refused(f"{entry.path} is split into {count} parts, but the bundle's inventory lacks {', '.join(missing)}")

@@ -680,6 +680,10 @@ def test_split_gguf_is_completed_and_an_incomplete_one_refused():
     assert select_gguf_files("q/x", paths, ("*00002-of-00003*",)).paths == paths[:3]
     with pytest.raises(Refused, match="incomplete: x-Q8_0-00003-of-00003.gguf missing"):
         select_gguf_files("q/x", paths[:2], ("*Q8_0*",))
+    upper = ["X-00001-of-00002.GGUF", "X-00002-of-00002.GGUF"]  # names as llama.cpp's gguf-split writes them, but upper case
+    assert select_gguf_files("q/x", upper, ("*00001*",)).paths == upper
+    # only gguf-split's 5-digit names are splits (llama.cpp finds the other parts by that name)
+    assert select_gguf_files("q/x", ["y-1-of-2.gguf", "y-2-of-2.gguf"], ("y-1-*",)).paths == ["y-1-of-2.gguf"]
 
 
 def test_repo_references_parse():

@@ -489,6 +489,7 @@ def _move_into_dir(gguf_file: Path) -> Path:
         ("Model.fp32.gguf", "Model-Q4_K_M.gguf"),
         ("Model_F32.GGUF", "Model-Q4_K_M.gguf"),
         ("Model-F16-00001-of-00003.gguf", "Model-Q4_K_M.gguf"),
+        ("gguf/Model-BF16-00001-of-00002.GGUF", "gguf/Model-Q4_K_M.gguf"),
         ("Model-Q8_0.gguf", "Model-Q4_K_M.gguf"),
         ("weights.gguf", "weights-Q4_K_M.gguf"),
         ("F16.gguf", "F16-Q4_K_M.gguf"),
