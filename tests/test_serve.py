@@ -415,12 +415,12 @@ def test_shutdown_timeout_zero_cancels_the_stream_at_once(env):
     s = Server(env, env.bundle, "--shutdown-timeout", "0", name="timeout0").wait_ready()
     body = {"prompt": PROMPT, "max_tokens": 400, "min_tokens": 400, "temperature": 0, "stream": True}
     chunks = []
-    with pytest.raises(httpx.HTTPError):  # cut short: no [DONE]
-        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, headers=s.headers(), timeout=60) as r:
-            for line in r.iter_lines():
-                chunks.append(line)
-                if len(chunks) == 1:
-                    s.proc.send_signal(signal.SIGTERM)
+    # cut short: the connection closes before [DONE]
+    with pytest.raises(httpx.HTTPError), httpx.stream("POST", f"{s.url}/v1/completions", json=body, headers=s.headers(), timeout=60) as r:
+        for line in r.iter_lines():
+            chunks.append(line)
+            if len(chunks) == 1:
+                s.proc.send_signal(signal.SIGTERM)
     assert "data: [DONE]" not in chunks
     assert s.proc.wait(15) == 0, s.output()  # 0 means no grace period, not "wait forever"
 
@@ -631,21 +631,49 @@ def test_fast_path_skips_rehash_only_for_unchanged_read_only_files(env):
         verify_for_serving(target, None, records=records, full_verify=False)
 
 
-def test_chat_template_must_be_the_signed_one(env):
-    import llama_cpp
+def _force_sign(bundle: Path, key_file: Path) -> None:
+    """Sign whatever sovpack.json says, bypassing `sign`'s own checks (as a buggy or hostile tool would)."""
+    from sovpack.bundle import read_metadata, read_metadata_bytes
+    from sovpack.hashing import sha256_bytes
+    from sovpack.keys import key_id, load_private_key
+    from sovpack.sign import statement_for
+    from sovpack.signature import sign_statement
 
-    from sovpack.formats.gguf import read_chat_template
-    from sovpack.server.template import chat_handler
+    key = load_private_key(key_file)
+    payload = statement_for(read_metadata(bundle), sha256_bytes(read_metadata_bytes(bundle)))
+    (bundle / "signatures" / f"{key_id(key.public_key())}.sig").write_bytes(sign_statement(key, payload))
 
-    gguf = env.bundle / env.gguf_name
-    llama = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
-    template = read_chat_template(gguf)
-    signed = hashlib.sha256(template.encode()).hexdigest()
-    assert callable(chat_handler(llama, template, signed, lambda: False))
-    with pytest.raises(Refused, match="not the signed"):
-        chat_handler(llama, template + " ", signed, lambda: False)
-    with pytest.raises(Refused):
-        chat_handler(llama, None, signed, lambda: False)
+
+def test_a_signed_chat_template_digest_that_is_not_the_files_is_refused(cli, env):
+    bundle = env.copy_bundle("template-digest")
+    metadata = json.loads((bundle / "sovpack.json").read_text())
+    metadata["files"][0]["details"]["chat_template_sha256"] = "0" * 64
+    (bundle / "sovpack.json").write_text(json.dumps(metadata, indent=2))
+    _force_sign(bundle, env.keys / "alice.key")  # the signature covers the false digest
+    result = _serve(cli, env, bundle, "--trust", env.keys / "alice.pub")
+    assert result.code == 1, result.err
+    assert f"{env.gguf_name}: chat template SHA-256" in result.err and "0" * 64 in result.err
+    refused = [r for r in env.audit() if r["event"] == "serve-refused"][-1]
+    assert refused["step"] == "formats"
+
+
+def test_llama_cpp_must_load_the_verified_chat_template(env):
+    import dataclasses
+
+    from sovpack.server.engine import Engine, EngineSettings
+    from sovpack.server.target import resolve_target
+    from sovpack.server.verification import verify_for_serving
+
+    target = resolve_target(str(env.bundle), Store(env.store), (env.keys / "alice.pub",), None)
+    model = verify_for_serving(target, None, records=None, full_verify=True)
+    assert model.chat_template  # the verified text; llama.cpp reads its own copy when loading
+    other = dataclasses.replace(model, chat_template=model.chat_template + " ")
+    engine = Engine(other, EngineSettings(ctx_size=64, parallel=1, threads=1, n_gpu_layers=0, max_queue=0))
+    try:
+        with pytest.raises(Refused, match=f"{env.gguf_name}: llama.cpp loaded a chat template that is not the verified one"):
+            engine.load()
+    finally:
+        engine.close()
 
 
 def test_altered_metadata_naming_no_gguf_is_refused_not_a_usage_error(cli, env):

@@ -8,7 +8,7 @@ Modules, one concept each (docs/serve.md tells the whole story):
 - variant: which GGUF build of the bundle is served
 - fingerprint: file identity (inode, size, times) and the fast-path verification record
 - verification: verify before load; what was verified, for the engine and the audit log
-- template: the chat formatter built from the signed chat template, digest checked
+- template: the chat formatter built from the verified chat template text
 - slots: the bounded FIFO queue in front of N generation slots
 - engine: llama-cpp-python contexts, one per slot, each run on its own thread
 - requests: OpenAI request bodies (llama-cpp-python's types) and sovpack's limits on them

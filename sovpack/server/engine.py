@@ -139,7 +139,7 @@ class Engine:
             )
         except (ValueError, RuntimeError) as e:  # a verified file llama.cpp cannot run: not a refusal
             raise Failure(f"llama.cpp could not load {self.model.choice.entry.path}: {e}") from None
-        slot.llama.chat_handler = chat_handler(slot.llama, self.model.chat_template, self.model.chat_template_sha256, slot.should_stop)
+        slot.llama.chat_handler = chat_handler(slot.llama, self.model.chat_template, slot.should_stop)
         return slot
 
     # running

@@ -3,20 +3,18 @@
 llama-cpp-python, left to itself, compares a GGUF's template with a few it knows and may
 swap in a built-in Python formatter ("chatml", "llama-3", ...) or fall back to "llama-2"
 when there is none. sovpack builds the formatter explicitly from the verified template
-text with llama-cpp-python's own Jinja2ChatFormatter (an ImmutableSandboxedEnvironment)
-and checks the text's SHA-256 against the signed metadata before using it. A model with
-no template gets a handler that refuses chat requests instead of a guessed format.
+text (verification.py checked its SHA-256 against the signed metadata; the engine checks
+that llama.cpp loaded the same text) with llama-cpp-python's own Jinja2ChatFormatter (an
+ImmutableSandboxedEnvironment). A model with no template gets a handler that refuses chat
+requests instead of a guessed format.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 
 from llama_cpp import llama_chat_format
 from llama_cpp.llama import StoppingCriteriaList
-
-from sovpack.errors import Refused
 
 
 class NoChatTemplate(ValueError):
@@ -28,7 +26,6 @@ class VerifiedChatFormatter(llama_chat_format.Jinja2ChatFormatter):
 
     def __init__(self, template: str, *, eos_token: str, bos_token: str, eos_token_id: int, should_stop: Callable[[], bool]):
         super().__init__(template=template, eos_token=eos_token, bos_token=bos_token, stop_token_ids=[eos_token_id])
-        self.sha256 = hashlib.sha256(template.encode()).hexdigest()
         self._should_stop = should_stop
 
     def __call__(self, **kwargs) -> llama_chat_format.ChatFormatterResponse:
@@ -39,11 +36,9 @@ class VerifiedChatFormatter(llama_chat_format.Jinja2ChatFormatter):
         return response
 
 
-def chat_handler(llama, template: str | None, expected_sha256: str | None, should_stop: Callable[[], bool]):
-    """A llama-cpp-python chat completion handler for `llama`, from the verified template."""
+def chat_handler(llama, template: str | None, should_stop: Callable[[], bool]):
+    """A llama-cpp-python chat completion handler for `llama`, from the verified template (None: no chat)."""
     if template is None:
-        if expected_sha256 is not None:
-            raise Refused(f"the signed metadata records a chat template (SHA-256 {expected_sha256}) but none was read")
         return _refuse_chat
     eos_id, bos_id = llama.token_eos(), llama.token_bos()
     formatter = VerifiedChatFormatter(
@@ -53,8 +48,6 @@ def chat_handler(llama, template: str | None, expected_sha256: str | None, shoul
         eos_token_id=eos_id,
         should_stop=should_stop,
     )
-    if formatter.sha256 != expected_sha256:
-        raise Refused(f"chat template SHA-256 {formatter.sha256} is not the signed {expected_sha256}")
     return formatter.to_chat_handler()
 
 

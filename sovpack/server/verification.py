@@ -17,7 +17,6 @@ server before every request (see docs/serve.md, "time of check and time of use")
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from sovpack.bundle import read_metadata
 from sovpack.errors import FormatError, Refused, UsageError
 from sovpack.formats.gguf import read_chat_template
+from sovpack.hashing import sha256_bytes
 from sovpack.metadata import BundleMetadata
 from sovpack.server.fingerprint import Fingerprint, VerificationRecords, describe_change
 from sovpack.server.target import ServeTarget
@@ -151,7 +151,7 @@ def _checked_template(root: Path, choice: GgufChoice) -> str | None:
         raise StepFailed("formats", f"{choice.entry.path}: cannot read its chat template: {e.detail}", choice.entry.path) from None
     except OSError as e:
         raise StepFailed("formats", f"{choice.entry.path}: cannot read its chat template: {e.strerror}", choice.entry.path) from None
-    actual = hashlib.sha256(template.encode()).hexdigest() if template is not None else None
+    actual = sha256_bytes(template.encode()) if template is not None else None
     if actual != signed:
         raise StepFailed(
             "formats",
