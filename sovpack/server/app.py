@@ -86,7 +86,6 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
     async def embeddings(request: Request, body: EmbeddingRequest):
         kwargs = embedding_kwargs(body, state.limits)
         _note(request, state, body, body.input)
-        state.ensure_serving()
         if not state.engine.embeddings:
             raise ApiError(
                 400,
@@ -125,7 +124,7 @@ def _note(request: Request, state: ServerState, body, prompt) -> None:
 
 
 def _require_generative(state: ServerState) -> None:
-    if state.status == "ready" and state.engine.embeddings:
+    if state.engine.embeddings:
         raise ApiError(400, f"{state.model.model_id} is an embedding model; use /v1/embeddings", param="model", code="model_not_generative")
 
 

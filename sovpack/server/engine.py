@@ -104,24 +104,19 @@ class Engine:
         self.settings = settings
         self.slots: list[Slot] = []
         self.pool: SlotPool[Slot] | None = None
-        self.embeddings = False
+        self.embeddings = (model.choice.entry.details or {}).get("architecture") in EMBEDDING_ARCHITECTURES
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # loading
 
     def load(self) -> None:
         """Create the slots (blocking: run it in a thread), then re-check the files just loaded."""
-        self.embeddings = self._is_embedding_model()
         self.slots = [self._load_slot(i) for i in range(self.settings.parallel)]
         self.model.ensure_unchanged()
         loaded = self.slots[0].llama.metadata.get("tokenizer.chat_template")
         if loaded != self.model.chat_template:
             raise Refused(f"{self.model.choice.entry.path}: llama.cpp loaded a chat template that is not the verified one")
         self.pool = SlotPool(self.slots, self.settings.max_queue)
-
-    def _is_embedding_model(self) -> bool:
-        details = self.model.choice.entry.details or {}
-        return details.get("architecture") in EMBEDDING_ARCHITECTURES
 
     def _load_slot(self, index: int) -> Slot:
         slot = Slot(index)
