@@ -18,7 +18,7 @@ import os
 import tarfile
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -131,10 +131,8 @@ class _BundleFile:
 
 @dataclass
 class Extracted:
-    metadata: BundleMetadata  # as read from the stream: NOT verified yet
-    metadata_raw: bytes
-    written: list[str] = field(default_factory=list)  # files whose bytes came from the stream
-    linked: list[str] = field(default_factory=list)  # files taken from the store (already held, or left out of a delta export)
+    written: int = 0  # files whose bytes came from the stream
+    linked: int = 0  # files taken from the store (already held, or left out of a delta export)
 
 
 FindObject = Callable[[str, int], "Path | None"]  # (sha256, size) -> a file the store already holds with that digest
@@ -175,16 +173,15 @@ def _next_member(tar: tarfile.TarFile, reader: ConcatenatedReader) -> tarfile.Ta
 class _Extraction:
     def __init__(self, reader: ConcatenatedReader, files: StagedFiles, find_object: FindObject, top: str | None, on_metadata):
         self.reader, self.files, self.find_object, self.top, self.on_metadata = reader, files, find_object, top, on_metadata
-        self.metadata: BundleMetadata | None = None
-        self.raw = b""
+        self.metadata: BundleMetadata | None = None  # as read from the stream: NOT verified yet
         self.seen: set[str] = set()
         self.signatures = 0
         self.by_digest: dict[str, Path] = {}  # files of this bundle already in staging, for identical copies
-        self.result: Extracted | None = None
+        self.result = Extracted()
 
     def add(self, member: tarfile.TarInfo) -> None:
         rel = self._relative_path(member)
-        if member.isdir() and member.type == tarfile.DIRTYPE:
+        if member.isdir():
             return
         if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
             kind = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
@@ -217,15 +214,14 @@ class _Extraction:
             raise Refused(f"{self.reader.where} starts with {member.name}, not {self.top}/{METADATA_FILE}: not a sovpack export")
         if member.size > MAX_METADATA_BYTES:
             raise Refused(f"{member.name} in {self.reader.where} is larger than {MAX_METADATA_BYTES} bytes")
-        self.raw = self._read_exactly(member.size, member.name)
-        self.metadata = parse_metadata(self.raw)
+        raw = self.reader.read_exactly(member.size, member.name)
+        self.metadata = parse_metadata(raw)
         expected_top = f"{self.metadata.name}-v{self.metadata.version}"
         if self.top != expected_top:
             raise Refused(f"the stream's directory {self.top}/ does not match the bundle it holds ({expected_top})")
         if self.on_metadata:
-            self.on_metadata(self.metadata, self.raw)
-        self.files.write_bytes(METADATA_FILE, self.raw)
-        self.result = Extracted(self.metadata, self.raw)
+            self.on_metadata(self.metadata, raw)
+        self.files.write_bytes(METADATA_FILE, raw)
 
     def _add_signature(self, member: tarfile.TarInfo, rel: str) -> None:
         self.signatures += 1
@@ -233,7 +229,7 @@ class _Extraction:
             raise Refused(f"{member.name} in {self.reader.where} does not belong in {SIGNATURES_DIR}/")
         if member.size > MAX_SIGNATURE_BYTES:
             raise Refused(f"{member.name} in {self.reader.where} is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature")
-        self.files.write_bytes(rel, self._read_exactly(member.size, member.name))
+        self.files.write_bytes(rel, self.reader.read_exactly(member.size, member.name))
 
     def _add_file(self, member: tarfile.TarInfo, rel: str) -> None:
         entry = self.metadata.file(rel)
@@ -242,10 +238,10 @@ class _Extraction:
         if member.size != entry.size:
             raise Refused(f"{member.name} in {self.reader.where} has {member.size} bytes, {METADATA_FILE} lists {entry.size}")
         if self._link_known(entry):
-            self.result.linked.append(rel)  # held already: its bytes in the stream are read past (for the volumes' check)
+            self.result.linked += 1  # held already: its bytes in the stream are read past (for the volumes' check)
             return
         self.files.copy(rel, entry.size, self.reader, self.metadata.shard_size)
-        self.result.written.append(rel)
+        self.result.written += 1
         self.by_digest.setdefault(entry.sha256, self.files.root / rel)
 
     def _link_known(self, entry: FileEntry) -> bool:
@@ -263,17 +259,6 @@ class _Extraction:
                 raise Failure(f"cannot link {entry.path} from the store's objects: {e.strerror}") from None
         return False
 
-    def _read_exactly(self, size: int, name: str) -> bytes:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        done = 0
-        while done < size:
-            n = self.reader.readinto(view[done:])
-            if not n:
-                raise Refused(f"{self.reader.where} ends inside {name} ({done} of {size} bytes): a volume is cut short")
-            done += n
-        return bytes(buffer)
-
     def finish(self, missing_hint: Callable[[FileEntry], str] | None) -> Extracted:
         if self.metadata is None:
             raise Refused(f"{self.reader.where} holds no bundle (no {METADATA_FILE})")
@@ -284,5 +269,5 @@ class _Extraction:
                 hint = missing_hint(entry) if missing_hint else ""
                 raise Refused(f"{entry.path} ({entry.size} bytes, sha256 {entry.sha256}) is listed in {METADATA_FILE} but is "
                               f"neither in {self.reader.where} nor in the store{hint}")  # fmt: skip
-            self.result.linked.append(entry.path)
+            self.result.linked += 1
         return self.result

@@ -147,7 +147,7 @@ class _Importer:
                 except BaseException:
                     files.abort()
                     raise
-                self.result.written, self.result.linked = len(extracted.written), len(extracted.linked)
+                self.result.written, self.result.linked = extracted.written, extracted.linked
                 return self._verify_and_install(job.staging, None, known)
             finally:
                 job.remove()
@@ -216,7 +216,7 @@ class _Importer:
             )  # fmt: skip
         except Refused as refusal:
             return refusal
-        self.result.written, self.result.linked = len(extracted.written), len(extracted.linked)
+        self.result.written, self.result.linked = extracted.written, extracted.linked
         return None
 
     def _on_stream_metadata(self, metadata: BundleMetadata, raw: bytes) -> None:

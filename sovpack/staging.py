@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sovpack.errors import Failure, Refused
+from sovpack.errors import Failure
 from sovpack.hashing import ShardDigests, ShardHasher
 from sovpack.pipeline import FlushedFile, Lane, fsync_path, wait_all
 
@@ -66,7 +66,7 @@ class StagedFiles:
             while done < size:
                 chunk = reader.read_chunk(size - done)
                 if not chunk:
-                    raise Refused(f"{reader.where} ends inside {rel} ({done} of {size} bytes): a volume is cut short")
+                    raise reader.ends_inside(rel, done, size)
                 reader.hold(self._hash_lane.submit(hasher.update, chunk))
                 try:
                     f.write(chunk)

@@ -270,20 +270,39 @@ class ConcatenatedReader:
         self.ring.hold(*futures)
 
     def read(self, size: int = -1) -> bytes:
+        """tarfile's reads (headers): up to `size` bytes, fewer only at the end of the stream."""
         if size is None or size < 0:
             raise ValueError("read() needs a size: the volumes are read as a stream")
         if self.max_read is not None and size > self.max_read:
             raise Refused(f"a tar header in {self.where} claims {size} bytes; refused as malformed")
         buffer = bytearray(size)
-        view = memoryview(buffer)
+        filled = self._fill(memoryview(buffer))
+        return bytes(buffer[:filled]) if filled < size else bytes(buffer)
+
+    def read_exactly(self, size: int, name: str) -> bytes:
+        """The `size` bytes of member `name` (sovpack.json, a signature); a stream that ends first is refused."""
+        buffer = bytearray(size)
+        filled = self._fill(memoryview(buffer))
+        if filled < size:
+            raise self.ends_inside(name, filled, size)
+        return bytes(buffer)
+
+    def _fill(self, view: memoryview) -> int:
         filled = 0
-        while filled < size:
+        while filled < len(view):
             n = self.readinto(view[filled:])
             if not n:
                 break
             filled += n
-        del view
-        return bytes(buffer[:filled]) if filled < size else bytes(buffer)
+        return filled
+
+    def ends_inside(self, name: str, done: int, size: int) -> Refused:
+        """The refusal when the stream ends after `done` of the `size` bytes of member `name`, worded by the source."""
+        if self.stream is not None:
+            cause = "the stream was cut short; send it again"
+        else:
+            cause = "the volumes the index lists end before the bundle does: the export is incomplete"
+        return Refused(f"{self.where} ends inside {name} ({done} of {size} bytes): {cause}")
 
     def seek(self, offset: int, whence: int = 0) -> int:
         """Forward only, by reading: tarfile seeks past member padding, and sovpack past members it already holds."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -579,6 +580,17 @@ def test_a_stream_cut_short(signed_bundle, tmp_path, keys):
     with pytest.raises(Refused, match="cut short|missing|neither"):
         import_bundle("-", store, load_trust([keys / "alice.pub"]), stdin=io.BytesIO(stream[: len(stream) // 2]))
     assert store.installed() == []
+
+
+@pytest.mark.parametrize("member_path", ["sovpack.json", "model.safetensors"])
+def test_a_stream_cut_inside_a_member_is_named_as_a_stream(signed_bundle, store, member_path):
+    stream = sovpack("export", signed_bundle, "--to", "-").stdout
+    with tarfile.open(fileobj=io.BytesIO(stream)) as tar:
+        cut = tar.getmember(f"tiny-v3/{member_path}").offset_data + 10
+    result = sovpack("import", "-", "--store", store, input=stream[:cut])
+    assert result.returncode == 1 and not (store / "bundles").exists()
+    assert re.search(rf"the stream ends inside (tiny-v3/)?{member_path} \(10 of \d+ bytes\)".encode(), result.stderr)
+    assert b"the stream was cut short" in result.stderr and b"volume" not in result.stderr
 
 
 def test_a_stream_that_is_not_a_bundle(tmp_path, keys):
