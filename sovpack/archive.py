@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from sovpack.bundle import SIGNATURE_SUFFIX
+from sovpack.bundle import is_signature_path
 from sovpack.errors import Failure, Refused
 from sovpack.metadata import MAX_METADATA_BYTES, METADATA_FILE, SIGNATURES_DIR, BundleMetadata, FileEntry, parse_metadata
 from sovpack.safepath import unsafe_reason
@@ -225,7 +225,7 @@ class _Extraction:
 
     def _add_signature(self, member: tarfile.TarInfo, rel: str) -> None:
         self.signatures += 1
-        if "/" in rel[len(SIGNATURES_DIR) + 1 :] or not rel.endswith(SIGNATURE_SUFFIX) or self.signatures > MAX_SIGNATURE_FILES:
+        if not is_signature_path(rel) or self.signatures > MAX_SIGNATURE_FILES:
             raise Refused(f"{member.name} in {self.reader.where} does not belong in {SIGNATURES_DIR}/")
         if member.size > MAX_SIGNATURE_BYTES:
             raise Refused(f"{member.name} in {self.reader.where} is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature")

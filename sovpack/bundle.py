@@ -43,12 +43,18 @@ def read_metadata(root: Path) -> BundleMetadata:
     return parse_metadata(read_metadata_bytes(root))
 
 
+def is_signature_path(rel: str) -> bool:
+    """What may live in signatures/: *.sig files directly in it (`rel` is a path inside the bundle)."""
+    directory, _, name = rel.partition("/")
+    return directory == SIGNATURES_DIR and "/" not in name and name.endswith(SIGNATURE_SUFFIX)
+
+
 def scan_tree(root: Path) -> Tree:
     """Every entry under `root`, refusing symlinks, device files and unsafe names."""
     files, signatures = [], []
     for rel in _walk(root, ""):
         if rel.split("/")[0] == SIGNATURES_DIR:
-            if "/" in rel[len(SIGNATURES_DIR) + 1 :] or not rel.endswith(SIGNATURE_SUFFIX):
+            if not is_signature_path(rel):
                 raise Refused(f"{rel} does not belong in {SIGNATURES_DIR}/, which holds only *{SIGNATURE_SUFFIX} files")
             signatures.append(rel)
         else:
