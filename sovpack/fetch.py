@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -238,6 +239,8 @@ class _Complete:
     def from_json(cls, data: dict) -> _Complete:
         digest = FileDigest(int(data["size"]), str(data["sha256"]), tuple(str(s) for s in data["shards"]))
         expected = (str(data["expected"][0]), str(data["expected"][1]))
+        if expected[0] == "sha256" and expected[1] != digest.sha256:
+            raise ValueError("a checked file whose SHA-256 is not the published one")  # not a state fetch writes
         return cls(str(data["repo"]), str(data["commit"]), expected, digest, int(data["mtime_ns"]))
 
 
@@ -277,21 +280,12 @@ def _same_content(f: RemoteFile, expected, size: int) -> bool:
     return list(expected) == list(f.expected) and size == f.size
 
 
-def _digest_agrees(f: RemoteFile, c: _Complete) -> bool:
-    return f.lfs_sha256 is None or c.digest.sha256 == f.lfs_sha256
-
-
 def _complete_is_intact(root: Path, path: str, c: _Complete) -> bool:
     try:
         st = os.lstat(root / path)
     except OSError:
         return False
-    return (
-        os.path.isfile(root / path)
-        and not os.path.islink(root / path)
-        and st.st_size == c.digest.size
-        and st.st_mtime_ns == c.mtime_ns
-    )
+    return stat.S_ISREG(st.st_mode) and st.st_size == c.digest.size and st.st_mtime_ns == c.mtime_ns
 
 
 def staged_status(root: Path, plan: Plan) -> dict[str, FileStatus]:
@@ -301,7 +295,7 @@ def staged_status(root: Path, plan: Plan) -> dict[str, FileStatus]:
     for f in plan.files:
         c = state.complete.get(f.path)
         p = state.partial.get(f.path)
-        if c and _same_content(f, c.expected, c.digest.size) and _digest_agrees(f, c) and _complete_is_intact(root, f.path, c):
+        if c and _same_content(f, c.expected, c.digest.size) and _complete_is_intact(root, f.path, c):
             status[f.path] = FileStatus("staged")
         elif p and _same_content(f, p.get("expected", ()), p.get("size", -1)):
             partial = root / WORK_DIR / "partial" / f.path

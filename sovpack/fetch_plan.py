@@ -174,7 +174,7 @@ def make_plan(request: FetchRequest, hub: Hub) -> Plan:
     files = _merge(chosen)
     _check_weights(request, model_snap, files)
     _check_paths(files)
-    for _, snap in {id(s): (sel, s) for sel, s in snapshots}.values():
+    for snap in resolved.values():
         first = next((f for f in files if f.repo == snap.repo and f.commit == snap.commit), None)
         if first is not None:
             hub.check_access(first)

@@ -473,6 +473,19 @@ def test_rerun_discards_a_tampered_partial_file_via_the_digest(cli, server, tmp_
     assert third.code == 0 and (out / "model.safetensors").read_bytes() == files["model.safetensors"]
 
 
+def test_a_state_whose_checked_digest_is_not_the_published_one_counts_as_no_state(tmp_path):
+    from sovpack.fetch import STATE_FORMAT, STATE_VERSION, _State
+
+    entry = {"repo": MODEL, "commit": "c" * 40, "expected": ["sha256", "a" * 64], "size": 3, "sha256": "a" * 64,
+             "shards": ["b" * 64], "mtime_ns": 1}  # fmt: skip
+    state = {"format": STATE_FORMAT, "version": STATE_VERSION, "complete": {"w.safetensors": entry}, "partial": {}}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    assert set(_State.read(tmp_path / "state.json").complete) == {"w.safetensors"}
+    entry["sha256"] = "d" * 64  # what was written is not what was published: nothing of it can be trusted
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    assert _State.read(tmp_path / "state.json").complete == {}
+
+
 def test_staging_keeps_only_what_the_state_vouches_for(cli, server, repos, tmp_path):
     out = tmp_path / "b"
     stray = staging_dir(out) / "stray.safetensors"  # e.g. left by a crashed `sovpack pack` to the same --out

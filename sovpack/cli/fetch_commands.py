@@ -65,8 +65,6 @@ def fetch(
         request = request_from_args(repo, include, exclude, gguf, name=name, version=version, expires=expires)
     else:
         raise UsageError("give a repository (REPO[@REV]) or --spec FILE")
-    if out is None and not dry_run:
-        raise UsageError("--out is required (the new bundle directory)")
 
     view = FetchView(quiet=quiet, dry_run=dry_run)
     try:
