@@ -290,7 +290,7 @@ def quantize_bundle(
 def _plan_outputs(root: Path, metadata: BundleMetadata, source: SourceModel, types: list[str]) -> list[tuple[str, str]]:
     targets = [(qtype, output_path_for(source.entry.path, qtype)) for qtype in types]
     for qtype, rel in targets:
-        if metadata.file(rel) is not None or (root / rel).exists():
+        if metadata.file(rel) is not None or (root / rel).exists():  # an unlisted directory passes check_inventory
             raise UsageError(f"{rel} is already in the bundle; sovpack will not replace a file of the inventory "
                              f"(to rebuild {qtype}, start from a bundle without it)")  # fmt: skip
     check_inventory_paths([f.path for f in metadata.files] + [rel for _, rel in targets])

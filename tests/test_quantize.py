@@ -334,6 +334,13 @@ def test_existing_output_is_not_replaced(cli, bundle):
     assert _snapshot(bundle) == before
 
 
+def test_a_directory_where_the_output_would_go_is_found_before_llama_cpp_runs(cli, bundle):
+    (bundle / "gguf" / "tiny-Q8_0.gguf").mkdir()  # empty: not a file, so the inventory check lets it pass
+    result = cli("quantize", bundle, "--type", "Q8_0")
+    assert result.code == 2 and "gguf/tiny-Q8_0.gguf is already in the bundle" in result.err
+    assert not _work_dir(bundle).exists()
+
+
 def test_bad_threads_and_missing_bundle_are_usage_errors(cli, bundle, tmp_path):
     assert cli("quantize", bundle, "--type", "Q8_0", "--threads", "0").code == 2
     missing = cli("quantize", tmp_path / "nothere", "--type", "Q8_0")
