@@ -231,6 +231,10 @@ def test_model_list(server, env):
     assert card["chat_template_sha256"] == signed["details"]["chat_template_sha256"]
     assert card["signers"][0].startswith("alice")
     assert server.client().models.retrieve("smollm2").id == "smollm2"
+    assert server.client().models.retrieve("smollm2@1").id == "smollm2"
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client().models.retrieve("gpt-4o")
+    assert e.value.body["code"] == "model_not_found" and "smollm2" in e.value.body["message"]
 
 
 def test_four_concurrent_streams_all_complete(server):
@@ -588,6 +592,12 @@ def test_missing_serve_extra(cli, env, monkeypatch):
 def test_not_installed_name(cli, env):
     result = _serve(cli, env, "no-such-model")
     assert result.code == 2 and "not installed" in result.err
+
+
+def test_a_directory_argument_is_a_bundle_as_for_verify(cli, env, monkeypatch):
+    monkeypatch.chdir(env.root)  # holds model/, a directory that is not a bundle
+    result = _serve(cli, env, "model")
+    assert result.code == 2 and "model is not a sovpack bundle" in result.err
 
 
 def test_a_verified_gguf_llama_cpp_cannot_load_exits_3(env):

@@ -23,6 +23,7 @@ from sovpack.server.requests import (
     CompletionRequest,
     EmbeddingRequest,
     chat_kwargs,
+    check_model,
     completion_kwargs,
     embedding_kwargs,
     include_usage,
@@ -62,8 +63,7 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
 
     @api.get("/v1/models/{model_id}")
     async def model(model_id: str):
-        if model_id != state.limits.model_id and model_id not in state.limits.model_aliases:
-            raise ApiError(404, f"the model {model_id!r} does not exist on this server", param="model", code="model_not_found")
+        check_model(model_id, state.limits)
         return model_card(state)
 
     @api.post("/v1/chat/completions")
