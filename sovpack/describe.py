@@ -25,7 +25,7 @@ def describe_bundle(root: Path) -> dict:
         "expires": format_time(metadata.expires) if metadata.expires else None,
         "created_by": metadata.created_by,
         "metadata_sha256": metadata_sha256,
-        "total_size": sum(f.size for f in metadata.files),
+        "total_size": metadata.size,
         "sources": metadata.sources,
         "files": [f.to_json() | {"shards": len(f.shards)} for f in sorted(metadata.files, key=lambda f: f.path)],
         "signatures": _signatures(root, metadata_sha256),

@@ -23,7 +23,7 @@ from sovpack import __version__
 from sovpack.archive import ArchivePlan, plan_archive, write_archive
 from sovpack.bundle import read_metadata_bytes, require_bundle_dir, scan_tree, write_atomically
 from sovpack.errors import Failure, Refused, UsageError
-from sovpack.hashing import ShardHasher, compare_shards, sha256_bytes
+from sovpack.hashing import ShardHasher, compare_shards
 from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
 from sovpack.pipeline import Lane
 from sovpack.progress import Progress
@@ -72,9 +72,9 @@ def check_exportable(root: Path, now: datetime | None = None) -> _Checked:
     require_bundle_dir(root)
     raw = read_metadata_bytes(root)
     metadata = parse_metadata(raw)
-    metadata_sha256 = sha256_bytes(raw)
+    identity = BundleIdentity.of(metadata, raw)
     tree = scan_tree(root)
-    covering, stale = _signatures_covering(root, tree.signatures, metadata_sha256)
+    covering, stale = _signatures_covering(root, tree.signatures, identity.metadata_sha256)
     if not covering:
         why = "it has no signature" if not tree.signatures else f"no signature covers its {METADATA_FILE} ({', '.join(stale)} are stale)"
         raise Refused(f"refusing to export {root}: {why}; run `sovpack sign {root} --key KEYFILE` first")
@@ -84,9 +84,6 @@ def check_exportable(root: Path, now: datetime | None = None) -> _Checked:
         check_sizes(root, metadata.files)
     except Refused as e:
         raise Refused(f"refusing to export {root}: {e}") from None
-    identity = BundleIdentity(metadata.name, metadata.version, metadata_sha256, format_time(metadata.created),
-                              format_time(metadata.expires) if metadata.expires else None,
-                              sum(f.size for f in metadata.files))  # fmt: skip
     warnings = tuple(f"{s} does not cover this {METADATA_FILE} (signed before the bundle changed); it is exported but will not count" for s in stale)
     return _Checked(root, metadata, identity, tree.signatures, warnings)
 
@@ -108,7 +105,7 @@ def held_digests(since: Path) -> tuple[set[str], dict]:
         require_bundle_dir(since)
         raw = read_metadata_bytes(since)
         metadata = parse_metadata(raw)
-        return {f.sha256 for f in metadata.files}, {"name": metadata.name, "version": metadata.version, "metadata_sha256": sha256_bytes(raw)}
+        return {f.sha256 for f in metadata.files}, BundleIdentity.of(metadata, raw).to_json() | {"from": "bundle"}
     hint = "give --since the index file (*.index.json) of an earlier export, or the earlier bundle directory"
     if since.is_file() or since.suffix == ".json":
         index, _ = read_index(find_index(since, hint))

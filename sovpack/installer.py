@@ -220,9 +220,7 @@ class _Importer:
         return None
 
     def _on_stream_metadata(self, metadata: BundleMetadata, raw: bytes) -> None:
-        self.identity = BundleIdentity(metadata.name, metadata.version, sha256_bytes(raw), format_time(metadata.created),
-                                       format_time(metadata.expires) if metadata.expires else None,
-                                       sum(f.size for f in metadata.files))  # fmt: skip
+        self.identity = BundleIdentity.of(metadata, raw)
         self._check_version(metadata.name, metadata.version, self.identity.metadata_sha256, claimed=True)
         needed = sum(f.size for f in metadata.files if not self.store.find_object(f.sha256, f.size))
         self._check_free_space(self.store.tmp_dir, needed, self.identity.label)
@@ -298,7 +296,7 @@ class _Importer:
             "imported": format_time(datetime.now(timezone.utc)),
             "accepted_by": [{"name": k.name, "hint": k.hint, "key_id": k.key_id} for k in report.signers],
             "threshold": self.policy.threshold,
-            "size": sum(f.size for f in m.files),
+            "size": m.size,
             "files": len(m.files),
             "created": format_time(m.created),
             "expires": format_time(m.expires) if m.expires else None,

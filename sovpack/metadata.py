@@ -64,6 +64,11 @@ class BundleMetadata:
     def file(self, path: str) -> FileEntry | None:
         return next((f for f in self.files if f.path == path), None)
 
+    @property
+    def size(self) -> int:
+        """Bytes of all inventory files."""
+        return sum(f.size for f in self.files)
+
     def is_expired(self, now: datetime) -> bool:
         return self.expires is not None and now >= self.expires
 

@@ -357,7 +357,7 @@ def installed_summary(store: Store, bundle: InstalledBundle) -> dict:
         "name": bundle.name,
         "version": bundle.version,
         "path": str(bundle.path),
-        "size": record.get("size", sum(f.size for f in metadata.files) if metadata else None),
+        "size": record.get("size", metadata.size if metadata else None),
         "signers": [a.get("name") for a in record.get("accepted_by", [])],
         "threshold": record.get("threshold"),
         "imported": record.get("imported"),

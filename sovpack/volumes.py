@@ -26,7 +26,7 @@ from sovpack.bundle import write_atomically
 from sovpack.errors import Refused, UsageError
 from sovpack.hashing import READ_SIZE, cpu_count, sha256_bytes
 from sovpack.jsonfields import JsonFields
-from sovpack.metadata import check_name
+from sovpack.metadata import BundleMetadata, check_name, format_time
 from sovpack.progress import Progress
 from sovpack.safepath import check_safe_path
 from sovpack.signature import build_statement, parse_statement, read_signature_file, sign_statement
@@ -83,6 +83,12 @@ class BundleIdentity:
     created: str
     expires: str | None
     size: int  # bytes of all inventory files
+
+    @classmethod
+    def of(cls, metadata: BundleMetadata, raw: bytes) -> "BundleIdentity":
+        """The identity of the bundle whose sovpack.json is `raw` (parsed: `metadata`)."""
+        expires = format_time(metadata.expires) if metadata.expires else None
+        return cls(metadata.name, metadata.version, sha256_bytes(raw), format_time(metadata.created), expires, metadata.size)
 
     @property
     def stem(self) -> str:

@@ -513,6 +513,12 @@ def test_delta_export_against_a_bundle_directory(cli, signed_bundle, tmp_path, m
     v4 = new_version(cli, tmp_path, model_dir, keys, 4)
     delta = export(cli, v4, tmp_path / "delta", "--since", signed_bundle)
     assert {f["path"] for f in json.loads((delta / "tiny-v4.index.json").read_text())["left_out"]} >= {"model.safetensors"}
+    v3_index = json.loads((export(cli, signed_bundle, tmp_path / "v3") / "tiny-v3.index.json").read_text())
+    from_index = export(cli, v4, tmp_path / "delta-from-index", "--since", tmp_path / "v3" / "tiny-v3.index.json")
+    since_bundle = json.loads((delta / "tiny-v4.index.json").read_text())["since"]
+    since_index = json.loads((from_index / "tiny-v4.index.json").read_text())["since"]
+    assert since_bundle == v3_index["bundle"] | {"from": "bundle"}  # the same identity, whichever --since was given
+    assert since_index == v3_index["bundle"] | {"from": "index"}
 
 
 def test_delta_import_into_a_store_that_lacks_a_file(cli, signed_bundle, store, tmp_path, model_dir, keys):
