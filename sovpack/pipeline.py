@@ -17,7 +17,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-CHUNK_SIZE = 4 * 1024 * 1024
+from sovpack.hashing import READ_SIZE
+
 RING_BUFFERS = 6
 FLUSH_STEP = 128 * 1024 * 1024  # bytes written to a file between two fdatasync on the flush lane
 
@@ -39,7 +40,7 @@ class Lane:
 class BufferRing:
     """Reused read buffers, each filled again only once every task reading it has finished."""
 
-    def __init__(self, count: int = RING_BUFFERS, size: int = CHUNK_SIZE):
+    def __init__(self, count: int = RING_BUFFERS, size: int = READ_SIZE):
         self._buffers = [bytearray(size) for _ in range(count)]
         self._readers: list[list[Future]] = [[] for _ in range(count)]
         self._current = -1
