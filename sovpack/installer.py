@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +33,7 @@ from sovpack.errors import Failure, Refused, SovpackError
 from sovpack.hashing import ShardDigests, sha256_bytes
 from sovpack.import_job import ImportJob, sweep_staging
 from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time
+from sovpack.pipeline import Lane
 from sovpack.progress import Progress
 from sovpack.staging import StagedFiles, flush_tree
 from sovpack.store import InstalledBundle, Store
@@ -279,12 +279,15 @@ class _Importer:
             self.progress.phase("verifying", size - sum(d.size for d in known.values()))
             return verify_bundle(staging, self.policy, now=self.now, on_progress=self.progress.advance, known_digests=known)
         self.progress.phase("verifying", size)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush") as flusher:
-            # staged by a killed run: the bytes must be on disk before the commit renames them into
-            # place; flushing them while verification reads them overlaps disk and SHA-256
+        # staged by a killed run: the bytes must be on disk before the commit renames them into
+        # place; flushing them while verification reads them overlaps disk and SHA-256
+        flusher = Lane("flush")
+        try:
             flushed = flusher.submit(flush_tree, staging)
             report = verify_bundle(staging, self.policy, now=self.now, on_progress=self.progress.advance)
             flushed.result()
+        finally:
+            flusher.close()
         return report
 
     def _record(self, report: VerifyReport, metadata_sha256: str) -> dict:
