@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from sovpack.metadata import format_time
-from sovpack.server.engine import chat_work, completion_work, embedding_work
+from sovpack.server.engine import embedding_work, llama_work
 from sovpack.server.errors import ApiError, ClientGone, error_body
 from sovpack.server.middleware import AccessRecordMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
 from sovpack.server.requests import (
@@ -71,7 +71,7 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
         kwargs = chat_kwargs(body, state.limits)
         _note(request, state, body, body.messages)
         _require_generative(state)
-        work = chat_work(body, kwargs)
+        work = llama_work(body, kwargs, chat=True)
         return await generate(request, state, work, stream=body.stream, include_usage=include_usage(body), body=body)
 
     @api.post("/v1/completions")
@@ -79,7 +79,7 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
         kwargs = completion_kwargs(body, state.limits)
         _note(request, state, body, body.prompt)
         _require_generative(state)
-        work = completion_work(body, kwargs)
+        work = llama_work(body, kwargs, chat=False)
         return await generate(request, state, work, stream=body.stream, include_usage=include_usage(body), body=body)
 
     @api.post("/v1/embeddings")

@@ -186,17 +186,13 @@ class Engine:
 # work for the three endpoints
 
 
-def chat_work(body, kwargs: dict) -> Work:
+def llama_work(body, kwargs: dict, *, chat: bool) -> Work:
+    """A chat or a text completion, after llama-cpp-python's own request preparation."""
+
     def work(slot: Slot):
         llama = prepare_request_resources(body, lambda _model: slot.llama, body.model, kwargs)
-        return llama.create_chat_completion(**kwargs)
-
-    return work
-
-
-def completion_work(body, kwargs: dict) -> Work:
-    def work(slot: Slot):
-        llama = prepare_request_resources(body, lambda _model: slot.llama, body.model, kwargs)
+        if chat:  # the slot's stop check comes with the chat formatter (template.py)
+            return llama.create_chat_completion(**kwargs)
         return llama.create_completion(**kwargs, stopping_criteria=slot.stopping_criteria())
 
     return work
