@@ -583,6 +583,34 @@ def test_unknown_variant(cli, env):
     assert result.code == 2 and "Q4_1 (SmolLM2-135M-Instruct.Q4_1.gguf)" in result.err
 
 
+def _tiny_bundle(env, name: str, *gguf_names: str) -> Path:
+    """A signed bundle of small GGUF files (valid, but not models llama.cpp can run)."""
+    from builders import write_gguf
+
+    model = env.root / f"{name}-model"
+    for gguf_name in gguf_names:
+        write_gguf(model / gguf_name)
+    bundle = env.root / name
+    assert run("pack", model, "--out", bundle, "--name", "tiny") == 0
+    assert run("sign", bundle, "--key", env.keys / "alice.key") == 0
+    return bundle
+
+
+def test_several_ggufs_need_a_variant_that_names_one(cli, env):
+    bundle = _tiny_bundle(env, "two-ggufs", "tiny-a.gguf", "tiny-b.gguf")
+    result = _serve(cli, env, bundle, "--trust", env.keys / "alice.pub")
+    assert result.code == 2 and "F32 (tiny-a.gguf), F32 (tiny-b.gguf); choose one with --variant" in result.err
+    result = _serve(cli, env, bundle, "--trust", env.keys / "alice.pub", "--variant", "f32")
+    assert result.code == 2 and "several GGUF models" in result.err and "give the file path as --variant" in result.err
+
+
+def test_a_split_gguf_missing_a_part_is_a_usage_error(cli, env):
+    bundle = _tiny_bundle(env, "split-missing", "tiny-00001-of-00002.gguf")
+    result = _serve(cli, env, bundle, "--trust", env.keys / "alice.pub")
+    assert result.code == 2, result.err
+    assert "tiny-00001-of-00002.gguf is part 1 of 2 but the bundle lacks tiny-00002-of-00002.gguf" in result.err
+
+
 def test_missing_serve_extra(cli, env, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # what an install without the extra looks like
     result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub")
@@ -601,13 +629,7 @@ def test_a_directory_argument_is_a_bundle_as_for_verify(cli, env, monkeypatch):
 
 
 def test_a_verified_gguf_llama_cpp_cannot_load_exits_3(env):
-    from builders import write_gguf
-
-    model = env.root / "unloadable-model"
-    write_gguf(model / "tiny-F32.gguf")  # valid GGUF, but no llama model in it
-    bundle = env.root / "unloadable"
-    assert run("pack", model, "--out", bundle, "--name", "tiny") == 0
-    assert run("sign", bundle, "--key", env.keys / "alice.key") == 0
+    bundle = _tiny_bundle(env, "unloadable", "tiny-F32.gguf")  # valid GGUF, but no llama model in it
     s = Server(env, bundle, key=False, name="unloadable")
     assert s.proc.wait(60) == 3, s.output()
     assert "llama.cpp could not load tiny-F32.gguf" in s.output()
