@@ -10,7 +10,6 @@ twice and memory stays flat.
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections import deque
 from concurrent.futures import Future
@@ -41,6 +40,7 @@ from sovpack.volumes import (
     index_signature_name,
     read_index,
     sign_index,
+    volume_stem,
 )
 
 
@@ -240,9 +240,8 @@ def _prepare_destination(to: Path, stem: str, archive_size: int, volume_size: in
         raise Failure(f"cannot create the export directory {to}: {e.strerror}") from None
     if (to / index_name(stem)).exists():
         raise UsageError(f"{to} already holds an export of {stem} ({index_name(stem)}); choose an empty directory or remove it first")
-    leftover = re.compile(re.escape(stem) + r"\.[0-9]{3,}")
     for p in to.iterdir():  # volumes of an interrupted export into this directory (it has no index)
-        if leftover.fullmatch(p.name) and p.is_file():
+        if volume_stem(p.name) == stem and p.is_file():
             p.unlink()
     free = shutil.disk_usage(to).free
     if free < archive_size:

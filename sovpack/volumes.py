@@ -55,6 +55,12 @@ def volume_name(stem: str, number: int) -> str:
     return f"{stem}.{number:03d}"
 
 
+def volume_stem(file_name: str) -> str | None:
+    """The stem of a volume's file name (NAME-vV of NAME-vV.001), None for any other name."""
+    match = _VOLUME_NAME.match(file_name)
+    return match["stem"] if match else None
+
+
 def index_name(stem: str) -> str:
     return stem + INDEX_SUFFIX
 
@@ -420,9 +426,9 @@ def foreign_files(directory: Path, index: ExportIndex) -> list[str]:
     ours = {v.file for v in index.volumes} | {index_name(index.bundle.stem), index_signature_name(index.bundle.stem)}
     found = []
     for p in sorted(directory.iterdir()):
-        match = _VOLUME_NAME.match(p.name)
-        if p.name in ours or not (match or p.name.endswith((INDEX_SUFFIX, INDEX_SIGNATURE_SUFFIX))):
+        stem = volume_stem(p.name)
+        if p.name in ours or not (stem or p.name.endswith((INDEX_SUFFIX, INDEX_SIGNATURE_SUFFIX))):
             continue
-        stem = match["stem"] if match else p.name.removesuffix(INDEX_SUFFIX).removesuffix(INDEX_SIGNATURE_SUFFIX)
+        stem = stem or p.name.removesuffix(INDEX_SUFFIX).removesuffix(INDEX_SIGNATURE_SUFFIX)
         found.append(p.name + (f" (of {stem})" if stem != index.bundle.stem else " (not listed in this index)"))
     return found

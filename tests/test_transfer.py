@@ -148,6 +148,16 @@ def test_export_refuses_to_mix_with_an_existing_export(cli, signed_bundle, tmp_p
     assert result.code == 2 and "already holds an export of tiny-v3" in result.err
 
 
+def test_export_replaces_the_volumes_of_an_interrupted_export_and_nothing_else(cli, signed_bundle, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("tiny-v3.001", "tiny-v3.999", "tiny-v30.001", "tiny-v3.01", "notes.txt"):  # no index: an unfinished export
+        (out / name).write_bytes(b"left over")
+    export(cli, signed_bundle, out)
+    assert not (out / "tiny-v3.999").exists() and (out / "tiny-v3.001").read_bytes() != b"left over"
+    assert all((out / name).read_bytes() == b"left over" for name in ("tiny-v30.001", "tiny-v3.01", "notes.txt"))
+
+
 def test_export_to_a_destination_that_fills_up_leaves_nothing(signed_bundle, tmp_path):
     limit = 6000  # RLIMIT_FSIZE: writing past it fails with EFBIG, as a full medium fails with ENOSPC
     result = sovpack("export", signed_bundle, "--to", tmp_path / "out", "--volume-size", "8K",
