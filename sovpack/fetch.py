@@ -288,9 +288,10 @@ def _complete_is_intact(root: Path, path: str, c: _Complete) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == c.digest.size and st.st_mtime_ns == c.mtime_ns
 
 
-def staged_status(root: Path, plan: Plan) -> dict[str, FileStatus]:
-    """What a previous run left in the staging directory `root`, read without changing anything."""
-    state = _State.read(root / WORK_DIR / "state.json")
+def staged_status(root: Path, plan: Plan, state: _State | None = None) -> dict[str, FileStatus]:
+    """What a previous run left in the staging directory `root` (its `state`, read here unless given), changing nothing."""
+    if state is None:
+        state = _State.read(root / WORK_DIR / "state.json")
     status = {}
     for f in plan.files:
         c = state.complete.get(f.path)
@@ -341,7 +342,7 @@ class _Staging:
 
     def reconcile(self, plan: Plan) -> dict[str, FileStatus]:
         """Keep what a previous run checked and what it half-downloaded, when still wanted; delete the rest."""
-        status = staged_status(self.root, plan)
+        status = staged_status(self.root, plan, self.state)
         wanted = {f.path: f for f in plan.files}
         self.state.complete = {p: c for p, c in self.state.complete.items() if p in wanted and status[p].state == "staged"}
         self.state.partial = {p: _identity(wanted[p]) for p in wanted if status[p].state == "partial"}
