@@ -26,6 +26,7 @@ from sovpack.sizes import human_size
 
 _CHILD_MARK = "\x1esovpack-quantize "
 _PROGRESS_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_IO_FAILURE = ("iostream error", "failed to open")  # how llama.cpp reports a failed read or write (no errno)
 
 
 @dataclass(frozen=True)
@@ -97,17 +98,17 @@ class _ChildLog:
         if done["rc"] != 0:
             raise self._failure(output, qtype, name)
         start = self.events["start"]
-        return QuantizerRun(start["versions"], start["options"])
+        return QuantizerRun({**start["versions"], "llama_cpp_libraries": library_digests(start["libraries"])}, start["options"])
 
     def _failure(self, output: Path, qtype: str, name: str) -> Exception:
         reason = next((line.split("failed to quantize: ", 1)[1] for line in reversed(self.tail) if "failed to quantize: " in line),
                       self._last_lines())  # fmt: skip
+        if not any(hint in reason for hint in _IO_FAILURE):
+            return Refused(f"llama.cpp refused to quantize {name} to {qtype}: {reason}; nothing was added to the bundle")
         write_error = _write_error(output)
         if write_error is not None:
             return Failure(_write_error_message(write_error, output, qtype, name))
-        if "iostream error" in reason or "failed to open" in reason:
-            return Failure(f"llama.cpp could not read {name} or write its {qtype} output ({reason}); nothing was added to the bundle")
-        return Refused(f"llama.cpp refused to quantize {name} to {qtype}: {reason}; nothing was added to the bundle")
+        return Failure(f"llama.cpp could not read {name} or write its {qtype} output ({reason}); nothing was added to the bundle")
 
     def _last_lines(self) -> str:
         return " | ".join(self.tail[-3:]) or "(nothing)"
@@ -125,6 +126,26 @@ def _write_error(partial: Path) -> OSError | None:
     except OSError as e:
         return e
     return None
+
+
+_library_digests: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> SHA-256
+
+
+def library_digests(paths: list[str] | None) -> dict[str, str] | None:
+    """SHA-256 of each shared library the child loaded, by file name; each file is hashed once per process."""
+    if paths is None:
+        return None
+    digests = {}
+    for path in map(Path, paths):
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # replaced or deleted since it was loaded
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _library_digests:
+            _library_digests[key] = sha256_file(path)
+        digests[path.name] = _library_digests[key]
+    return digests
 
 
 def _write_error_message(error: OSError, output: Path, qtype: str, name: str) -> str:
@@ -164,7 +185,7 @@ def _child_main(request_json: str) -> int:
     global _log_callback
     _log_callback = llama_cpp.llama_log_callback(_forward_log)
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-    _emit("start", versions=_llama_versions(llama_cpp), options=_options(params, defaults))
+    _emit("start", versions=_llama_versions(llama_cpp), libraries=_loaded_libraries(), options=_options(params, defaults))
     rc = llama_cpp.llama_model_quantize(os.fsencode(request["input"]), os.fsencode(request["output"]), ctypes.byref(params))
     _emit("done", rc=rc)
     return 0
@@ -212,7 +233,6 @@ def _llama_versions(llama_cpp) -> dict:
         "llama_cpp_commit": _c_text(libggml, "ggml_commit"),  # llama.cpp's build commit: llama.cpp builds ggml with it
         "ggml_version": _c_text(libggml, "ggml_version"),
         "llama_cpp_python_version": llama_cpp.__version__,
-        "llama_cpp_libraries": _loaded_libraries(),
     }
 
 
@@ -228,12 +248,11 @@ def _c_text(library, function: str) -> str | None:
     return value.decode("utf-8", errors="replace") if value else None
 
 
-def _loaded_libraries() -> dict[str, str] | None:
-    """SHA-256 of the llama.cpp and ggml shared libraries this process really loaded (Linux)."""
+def _loaded_libraries() -> list[str] | None:
+    """Paths of the llama.cpp and ggml shared libraries this process really loaded (Linux); the parent hashes them."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    paths = sorted({line.split(None, 5)[5] for line in maps.splitlines()
-                    if len(line.split(None, 5)) == 6 and re.search(r"/lib(llama|ggml)[^/]*\.so", line)})  # fmt: skip
-    return {Path(p).name: sha256_file(Path(p)) for p in paths if Path(p).is_file()}
+    return sorted({line.split(None, 5)[5] for line in maps.splitlines()
+                   if len(line.split(None, 5)) == 6 and re.search(r"/lib(llama|ggml)[^/]*\.so", line)})  # fmt: skip

@@ -287,6 +287,32 @@ def test_gguf_llama_cpp_cannot_load_is_refused_with_its_reason(tmp_path, cli):
     assert _snapshot(bundle) == before and not _work_dir(bundle).exists()
 
 
+def test_a_plain_refusal_by_llama_cpp_is_not_probed_as_a_write_failure(tmp_path, cli, monkeypatch):
+    import sovpack.llama_quantizer
+
+    probed = []
+    monkeypatch.setattr(sovpack.llama_quantizer, "_write_error", lambda partial: probed.append(partial))
+    write_gguf(tmp_path / "model" / "broken-F32.gguf")  # llama.cpp refuses it: no I/O went wrong
+    bundle = _pack(cli, tmp_path / "model", tmp_path / "bundle")
+    assert cli("quantize", bundle, "--type", "Q8_0").code == 1
+    assert probed == []
+
+
+def test_the_llama_cpp_libraries_are_hashed_once_per_run(cli, bundle, monkeypatch):
+    import sovpack.llama_quantizer
+
+    hashed = []
+    real = sovpack.llama_quantizer.sha256_file
+    monkeypatch.setattr(sovpack.llama_quantizer, "_library_digests", {})
+    monkeypatch.setattr(sovpack.llama_quantizer, "sha256_file", lambda path: hashed.append(path) or real(path))
+    assert cli("quantize", bundle, "--type", "Q8_0", "--type", "Q4_0").code == 0
+    libraries = _entry(bundle, "gguf/tiny-Q8_0.gguf")["source"]["llama_cpp_libraries"]
+    assert libraries == _entry(bundle, "gguf/tiny-Q4_0.gguf")["source"]["llama_cpp_libraries"]
+    assert any(name.startswith("libllama") for name in libraries)
+    assert sorted(p.name for p in hashed) == sorted(libraries)  # two children, each library hashed once
+    assert all(libraries[p.name] == real(p) for p in hashed)
+
+
 def test_already_quantized_source_is_refused_unless_requantizing_is_allowed(cli, bundle):
     assert cli("quantize", bundle, "--type", "Q8_0").code == 0
     shutil.move(bundle / "gguf" / "tiny-F32.gguf", bundle.parent / "moved-away.gguf")
