@@ -60,7 +60,6 @@ class EngineSettings:
 
 class Slot:
     def __init__(self, index: int):
-        self.index = index
         self.llama: CountingLlama | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sovpack-slot{index}")
         self.job: Generation | None = None
@@ -105,7 +104,6 @@ class Engine:
         self.slots: list[Slot] = []
         self.pool: SlotPool[Slot] | None = None
         self.embeddings = (model.choice.entry.details or {}).get("architecture") in EMBEDDING_ARCHITECTURES
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # loading
 

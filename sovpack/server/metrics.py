@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from sovpack.server.access_log import RequestRecord
 
-ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/metrics", "/health"}
+ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/metrics"}  # /health is not observed
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 

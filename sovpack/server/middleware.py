@@ -28,8 +28,9 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
-def record_of(scope) -> RequestRecord | None:
-    return scope.get("state", {}).get("record")
+def record_of(scope) -> RequestRecord:
+    """The request's record, created by AccessRecordMiddleware, the outermost layer."""
+    return scope["state"]["record"]
 
 
 class AccessRecordMiddleware:
@@ -81,9 +82,7 @@ class ApiKeyMiddleware:
             error = unauthorized()
             _note_error(scope, error)
             return await send_error(send, error)
-        record = record_of(scope)
-        if record:
-            record.key_id = key_id
+        record_of(scope).key_id = key_id
         await self.app(scope, receive, send)
 
 
@@ -144,7 +143,5 @@ def _replay(body: bytes, receive, disconnected: bool):
 
 
 def _note_error(scope, error: ApiError) -> None:
-    record = record_of(scope)
-    if record:
-        record.error = error.code
+    record_of(scope).error = error.code
 

@@ -39,8 +39,7 @@ class CompletionRequest(CreateCompletionRequest):
     max_tokens: Optional[int] = 16  # checked below, with a clearer message than a schema error
 
 
-class EmbeddingRequest(CreateEmbeddingRequest):
-    pass
+EmbeddingRequest = CreateEmbeddingRequest  # taken as is: sovpack adds no fields, only the checks below
 
 
 @dataclass(frozen=True)
