@@ -10,30 +10,32 @@ from sovpack.errors import UsageError
 DEFAULT_CTX = 4096
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeOptions:
+    """As given on the command line; the defaults live there (cli/serve_commands.py), only there."""
+
     target: str  # NAME, NAME@VERSION or a bundle directory
-    variant: str | None = None
-    store: Path | None = None
-    trust: tuple[Path, ...] = ()
-    threshold: int | None = None
-    host: str = "127.0.0.1"
-    port: int = 8080
-    api_key_file: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    n_gpu_layers: str = "auto"
-    ctx_size: int | None = None  # default: min(DEFAULT_CTX, the model's trained context)
-    parallel: int = 1
-    threads: int | None = None  # per slot; default: default_threads(parallel)
-    cors_origins: tuple[str, ...] = ()
-    max_tokens: int | None = None  # upper limit on a request's max_tokens; default: the context size
-    max_request_bytes: int = 1_000_000
-    max_queue: int = 16
-    shutdown_timeout: float = 30.0
-    access_log: Path | None = None  # default: STORE/logs/access.jsonl
-    log_prompts: bool = False
-    full_verify: bool = False
+    variant: str | None
+    store: Path | None
+    trust: tuple[Path, ...]
+    threshold: int | None
+    host: str
+    port: int
+    api_key_file: Path | None
+    tls_cert: Path | None
+    tls_key: Path | None
+    n_gpu_layers: str
+    ctx_size: int | None  # None: min(DEFAULT_CTX, the model's trained context)
+    parallel: int
+    threads: int | None  # per slot; None: default_threads(parallel)
+    cors_origins: tuple[str, ...]
+    max_tokens: int | None  # upper limit on a request's max_tokens; None: the context size
+    max_request_bytes: int
+    max_queue: int
+    shutdown_timeout: float
+    access_log: Path | None  # None: STORE/logs/access.jsonl
+    log_prompts: bool
+    full_verify: bool
 
 
 def default_threads(parallel: int, cores: int) -> int:
