@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from sovpack.server.access_log import RequestRecord
@@ -45,12 +44,14 @@ class Histogram:
         return out + [f"{name}_sum{braces} {self.sum:.6f}", f"{name}_count{braces} {self.total}"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Gauges:
-    queue_depth: Callable[[], int]
-    slots_busy: Callable[[], int]
-    slots_total: Callable[[], int]
-    ready: Callable[[], bool]
+    """The server's state at the moment /metrics is rendered."""
+
+    queue_depth: int
+    slots_busy: int
+    slots_total: int
+    ready: bool
 
 
 class Metrics:
@@ -99,10 +100,10 @@ class Metrics:
                 "# TYPE sovpack_queue_wait_seconds histogram", *self.queue_wait.lines("sovpack_queue_wait_seconds"),
             ]  # fmt: skip
         lines += [
-            "# TYPE sovpack_queue_depth gauge", f"sovpack_queue_depth {gauges.queue_depth()}",
-            "# TYPE sovpack_slots_busy gauge", f"sovpack_slots_busy {gauges.slots_busy()}",
-            "# TYPE sovpack_slots_total gauge", f"sovpack_slots_total {gauges.slots_total()}",
-            "# TYPE sovpack_ready gauge", f"sovpack_ready {int(gauges.ready())}",
+            "# TYPE sovpack_queue_depth gauge", f"sovpack_queue_depth {gauges.queue_depth}",
+            "# TYPE sovpack_slots_busy gauge", f"sovpack_slots_busy {gauges.slots_busy}",
+            "# TYPE sovpack_slots_total gauge", f"sovpack_slots_total {gauges.slots_total}",
+            "# TYPE sovpack_ready gauge", f"sovpack_ready {int(gauges.ready)}",
         ]  # fmt: skip
         return "\n".join(lines) + "\n"
 

@@ -101,10 +101,10 @@ class ServerState:
     def gauges(self) -> Gauges:
         pool = self.engine.pool
         return Gauges(
-            queue_depth=lambda: pool.waiting if pool else 0,
-            slots_busy=lambda: pool.busy if pool else 0,
-            slots_total=lambda: len(self.engine.slots),
-            ready=lambda: self.status == "ready",
+            queue_depth=pool.waiting if pool else 0,
+            slots_busy=pool.busy if pool else 0,
+            slots_total=len(self.engine.slots),
+            ready=self.status == "ready",
         )
 
     @contextlib.asynccontextmanager
