@@ -20,8 +20,8 @@ from sovpack.errors import Failure
 from sovpack.store import Store, remove_tree
 from sovpack.volumes import CheckJournal
 
-# Journal key: absent while the staging directory holds nothing complete; false once every volume
-# was read intact and the staged files are being flushed; true once the whole bundle is staged on disk.
+# Journal key: true once the whole bundle is staged on disk (a re-run verifies and installs it);
+# absent otherwise (a re-run discards the staging directory and reads the volumes again).
 REASSEMBLED = "reassembled"
 
 
@@ -31,7 +31,7 @@ class ImportJob:
     def __init__(self, directory: Path):
         self.directory = directory
         self.staging = directory / "bundle"
-        self.journal = CheckJournal(directory / "journal.json")
+        self.journal: CheckJournal  # read in __enter__, once the lock is held
         self._lock_fd: int | None = None
 
     def __enter__(self) -> "ImportJob":
@@ -55,10 +55,6 @@ class ImportJob:
     def start_staging(self) -> None:
         self.journal.discard(REASSEMBLED)
         remove_tree(self.staging)
-
-    def mark_read(self) -> None:
-        """Every volume was read intact; the staged files are being flushed."""
-        self.journal[REASSEMBLED] = False
 
     def mark_reassembled(self) -> None:
         self.journal[REASSEMBLED] = True

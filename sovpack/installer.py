@@ -189,7 +189,6 @@ class _Importer:
             if refusal is not None:
                 raise refusal
             self._note_volume_warnings(report)
-            job.mark_read()
             known = files.finish()
         except BaseException:
             files.abort()

@@ -55,17 +55,19 @@ def journal(store: Path) -> dict | None:
     return None
 
 
-def checking(store: Path) -> bool:
+def checking(store: Path, out: Path) -> bool:
     j = journal(store)
     return bool(j) and "reassembled" not in j
 
 
-def reassembling(store: Path) -> bool:
+def reassembling(store: Path, out: Path) -> bool:
+    """Every volume read and found intact (all in the journal), the staged files not yet all on disk."""
     j = journal(store) or {}
-    return j.get("reassembled") is False and any(store.glob("tmp/import-*/bundle/model-00002.safetensors"))
+    volumes = {v["file"] for v in json.loads((out / "big-v1.index.json").read_text())["volumes"]}
+    return "reassembled" not in j and set(j) == volumes and any(store.glob("tmp/import-*/bundle/model-00002.safetensors"))
 
 
-def verifying(store: Path) -> bool:
+def verifying(store: Path, out: Path) -> bool:
     return (journal(store) or {}).get("reassembled") is True
 
 
@@ -74,7 +76,7 @@ def kill_when(condition, out: Path, store: Path) -> None:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 60
     try:
-        while not condition(store):
+        while not condition(store, out):
             assert process.poll() is None, "the import ended before the phase to interrupt was reached"
             assert time.monotonic() < deadline
             time.sleep(0.0005)
@@ -104,7 +106,7 @@ def test_kill_before_install_leaves_the_store_unchanged_and_a_rerun_completes(bi
 
 def test_kill_at_the_commit_and_a_rerun_completes_the_install(big_export, store):
     out, _ = big_export
-    kill_when(lambda s: (s / "bundles" / "big" / "1").exists(), out, store)
+    kill_when(lambda s, _: (s / "bundles" / "big" / "1").exists(), out, store)
     again = sovpack("import", out, "--store", store)
     assert again.returncode == 0, again.stderr
     assert json.loads((store / "records" / "big" / "1.json").read_text())["accepted_by"][0]["name"] == "alice"
