@@ -617,6 +617,14 @@ def test_missing_serve_extra(cli, env, monkeypatch):
     assert result.code == 3 and "sovpack[serve]" in result.err
 
 
+def test_a_uvicorn_without_the_internals_serve_overrides(cli, env, monkeypatch):
+    import uvicorn
+
+    monkeypatch.delattr(uvicorn.Server, "capture_signals")  # what uvicorn before 0.29 looks like
+    result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub")
+    assert result.code == 3 and f"uvicorn {uvicorn.__version__} lacks uvicorn.Server.capture_signals" in result.err
+
+
 def test_not_installed_name(cli, env):
     result = _serve(cli, env, "no-such-model")
     assert result.code == 2 and "not installed" in result.err

@@ -32,6 +32,10 @@ from sovpack.store import Store
 ACCESS_LOG = Path("logs") / "access.jsonl"
 
 
+UVICORN_TESTED = "0.29 to 0.54"  # graceful_server overrides internals of these versions
+UVICORN_INTERNALS = ("capture_signals", "_wait_tasks_to_complete")
+
+
 def require_serve_extra() -> None:
     missing = []
     for module in ("llama_cpp", "fastapi", "uvicorn"):
@@ -41,6 +45,14 @@ def require_serve_extra() -> None:
             missing.append(module)
     if missing:
         raise Failure(f"sovpack serve needs {', '.join(missing)}: install the serve extra, `pip install 'sovpack[serve]'`")
+    import uvicorn
+
+    lacking = [name for name in UVICORN_INTERNALS if not hasattr(uvicorn.Server, name)]
+    if lacking:
+        raise Failure(
+            f"sovpack serve's graceful shutdown was written for uvicorn {UVICORN_TESTED}; uvicorn {uvicorn.__version__} "
+            f"lacks uvicorn.Server.{', '.join(lacking)}: install one in that range, `pip install 'uvicorn>=0.29,<0.55'`"
+        )
 
 
 def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
@@ -125,7 +137,7 @@ def _run(options, store, keys, model, sock, audit, say) -> int:
         proxy_headers=False,
         limit_concurrency=max(64, 4 * (options.parallel + options.max_queue)),
     )
-    server = GracefulServer(config, state)
+    server = graceful_server(config, state)
     started = time.monotonic()
     try:
         asyncio.run(server.serve(sockets=[sock]))
@@ -163,51 +175,53 @@ def _start_lines(model, settings, backend: str, keys, access_path: Path, options
     ]
 
 
-class GracefulServer:
-    """uvicorn.Server whose signal handling marks the server as stopping and does not re-raise the signal."""
+def graceful_server(config, state):
+    """A uvicorn.Server whose signal handling marks the server as stopping and does not re-raise the signal.
 
-    def __new__(cls, config, state):
-        import uvicorn
+    It overrides uvicorn internals (capture_signals and _captured_signals, from 0.29 on;
+    _wait_tasks_to_complete): require_serve_extra refuses a uvicorn without them.
+    """
+    import uvicorn
 
-        class _Server(uvicorn.Server):
-            stop_signal: str | None = None
+    class GracefulServer(uvicorn.Server):
+        stop_signal: str | None = None
 
-            def handle_exit(self, sig, frame):
-                self.stop_signal = self.stop_signal or signal.Signals(sig).name
-                state.begin_stopping()
-                super().handle_exit(sig, frame)
-                self._captured_signals.clear()  # exit with our status, not by re-raising the signal
+        def handle_exit(self, sig, frame):
+            self.stop_signal = self.stop_signal or signal.Signals(sig).name
+            state.begin_stopping()
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # exit with our status, not by re-raising the signal
 
-            async def _wait_tasks_to_complete(self):
-                """Wait for responses in progress, not for idle keep-alive connections.
+        async def _wait_tasks_to_complete(self):
+            """Wait for responses in progress, not for idle keep-alive connections.
 
-                uvicorn waits until every connection has closed; closing an idle TLS connection
-                waits (asyncio: up to 30 s) for the client's close_notify, which an idle client
-                never sends. So once no response is in progress, idle connections are cut.
-                """
-                connections = self.server_state.connections
-                if all(hasattr(c, "cycle") and hasattr(c, "transport") for c in connections):
-                    while not self.force_exit and any(c.cycle is not None and not c.cycle.response_complete for c in connections):
-                        await asyncio.sleep(0.1)
-                    for c in list(connections):
-                        c.transport.abort()
-                await super()._wait_tasks_to_complete()
+            uvicorn waits until every connection has closed; closing an idle TLS connection
+            waits (asyncio: up to 30 s) for the client's close_notify, which an idle client
+            never sends. So once no response is in progress, idle connections are cut.
+            """
+            connections = self.server_state.connections
+            if all(hasattr(c, "cycle") and hasattr(c, "transport") for c in connections):
+                while not self.force_exit and any(c.cycle is not None and not c.cycle.response_complete for c in connections):
+                    await asyncio.sleep(0.1)
+                for c in list(connections):
+                    c.transport.abort()
+            await super()._wait_tasks_to_complete()
 
-            @contextlib.contextmanager
-            def capture_signals(self):
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-                try:
-                    yield
-                finally:
-                    for sig, handler in original.items():
-                        signal.signal(sig, handler)
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
 
-        server = _Server(config)
-        state.request_exit = lambda: setattr(server, "should_exit", True)
-        return server
+    server = GracefulServer(config)
+    state.request_exit = lambda: setattr(server, "should_exit", True)
+    return server
 
 
 def resolve_bind(host: str, port: int) -> tuple[int, tuple]:
