@@ -241,7 +241,9 @@ def _check_paths(files: list[RemoteFile]) -> None:
             raise Refused(f"{f.where} cannot go into a bundle: unsafe path ({reason})")
         if f.path.split("/")[0] in (*RESERVED_NAMES, WORK_DIR):
             raise Refused(f"{f.where} cannot go into a bundle: {f.path.split('/')[0]} is a name reserved for sovpack's own files")
-    for a, b in case_collisions([f.path for f in files]):
-        raise UsageError(
-            f"{a} and {b} are both selected but differ only by case, and would collide on FAT32/NTFS media: exclude one"
+    by_path = {f.path: f for f in files}
+    for a, b in case_collisions(list(by_path)):
+        raise Refused(
+            f"{by_path[a].where} and {by_path[b].where} differ only by case and cannot both go into a bundle: they would "
+            "collide on FAT32/NTFS media. Nothing was downloaded; leave one out with --exclude"
         )
