@@ -15,7 +15,8 @@ Implemented routes (model repos only):
     HEAD|GET /{repo_id}/resolve/{revision}/{path}           file content (Range supported)
     HEAD|GET /cdn-lfs/{sha256}?repo=..&file=..              LFS content when `cdn_redirects=True`
 
-Stdlib only. Faults (corruption, lying commit header, dropped connections) can be injected per file.
+Stdlib only. Faults can be injected: per file, corruption, dropped connections, HTTP errors and a
+mishandled `Range`; per repo, a lying commit header or a model info that resolves to another commit.
 """
 
 from __future__ import annotations
@@ -214,6 +215,10 @@ class HubServer:
         self._corrupt: set[tuple[str, str]] = set()
         self._lies: dict[str, str] = {}
         self._drops: dict[tuple[str, str], _Drop] = {}
+        self._failures: dict[tuple[str, str], list[int]] = {}  # (repo, path) -> [status, times left]
+        self._ranges_ignored: set[tuple[str, str]] = set()
+        self._content_ranges: dict[tuple[str, str], str] = {}
+        self._resolved_as: dict[str, str] = {}
         self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler, self)
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -282,11 +287,35 @@ class HubServer:
         with self._lock:
             self._drops[(repo_id, path)] = _Drop(nbytes, times, abort)
 
+    def resolve_as(self, repo_id: str, commit: str) -> None:
+        """Report `commit` as the `sha` of every model info answer for this repo, whatever revision was asked."""
+        with self._lock:
+            self._resolved_as[repo_id] = commit
+
+    def fail_gets(self, repo_id: str, path: str, status: int, *, times: int = 1) -> None:
+        """Answer the next `times` GETs of `path` with HTTP `status` (a Hub-shaped error); HEAD is not affected."""
+        with self._lock:
+            self._failures[(repo_id, path)] = [status, times]
+
+    def ignore_range(self, repo_id: str, path: str) -> None:
+        """Answer every GET of `path` with the whole file (200), whatever `Range` asks (HTTP allows it)."""
+        with self._lock:
+            self._ranges_ignored.add((repo_id, path))
+
+    def wrong_content_range(self, repo_id: str, path: str, header: str) -> None:
+        """Answer range requests for `path` with 206, the bytes asked for, and this `Content-Range` header."""
+        with self._lock:
+            self._content_ranges[(repo_id, path)] = header
+
     def clear_faults(self) -> None:
         with self._lock:
             self._corrupt.clear()
             self._lies.clear()
             self._drops.clear()
+            self._failures.clear()
+            self._ranges_ignored.clear()
+            self._content_ranges.clear()
+            self._resolved_as.clear()
 
     @property
     def requests(self) -> list[LoggedRequest]:
@@ -337,6 +366,25 @@ class HubServer:
     def _reported_commit(self, repo_id: str, oid: str) -> str:
         with self._lock:
             return self._lies.get(repo_id, oid)
+
+    def _resolved_sha(self, repo_id: str, oid: str) -> str:
+        with self._lock:
+            return self._resolved_as.get(repo_id, oid)
+
+    def _take_failure(self, repo_id: str, path: str) -> int | None:
+        with self._lock:
+            failure = self._failures.get((repo_id, path))
+            if failure is None:
+                return None
+            failure[1] -= 1
+            if failure[1] <= 0:
+                del self._failures[(repo_id, path)]
+            return failure[0]
+
+    def _range_fault(self, repo_id: str, path: str) -> tuple[bool, str | None]:
+        """(ignore Range?, the Content-Range to send instead of the true one)."""
+        with self._lock:
+            return (repo_id, path) in self._ranges_ignored, self._content_ranges.get((repo_id, path))
 
     def _is_corrupt(self, repo_id: str, path: str) -> bool:
         with self._lock:
@@ -610,6 +658,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _model_info(self, method: str, repo: str, rev: str = "main") -> None:
         repo_obj, commit = self.hub._lookup(repo, rev)
         info = _model_info_json(repo_obj, commit, _is_true(self.query.get("blobs")), "securityStatus" in self.query)
+        info["sha"] = self.hub._resolved_sha(repo, commit.oid)
         if "expand" in self.query:  # only the requested properties, like the Hub
             info = {k: v for k, v in info.items() if k in {"_id", "id", *self.query["expand"]}}
         self._send_json(info)
@@ -694,12 +743,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_blob(self, method: str, repo: str, blob: Blob, headers: dict[str, str], fault_path: str = "") -> None:
         fault_path = fault_path or blob.path
-        byte_range = _parse_range(self.headers.get("Range"), blob.size)
+        status = self.hub._take_failure(repo, fault_path) if method == "GET" else None
+        if status is not None:
+            raise HubError(status, None, f"injected HTTP {status}", headers)
+        ignore_range, content_range = self.hub._range_fault(repo, fault_path)
+        byte_range = None if ignore_range else _parse_range(self.headers.get("Range"), blob.size)
         start, stop = byte_range or (0, blob.size)
         headers = {**headers, "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
         headers["Content-Length"] = str(stop - start)
         if byte_range:
-            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{blob.size}"
+            headers["Content-Range"] = content_range or f"bytes {start}-{stop - 1}/{blob.size}"
         self.send_response(206 if byte_range else 200)
         for name, value in headers.items():
             self.send_header(name, value)

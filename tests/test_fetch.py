@@ -407,6 +407,119 @@ def test_server_sending_more_bytes_than_listed_is_refused(server, repos, tmp_pat
         hub.download(short, tmp_path / "w.partial")
 
 
+def test_hub_answering_another_commit_than_the_one_asked_is_refused(cli, server, repos, tmp_path):
+    server.resolve_as(MODEL, "e" * 40)
+    server.clear_requests()
+    result = run_fetch(cli, server, f"{MODEL}@{repos['model']}", "--out", tmp_path / "b")
+    assert result.code == 1
+    err = " ".join(result.err.split())
+    assert f"answered commit {'e' * 40} when asked for {MODEL} at commit {repos['model']}" in err
+    assert not resolve_gets(server) and not staging_dir(tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("notes:v2.txt", "notes:v2.txt cannot go into a bundle: unsafe path"),
+        ("sovpack.json", "sovpack.json cannot go into a bundle: sovpack.json is a name reserved"),
+        ("signatures/evil.sig", "signatures/evil.sig cannot go into a bundle: signatures is a name reserved"),
+        ("MODEL.safetensors", "differ only by case and cannot both go into a bundle"),
+    ],
+)
+def test_repository_paths_a_bundle_cannot_hold_are_refused_before_any_download(cli, server, tmp_path, path, message):
+    files = model_files(tmp_path)
+    commit = server.add_repo("org/odd", {**files, path: files["model.safetensors"] if path.endswith(".safetensors") else b"x"})
+    server.clear_requests()
+    result = run_fetch(cli, server, "org/odd", "--out", tmp_path / "b", "--include", "*")
+    assert result.code == 1
+    err = " ".join(result.err.split())
+    assert message in err and f"org/odd@{commit[:12]}:{path}" in err
+    assert not resolve_gets(server) and not staging_dir(tmp_path / "b").exists()
+
+
+def test_default_selection_without_safetensors_names_the_gguf_files_to_include(cli, server, tmp_path):
+    ggufs = gguf_files(tmp_path)
+    server.add_repo("org/gguf-only", {"config.json": b"{}", "tiny-Q8_0.gguf": ggufs["tiny-Q8_0.gguf"]})
+    result = run_fetch(cli, server, "org/gguf-only", "--out", tmp_path / "b")
+    assert result.code == 2
+    err = " ".join(result.err.split())
+    assert "finds no safetensors weights at the top of org/gguf-only@" in err
+    assert "It holds GGUF files (tiny-Q8_0.gguf): choose them with --include GLOB" in err
+    assert not staging_dir(tmp_path / "b").exists()
+    taken = run_fetch(cli, server, "org/gguf-only", "--out", tmp_path / "b", "--include", "*.gguf")
+    assert taken.code == 0, taken.err
+
+
+# --------------------------------------------------------------------------- server faults
+
+
+def test_server_errors_are_retried(cli, server, tmp_path):
+    files = model_files(tmp_path, weights_mib=1)
+    server.add_repo(MODEL, files)
+    server.fail_gets(MODEL, "model.safetensors", 503, times=2)
+    server.clear_requests()
+    result = run_fetch(cli, server, MODEL, "--out", tmp_path / "b")
+    assert result.code == 0, result.err
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert len(resolve_gets(server, "/model.safetensors")) == 3
+
+
+def test_a_server_error_that_persists_is_a_failure_naming_the_file(cli, server, repos, tmp_path):
+    server.fail_gets(MODEL, "model.safetensors", 502, times=sovpack.hub.MAX_ATTEMPTS)
+    result = run_fetch(cli, server, MODEL, "--out", tmp_path / "b")
+    assert result.code == 3
+    err = " ".join(result.err.split())
+    where = f"{MODEL}@{repos['model'][:12]}:model.safetensors"
+    assert f"downloading {where} from {server.url} failed {sovpack.hub.MAX_ATTEMPTS} times in a row" in err
+    assert "HTTP 502" in err and "re-run the same command to continue" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_server_ignoring_the_range_restarts_the_file_from_byte_0(cli, server, tmp_path):
+    files = model_files(tmp_path, weights_mib=3)
+    server.add_repo(MODEL, files)
+    server.drop_after(MODEL, "model.safetensors", MIB + 5)
+    server.ignore_range(MODEL, "model.safetensors")
+    server.clear_requests()
+    result = run_fetch(cli, server, MODEL, "--out", tmp_path / "b")
+    assert result.code == 0, result.err
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert [r.range for r in resolve_gets(server, "/model.safetensors")] == [None, f"bytes={MIB + 5}-"]
+
+
+def test_a_wrong_content_range_is_a_failure_naming_the_file_and_the_range(cli, server, tmp_path):
+    files = model_files(tmp_path, weights_mib=3)
+    commit = server.add_repo(MODEL, files)
+    server.drop_after(MODEL, "model.safetensors", MIB)
+    server.wrong_content_range(MODEL, "model.safetensors", "bytes 0-99/100")
+    out = tmp_path / "b"
+    result = run_fetch(cli, server, MODEL, "--out", out)
+    assert result.code == 3
+    err = " ".join(result.err.split())
+    where = f"{MODEL}@{commit[:12]}:model.safetensors"
+    assert f"{where}: asked for bytes from {MIB}, the server answered the range 'bytes 0-99/100'" in err
+    assert not out.exists()
+    server.clear_faults()
+    assert run_fetch(cli, server, MODEL, "--out", out).code == 0  # the bytes kept were right: the re-run continues
+    assert (out / "model.safetensors").read_bytes() == files["model.safetensors"]
+
+
+def test_a_second_fetch_into_the_same_out_is_refused_by_the_lock(cli, server, repos, tmp_path):
+    import fcntl
+
+    out = tmp_path / "b"
+    work = staging_dir(out) / ".sovpack-fetch"
+    work.mkdir(parents=True)
+    with open(work / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # what a running fetch holds
+        server.clear_requests()
+        result = run_fetch(cli, server, MODEL, "--out", out)
+    assert result.code == 3
+    assert f"another sovpack fetch is writing {staging_dir(out)}" in " ".join(result.err.split())
+    assert not resolve_gets(server) and not out.exists()
+    assert run_fetch(cli, server, MODEL, "--out", out).code == 0
+
+
 # --------------------------------------------------------------------------- interruptions and resume
 
 

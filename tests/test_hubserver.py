@@ -414,3 +414,42 @@ def test_client_hanging_up_mid_body_is_ignored_quietly(server, capfd):
     with urllib.request.urlopen(f"{server.url}/{REPO}/resolve/main/config.json") as response:
         assert response.read() == b"{}"  # still serving
     assert capfd.readouterr().err == ""
+
+
+def test_resolve_as_changes_only_the_model_info_sha(server, api, files):
+    real = server.add_repo(REPO, files)
+    server.resolve_as(REPO, "f" * 40)
+    assert api.model_info(REPO, revision=real).sha == "f" * 40
+    assert get_hf_file_metadata(hf_hub_url(REPO, "config.json", endpoint=server.url), token=False).commit_hash == real
+    server.clear_faults()
+    assert api.model_info(REPO, revision=real).sha == real
+
+
+def test_fail_gets_answers_the_status_then_serves(server, files):
+    server.add_repo(REPO, files)
+    url = f"{server.url}/{REPO}/resolve/main/config.json"
+    server.fail_gets(REPO, "config.json", 503, times=2)
+    assert get_hf_file_metadata(url, token=False).size == len(files["config.json"])  # HEAD is not affected
+    for _ in range(2):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(url)
+        assert error.value.code == 503 and error.value.headers["X-Error-Message"] == "injected HTTP 503"
+    with urllib.request.urlopen(url) as response:
+        assert response.read() == files["config.json"]
+
+
+def test_ignore_range_and_wrong_content_range(server, files):
+    server.add_repo(REPO, files)
+    url = f"{server.url}/{REPO}/resolve/main/model.safetensors"
+    data = files["model.safetensors"]
+    server.ignore_range(REPO, "model.safetensors")
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": "bytes=100-"})) as response:
+        assert response.status == 200 and "Content-Range" not in response.headers and response.read() == data
+
+    server.clear_faults()
+    server.wrong_content_range(REPO, "model.safetensors", "bytes 0-4095/4096")
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": "bytes=100-"})) as response:
+        assert response.status == 206 and response.headers["Content-Range"] == "bytes 0-4095/4096"
+        assert response.read() == data[100:]  # the bytes asked for, described wrongly
+    with urllib.request.urlopen(url) as response:  # no Range asked: a plain answer
+        assert response.status == 200 and response.read() == data

@@ -202,6 +202,27 @@ def test_f16_split_source_is_found_checked_and_recorded_part_by_part(tmp_path, c
     assert second.code == 2 and "part 2 of a GGUF split into 3 files; give its first part" in second.err
 
 
+def test_split_source_whose_parts_are_misnamed_or_missing_is_refused_naming_them(tmp_path, cli):
+    first = write_llama_gguf(tmp_path / "renamed" / "tiny-F16.gguf", file_type="F16", split_max_tensors=8)
+    for part in sorted(first.parent.glob("tiny-F16-*.gguf")):  # llama.cpp finds the parts by these names
+        part.rename(part.with_name(part.name.replace("-of-", "-from-")))
+    bundle = _pack(cli, tmp_path / "renamed", tmp_path / "b1")
+    misnamed = cli("quantize", bundle, "--type", "Q8_0")
+    assert misnamed.code == 1
+    assert ("tiny-F16-00001-from-00003.gguf is the first of 3 split GGUF parts, but its name does not end in "
+            "-00001-of-00003.gguf") in " ".join(misnamed.err.split())  # fmt: skip
+
+    first = write_llama_gguf(tmp_path / "short" / "tiny-F16.gguf", file_type="F16", split_max_tensors=8)
+    (first.parent / "tiny-F16-00003-of-00003.gguf").unlink()
+    bundle = _pack(cli, tmp_path / "short", tmp_path / "b2")
+    before = _snapshot(bundle)
+    missing = cli("quantize", bundle, "--type", "Q8_0")
+    assert missing.code == 1
+    assert ("tiny-F16-00001-of-00003.gguf is split into 3 parts, but the bundle's inventory lacks "
+            "tiny-F16-00003-of-00003.gguf") in " ".join(missing.err.split())  # fmt: skip
+    assert _snapshot(bundle) == before and not _work_dir(bundle).exists()
+
+
 def test_help_lists_exactly_the_offered_types_and_stays_free_of_heavy_imports():
     from sovpack.cli.quantize_commands import TYPES_HELP
     from sovpack.quantize import QUANT_TYPES
