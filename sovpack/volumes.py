@@ -350,16 +350,34 @@ def check_volumes(
     progress: Progress | None = None,
 ) -> VolumeReport:
     """Check every volume against the index on its own, several at once, before any reassembly."""
-    progress = progress or Progress()
     index, raw = read_index(index_path)
+    signature = check_index_signature(index_path.parent, index, raw, policy)
+    return check_index_volumes(index_path, index, signature, journal=journal, progress=progress)
+
+
+def check_index_volumes(
+    index_path: Path,
+    index: ExportIndex,
+    signature: str,
+    *,
+    journal: CheckJournal | None = None,
+    progress: Progress | None = None,
+) -> VolumeReport:
+    """check_volumes of an index already read, whose signature `signature` describes.
+
+    What the file system tells (missing, wrong size, intact in an earlier run) is known first;
+    only the other volumes are read.
+    """
+    progress = progress or Progress()
     directory = index_path.parent
-    signature = check_index_signature(directory, index, raw, policy)
-    to_read = [v for v in index.volumes if not (journal and (directory / v.file).is_file() and journal.seen(directory / v.file, v.sha256))]
-    progress.phase("checking volumes", sum(v.size for v in to_read))
+    known = [status_without_reading(directory / v.file, v, journal) for v in index.volumes]
+    progress.phase("checking volumes", sum(v.size for v, status in zip(index.volumes, known) if status is None))
     journal_lock = threading.Lock()
 
-    def check(entry: VolumeEntry) -> VolumeStatus:
-        status = _check_volume(directory / entry.file, entry, journal, progress)
+    def check(entry: VolumeEntry, status: VolumeStatus | None) -> VolumeStatus:
+        if status is not None:
+            return status
+        status = _read_volume(directory / entry.file, entry, progress)
         if journal and status.state == "ok":
             with journal_lock:
                 journal.record(directory / entry.file, entry.sha256)
@@ -367,7 +385,7 @@ def check_volumes(
 
     statuses = []
     with ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="check-volume") as pool:
-        for status in pool.map(check, index.volumes):  # in volume order, as each is known
+        for status in pool.map(check, index.volumes, known):  # in volume order, as each is known
             progress.volume(status)
             statuses.append(status)
     return VolumeReport(index_path, index, signature, statuses, foreign_files(directory, index))
@@ -398,10 +416,7 @@ def unreadable(entry: VolumeEntry, error: OSError) -> VolumeStatus:
     return VolumeStatus(entry.file, "damaged", f"unreadable: {error.strerror or error}")
 
 
-def _check_volume(path: Path, entry: VolumeEntry, journal: CheckJournal | None, progress: Progress) -> VolumeStatus:
-    status = status_without_reading(path, entry, journal)
-    if status is not None:
-        return status
+def _read_volume(path: Path, entry: VolumeEntry, progress: Progress) -> VolumeStatus:
     try:
         return verdict(entry, *_sha256_with_progress(path, progress))
     except OSError as e:
