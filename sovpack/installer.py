@@ -46,7 +46,7 @@ from sovpack.volumes import (
     ExportIndex,
     VolumeReport,
     check_index_signature,
-    check_volumes,
+    check_index_volumes,
     find_index,
     foreign_files,
     read_index,
@@ -116,12 +116,13 @@ class _Importer:
                     job.remove()
             return self._already_installed(done.installed)
         with ImportJob(job_dir) as job:
+            signature = check_index_signature(index_path.parent, index, raw_index, self.policy)
             reuse = job.reassembled
             if reuse:  # a killed run left the whole bundle staged; a bad volume refuses, keeping it for the next run
-                self._check_volumes(index_path, job)
+                self._check_volumes(index_path, index, signature, job)
                 self.result.reassembled_before = True
             try:
-                known = None if reuse else self._reassemble(job, index_path, index, raw_index)
+                known = None if reuse else self._reassemble(job, index_path, index, signature)
                 result = self._verify_and_install(job.staging, index.bundle, known)
             except BaseException:
                 job.discard_staging()
@@ -160,20 +161,20 @@ class _Importer:
         if "not in the trust set" in report.signature:
             self.result.warnings.append(report.signature)
 
-    def _check_volumes(self, index_path: Path, job: ImportJob) -> None:
+    def _check_volumes(self, index_path: Path, index: ExportIndex, signature: str, job: ImportJob) -> None:
         """Every volume on its own, several at once (those the journal holds are not read): refused unless all are intact."""
-        self.result.volumes = report = check_volumes(index_path, self.policy, journal=job.journal, progress=self.progress)
+        report = check_index_volumes(index_path, index, signature, journal=job.journal, progress=self.progress)
+        self.result.volumes = report
         if not report.ok:
             raise Refused(report.failure_message())
         self._note_volume_warnings(report)
 
-    def _reassemble(self, job: ImportJob, index_path: Path, index: ExportIndex, raw_index: bytes) -> dict[str, ShardDigests]:
+    def _reassemble(self, job: ImportJob, index_path: Path, index: ExportIndex, signature: str) -> dict[str, ShardDigests]:
         """Read the volumes once, as one stream: every volume's verdict, and the staged bundle with its files' shard digests."""
         directory = index_path.parent
-        signature = check_index_signature(directory, index, raw_index, self.policy)
         checker = StreamedVolumeCheck(directory, index, job.journal, self.progress)
         if not checker.readable:  # a volume missing or cut: nothing to reassemble; every volume is still checked for the report
-            self._check_volumes(index_path, job)  # refuses, unless the volume came back meanwhile
+            self._check_volumes(index_path, index, signature, job)  # refuses, unless the volume came back meanwhile
             checker = StreamedVolumeCheck(directory, index, job.journal, self.progress)
         self._start_staging(job, index)
         self.progress.phase("reading the volumes", index.archive_size)
@@ -254,12 +255,11 @@ class _Importer:
     def _verify_and_install(
         self, staging: Path, expected: BundleIdentity | None, known: dict[str, ShardDigests] | None
     ) -> ImportResult:
-        metadata_sha256 = sha256_bytes((staging / METADATA_FILE).read_bytes())
         label = expected.label if expected else self.identity.label
         self.result.report = report = self._verify(staging, expected.size if expected else self.identity.size, known)
         if not report.ok:
             raise Refused(f"{label} failed verification ({report.failure.step}): {report.failure}")
-        metadata = report.metadata
+        metadata, metadata_sha256 = report.metadata, report.metadata_sha256
         if expected and (metadata.name, metadata.version, metadata_sha256) != (expected.name, expected.version, expected.metadata_sha256):
             raise Refused(f"the reassembled bundle is {metadata.name} v{metadata.version} (sha256 {metadata_sha256}), "
                           f"not {expected.label} as the index says: volumes of two exports are mixed")  # fmt: skip
@@ -270,7 +270,7 @@ class _Importer:
         self.progress.phase("installing")
         path = self.store.commit(staging, metadata.name, metadata.version)
         installed = InstalledBundle(metadata.name, metadata.version, path, {})
-        return self._complete(installed, self._record(report, metadata_sha256), "installed")
+        return self._complete(installed, self._record(report), "installed")
 
     def _verify(self, staging: Path, size: int, known: dict[str, ShardDigests] | None) -> VerifyReport:
         """verify_bundle; files written by this run are not read again (their digests were computed as they were written)."""
@@ -289,12 +289,13 @@ class _Importer:
             flusher.close()
         return report
 
-    def _record(self, report: VerifyReport, metadata_sha256: str) -> dict:
+    def _record(self, report: VerifyReport) -> dict:
+        """records/NAME/VERSION.json of a bundle this very report verified."""
         m = report.metadata
         return {
             "name": m.name,
             "version": m.version,
-            "metadata_sha256": metadata_sha256,
+            "metadata_sha256": report.metadata_sha256,
             "imported": format_time(datetime.now(timezone.utc)),
             "accepted_by": [{"name": k.name, "hint": k.hint, "key_id": k.key_id} for k in report.signers],
             "threshold": self.policy.threshold,
@@ -324,7 +325,7 @@ class _Importer:
                 raise Refused(f"{installed.name} v{installed.version} is installed but has no import record, and verifying it "
                               f"failed ({report.failure.step}): {report.failure}")  # fmt: skip
             self.result.report = report
-            record = self._record(report, _installed_metadata_sha256(installed))
+            record = self._record(report)
         return self._complete(installed, record, "already-installed")
 
     def _warn_untrusted_signers(self, installed: InstalledBundle) -> None:

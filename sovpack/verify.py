@@ -48,6 +48,7 @@ class VerifyReport:
     signatures: list[SignatureResult] = field(default_factory=list)
     checks: list[tuple[str, str]] = field(default_factory=list)  # (step, what was checked), in order
     metadata: BundleMetadata | None = None
+    metadata_sha256: str | None = None  # of the very sovpack.json bytes verified (None if it could not be read)
     failure: StepFailed | None = None
 
     @property
@@ -283,7 +284,7 @@ def verify_bundle(
         tree = scan_tree(root)
         step = "metadata"
         raw = read_metadata_bytes(root)  # read once: every later step uses these very bytes
-        metadata_sha256 = sha256_bytes(raw)
+        report.metadata_sha256 = metadata_sha256 = sha256_bytes(raw)
         step = "signatures"
         report.signatures = check_signatures(root, tree, policy, metadata_sha256)
         report.checks.append(("signatures", f"{len(report.signatures)} signature file(s) read"))

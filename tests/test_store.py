@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -224,6 +225,7 @@ def test_a_damaged_import_record_is_named_and_can_be_rewritten(cli, signed_bundl
     record.unlink()  # the repair the message gives: the same import again verifies the bundle and writes the record
     assert cli("import", tmp_path / "out-bundle", "--store", store).code == 0
     assert json.loads(cli("list", "--store", store, "--json").out)["bundles"][0]["signers"] == ["alice"]
+    assert json.loads(record.read_text())["metadata_sha256"] == hashlib.sha256((signed_bundle / "sovpack.json").read_bytes()).hexdigest()
 
 
 def test_a_damaged_rollback_state_is_named(cli, signed_bundle, store, tmp_path, model_dir, keys):
