@@ -24,8 +24,7 @@ MIN_KEY_LENGTH = 16
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
-def key_id(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+KEY_ID_DIGITS = 12  # a key is named in logs by this many hex digits of its SHA-256
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,8 @@ class ApiKeys:
                     f"--api-key-file {path}: key {number} is shorter than {MIN_KEY_LENGTH} characters or holds spaces; "
                     "use long random keys, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
                 )
-        return cls(tuple(hashlib.sha256(k.encode()).digest() for k in keys), tuple(key_id(k) for k in keys), path)
+        digests = tuple(hashlib.sha256(k.encode()).digest() for k in keys)
+        return cls(digests, tuple(d.hex()[:KEY_ID_DIGITS] for d in digests), path)
 
     def identify(self, presented: str | None) -> str | None:
         """The key id of a valid key, or None. Takes the same time whichever key matches."""
