@@ -75,15 +75,11 @@ class VerificationRecords:
         except (OSError, ValueError):
             return {"files": {}}
 
-    def matches(self, path: Path, fingerprint: Fingerprint, sha256: str) -> bool:
-        """True when `path` was fully verified as `sha256` and is unchanged and read-only since."""
-        if not fingerprint.read_only:
-            return False
-        entry = self._load()["files"].get(str(path.resolve()))
-        if not isinstance(entry, dict) or entry.get("sha256") != sha256:
-            return False
-        recorded = {k: entry.get(k) for k in ("dev", "ino", "size", "mtime_ns", "ctime_ns")}
-        return recorded == {k: v for k, v in asdict(fingerprint).items() if k != "read_only"}
+    def vouched(self, files: dict[Path, tuple[Fingerprint, str]]) -> set[Path]:
+        """The files (path: fingerprint now, signed SHA-256) fully verified as that SHA-256 and
+        unchanged and read-only since. The record is read once."""
+        recorded = self._load()["files"]
+        return {path for path, (now, sha256) in files.items() if _vouches(recorded.get(str(path.resolve())), now, sha256)}
 
     def remember(self, verified: dict[Path, tuple[Fingerprint, str]]) -> None:
         """Record read-only files just verified in full; writable ones are never recorded."""
@@ -97,3 +93,10 @@ class VerificationRecords:
             data["files"][str(path.resolve())] = {**fields, "sha256": sha256, "verified": now}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
+
+
+def _vouches(entry, fingerprint: Fingerprint, sha256: str) -> bool:
+    if not fingerprint.read_only or not isinstance(entry, dict) or entry.get("sha256") != sha256:
+        return False
+    recorded = {k: entry.get(k) for k in ("dev", "ino", "size", "mtime_ns", "ctime_ns")}
+    return recorded == {k: v for k, v in asdict(fingerprint).items() if k != "read_only"}

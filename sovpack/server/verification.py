@@ -113,9 +113,8 @@ def verify_for_serving(
     unverified = _unverified_choice(target, variant, now)
     paths = {root / part.path: part for part in unverified.parts}
     before = {path: Fingerprint.of(path) for path in paths if path.is_file()}
-    skip = set() if full_verify or records is None else {
-        path for path, part in paths.items() if path in before and records.matches(path, before[path], part.sha256)
-    }  # fmt: skip
+    found = {path: (before[path], part.sha256) for path, part in paths.items() if path in before}
+    skip = set() if full_verify or records is None else records.vouched(found)
     report = verify_bundle(root, target.policy, now=now, paths=[p.path for path, p in paths.items() if path not in skip])
     report.raise_for_failure()
     choice = choose_gguf(report.metadata, variant)
