@@ -43,13 +43,13 @@ def serve(
     non-loopback --host without --api-key-file, a missing TLS file); 3 other failures (port in
     use, missing `serve` extra, audit log not writable).
     """
-    from sovpack.server.options import ServeOptions
+    from sovpack.server.options import ServeOptions, parse_gpu_layers
     from sovpack.server.runner import serve as run_server
     from sovpack.sizes import parse_size
 
     options = ServeOptions(
         target=target, variant=variant, store=store, trust=tuple(trust), threshold=threshold, host=host, port=port,
-        api_key_file=api_key_file, tls_cert=tls_cert, tls_key=tls_key, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
+        api_key_file=api_key_file, tls_cert=tls_cert, tls_key=tls_key, n_gpu_layers=parse_gpu_layers(n_gpu_layers), ctx_size=ctx_size,
         parallel=parallel, threads=threads, cors_origins=tuple(cors_origin), max_tokens=max_tokens,
         max_request_bytes=parse_size(max_request_size, "--max-request-size"), max_queue=max_queue, shutdown_timeout=shutdown_timeout,
         access_log=access_log, log_prompts=log_prompts, full_verify=full_verify,

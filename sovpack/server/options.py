@@ -24,7 +24,7 @@ class ServeOptions:
     api_key_file: Path | None
     tls_cert: Path | None
     tls_key: Path | None
-    n_gpu_layers: str
+    n_gpu_layers: int | None  # parse_gpu_layers: None for auto, -1 for all
     ctx_size: int | None  # None: min(DEFAULT_CTX, the model's trained context)
     parallel: int
     threads: int | None  # per slot; None: default_threads(parallel)
@@ -65,7 +65,6 @@ def check_options(o: ServeOptions) -> None:
         _at_least("--threshold", o.threshold, 1)
     if o.shutdown_timeout < 0:
         raise UsageError(f"--shutdown-timeout {o.shutdown_timeout}: give a number of seconds, 0 or more")
-    parse_gpu_layers(o.n_gpu_layers)
 
 
 def parse_gpu_layers(text: str) -> int | None:

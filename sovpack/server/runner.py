@@ -2,7 +2,8 @@
 
 1. options, API keys, TLS files, bind policy (usage errors, exit 2);
 2. resolve the target and its trust (not installed: 2; trust revoked: refused, 1);
-3. bind the socket, so that a port in use fails before a long verification (exit 3);
+3. import the serve extra (missing: exit 3), only now, so that usage errors answer fast;
+   bind the socket, so that a port in use fails before a long verification (exit 3);
 4. verify (refused: exit 1, with the verify message, and a serve-refused audit record);
 5. write serve-start to the store's audit log (if that fails, nothing is served: exit 3);
 6. run uvicorn on the bound socket; the model loads in the background (/health 503 until
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sovpack.errors import Failure, Refused, SovpackError, UsageError
-from sovpack.server.options import DEFAULT_CTX, ServeOptions, check_options, default_threads, parse_gpu_layers
+from sovpack.server.options import DEFAULT_CTX, ServeOptions, check_options, default_threads
 from sovpack.server.security import ApiKeys, check_bind, check_cors_origins, check_tls, is_loopback
 from sovpack.store import Store
 
@@ -56,13 +57,12 @@ def require_serve_extra() -> None:
 
 
 def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
-    require_serve_extra()
     check_options(options)
     check_cors_origins(options.cors_origins)
     check_tls(options.tls_cert, options.tls_key)
     keys = ApiKeys.load(options.api_key_file) if options.api_key_file else None
-    if keys and keys.permission_warning():
-        say(f"warning: {keys.permission_warning()}")
+    if warning := keys and keys.permission_warning():
+        say(f"warning: {warning}")
     store = Store(options.store)
     family, address = resolve_bind(options.host, options.port)
     audit = Auditor(store, options)
@@ -72,6 +72,7 @@ def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
     except (UsageError, Refused) as e:
         audit.refused(e)
         raise
+    require_serve_extra()
     with contextlib.closing(bind_socket(family, address, options)) as sock:
         model = _verify(options, store, target, audit)
         return _run(options, store, keys, model, sock, audit, say)
@@ -103,7 +104,7 @@ def _run(options, store, keys, model, sock, audit, say) -> int:
     from sovpack.server.requests import Limits
     from sovpack.server.state import ServerState
 
-    layers, backend = gpu_layers(parse_gpu_layers(options.n_gpu_layers))
+    layers, backend = gpu_layers(options.n_gpu_layers)
     settings = _engine_settings(options, model, layers)
     host, port = sock.getsockname()[:2]
     scheme = "https" if options.tls_cert else "http"
