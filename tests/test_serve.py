@@ -684,6 +684,22 @@ def _force_sign(bundle: Path, key_file: Path) -> None:
     (bundle / "signatures" / f"{key_id(key.public_key())}.sig").write_bytes(sign_statement(key, payload))
 
 
+def test_a_record_that_cannot_be_saved_is_said_not_silent(env):
+    from sovpack.server.fingerprint import RECORD_FILE, VerificationRecords
+    from sovpack.server.target import resolve_target
+    from sovpack.server.verification import verify_for_serving
+
+    bundle = env.copy_bundle("record-unsaved")
+    (bundle / env.gguf_name).chmod(0o444)  # read-only: worth recording
+    store_root = env.root / "record-unsaved-store"
+    (store_root / RECORD_FILE).mkdir(parents=True)  # verified.json cannot be written
+    target = resolve_target(str(bundle), Store(env.store), (env.keys / "alice.pub",), None)
+    said = []
+    model = verify_for_serving(target, None, records=VerificationRecords(store_root), full_verify=False, say=said.append)
+    assert model.digests == "full"
+    assert len(said) == 1 and said[0].startswith(f"warning: cannot record this full check in {store_root / RECORD_FILE}"), said
+
+
 def test_a_signed_chat_template_digest_that_is_not_the_files_is_refused(cli, env):
     bundle = env.copy_bundle("template-digest")
     metadata = json.loads((bundle / "sovpack.json").read_text())

@@ -74,7 +74,7 @@ def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
         raise
     require_serve_extra()
     with contextlib.closing(bind_socket(family, address, options)) as sock:
-        model = _verify(options, store, target, audit)
+        model = _verify(options, store, target, audit, say)
         return _run(options, store, keys, model, sock, audit, say)
 
 
@@ -84,12 +84,13 @@ def _resolve_target(options: ServeOptions, store: Store):
     return resolve_target(options.target, store, options.trust, options.threshold)
 
 
-def _verify(options: ServeOptions, store: Store, target, audit: Auditor):
+def _verify(options: ServeOptions, store: Store, target, audit: Auditor, say: Callable[[str], None]):
     from sovpack.server.fingerprint import VerificationRecords
     from sovpack.server.verification import verify_for_serving
 
     try:
-        return verify_for_serving(target, options.variant, records=VerificationRecords(store.root), full_verify=options.full_verify)
+        records = VerificationRecords(store.root)
+        return verify_for_serving(target, options.variant, records=records, full_verify=options.full_verify, say=say)
     except Refused as e:
         audit.refused(e, bundle=str(target.bundle.resolve()))
         raise

@@ -17,6 +17,7 @@ server before every request (see docs/serve.md, "time of check and time of use")
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -108,6 +109,7 @@ def verify_for_serving(
     records: VerificationRecords | None,
     full_verify: bool,
     now: datetime | None = None,
+    say: Callable[[str], None] = lambda line: None,
 ) -> VerifiedModel:
     root = target.bundle
     unverified = _unverified_choice(target, variant, now)
@@ -123,7 +125,7 @@ def verify_for_serving(
     model = VerifiedModel(target, report, choice, before, _checked_template(root, choice), "recorded" if skip else "full")
     model.ensure_unchanged()
     if records is not None:
-        _remember(records, model, skip)
+        _remember(records, model, skip, say)
     return model
 
 
@@ -160,11 +162,11 @@ def _checked_template(root: Path, choice: GgufChoice) -> str | None:
     return template
 
 
-def _remember(records: VerificationRecords, model: VerifiedModel, skipped: set[Path]) -> None:
+def _remember(records: VerificationRecords, model: VerifiedModel, skipped: set[Path], say: Callable[[str], None]) -> None:
     signed = {model.target.bundle / part.path: part.sha256 for part in model.choice.parts}
     hashed = {path: (fp, signed[path]) for path, fp in model.fingerprints.items() if path not in skipped}
     if hashed:
         try:
             records.remember(hashed)
-        except OSError:
-            pass  # the fast path is an optimisation; a read-only store just verifies in full each time
+        except OSError as e:  # the fast path is an optimisation: serve anyway, and say it is off
+            say(f"warning: cannot record this full check in {records.path} ({e.strerror}); the next start hashes every byte again")
