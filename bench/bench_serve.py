@@ -40,6 +40,8 @@ PROMPT = "Once upon a time, in a lighthouse by the sea, there lived"
 # the same sampling on both sides (the API's defaults for the llama.cpp-specific ones), greedy
 SAMPLING = {"temperature": 0.0, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.1}
 CTX = 2048
+RECORDED_LINE = "unchanged since a recorded full check"  # serve's start-up line for each path
+FULL_LINE = "every byte hashed"
 
 
 @dataclass
@@ -105,9 +107,11 @@ class Server:
                 pass
             time.sleep(0.01)
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """Stop it; returns what it wrote to stderr (its start-up lines)."""
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
+        return self.proc.stderr.read().decode()
 
 
 def http_stream(url: str, n: int, client=None) -> Run:
@@ -240,10 +244,12 @@ def run_four(url: str, n: int, failures: list[str]) -> list:
 def startup(bundle_store: Path, repeats: int) -> Result:
     recorded, full = [], []
     for _ in range(repeats):
-        for extra, samples in (((), recorded), (("--full-verify",), full)):
+        for extra, samples, said in (((), recorded, RECORDED_LINE), (("--full-verify",), full, FULL_LINE)):
             server = Server(bundle_store, *extra)
             samples.append(server.startup)
-            server.stop()
+            output = server.stop()
+            if said not in output:  # else the timing is of another path than the one named
+                raise SystemExit(f"serve {' '.join(extra)} did not say {said!r}:\n{output}")
     r, f = statistics.median(recorded), statistics.median(full)
     return Result(
         metric="start-up, command to /health 200: recorded check (default for store bundles)",
