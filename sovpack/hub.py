@@ -1,9 +1,11 @@
 """The Hugging Face Hub edge: resolve a revision to its commit, list the files, download them with proof.
 
 huggingface_hub does what it does well here: the revision is resolved once (`model_info`), the
-file list and the published digests come from the tree *at that commit* (`list_repo_tree`), URLs
-come from `hf_hub_url`, credentials from `build_hf_headers` (it reads `HF_TOKEN`), HTTP from its
-shared session and errors from `hf_raise_for_status`. What it does not do, this module adds:
+file list and the published digests come from the tree *at that commit* (`list_repo_tree`),
+credentials from `build_hf_headers` (it reads `HF_TOKEN`), HTTP from its shared session and errors
+from `hf_raise_for_status`. File URLs have `hf_hub_url`'s layout but are built here on the chosen
+endpoint (`Hub.file_url`): `hf_hub_url` swaps in another endpoint only when its URL starts with the
+`ENDPOINT` huggingface_hub read at import. What huggingface_hub does not do, this module adds:
 
 - every file is downloaded at the pinned 40-hex commit and the `X-Repo-Commit` of each answer
   (redirects included) must name that commit;
