@@ -275,8 +275,10 @@ def test_check_volumes_names_damaged_and_missing_volumes(cli, signed_bundle, tmp
     assert result.code == 1
     assert "tiny-v3.001  OK" in result.out
     assert "tiny-v3.002  DAMAGED" in result.out and "tiny-v3.003  MISSING" in result.out
-    report = json.loads(cli("check-volumes", out, "--json").out)
+    as_json = cli("check-volumes", out, "--json")
+    report = json.loads(as_json.out)
     assert [v["state"] for v in report["volumes"]][:3] == ["ok", "damaged", "missing"]
+    assert as_json.code == 1 and "tiny-v3.001" not in as_json.err  # no volume lines beside the JSON
     assert report["ok"] is False and report["bundle"]["name"] == "tiny"
 
 

@@ -9,10 +9,9 @@ from typing import Optional
 import typer
 
 from sovpack.cli import app
+from sovpack.cli.options import STORE_HELP, TRUST_HELP
 from sovpack.cli.render import console, human_size, print_json, warn_if_expired
 from sovpack.errors import UsageError
-
-TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for several."
 
 
 def read_password(password_file: Optional[Path]) -> bytes | None:
@@ -88,9 +87,9 @@ def sign(
 @app.command()
 def verify(
     bundle: str = typer.Argument(..., help="Bundle directory, or NAME\\[@VERSION] of a bundle installed in the store."),
-    trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP + " Default: the store's trusted keys."),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP),
     threshold: Optional[int] = typer.Option(None, "--threshold", help="How many distinct trusted keys must have signed (default 1 with --trust, else the store's threshold)."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Store directory (default $SOVPACK_HOME or the platform data directory)."),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report instead of a table."),
 ) -> None:
     """Check signatures, threshold, metadata, inventory, digests, formats and expiry, in that order."""

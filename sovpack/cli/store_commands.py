@@ -9,9 +9,8 @@ from typing import Optional
 import typer
 
 from sovpack.cli import app
+from sovpack.cli.options import STORE_HELP
 from sovpack.cli.render import console, human_size, print_json
-
-STORE_HELP = "Store directory (default $SOVPACK_HOME or the platform data directory)."
 
 trust_app = typer.Typer(help="The keys the store trusts, and how many of them must have signed.", no_args_is_help=True)
 audit_app = typer.Typer(help="The store's hash-chained audit log.", no_args_is_help=True)

@@ -9,19 +9,17 @@ from typing import Optional
 import typer
 
 from sovpack.cli import app
+from sovpack.cli.options import STORE_HELP, TRUST_HELP
 from sovpack.cli.render import console, err_console, human_size, print_json
 from sovpack.errors import UsageError
 from sovpack.progress import Progress
 
-TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for several. Default: the store's trusted keys."
-STORE_HELP = "Store directory (default $SOVPACK_HOME or the platform data directory)."
-
 
 class TerminalProgress(Progress):
-    """Progress bars on a terminal (on stderr, so that a stream on stdout stays clean); volume lines always."""
+    """Progress bars on a terminal (on stderr, so that a stream on stdout stays clean); a line per volume unless told not to."""
 
-    def __init__(self, out):
-        self.out = out
+    def __init__(self, out, *, volume_lines: bool = True):
+        self.out, self.volume_lines = out, volume_lines
         self.bars = None
         self.task = None
         if err_console.is_terminal:
@@ -53,6 +51,8 @@ class TerminalProgress(Progress):
     def volume(self, status) -> None:
         from rich.markup import escape
 
+        if not self.volume_lines:
+            return
         colour = {"ok": "green", "reused": "green", "damaged": "bold red", "missing": "bold red"}[status.state]
         label = "OK" if status.state == "reused" else status.state.upper()
         detail = f"  {escape(status.detail)}" if status.detail else ""
@@ -136,10 +136,7 @@ def check_volumes_command(
     from sovpack.volumes import check_volumes, find_index
 
     policy = _policy(trust, None, Store(store), required=False)
-    progress = TerminalProgress(err_console if json_output else console)
-    if json_output:
-        progress.volume = lambda status: None
-    with progress:
+    with TerminalProgress(err_console if json_output else console, volume_lines=not json_output) as progress:
         report = check_volumes(find_index(directory), policy, progress=progress)
     if json_output:
         print_json(_volume_report_json(report))

@@ -1,0 +1,4 @@
+"""Help texts of the options several commands share: one wording everywhere."""
+
+STORE_HELP = "Store directory (default $SOVPACK_HOME or the platform data directory)."
+TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for several. Default: the store's trusted keys."
