@@ -578,6 +578,40 @@ def test_missing_tls_file_and_wildcard_cors(cli, env, tmp_path):
     assert result.code == 2 and "wildcard" in result.err
 
 
+def test_api_key_file_errors_name_the_file(cli, env, tmp_path):
+    trust = ("--trust", env.keys / "alice.pub")
+    missing = tmp_path / "no-keys.txt"
+    result = _serve(cli, env, env.bundle, *trust, "--api-key-file", missing)
+    assert result.code == 2 and f"--api-key-file {missing} does not exist" in result.err
+    for name, content, problem in (
+        ("binary.txt", b"\xff\xfe not text\n", "cannot read --api-key-file"),
+        ("comments.txt", b"# only a comment\n\n", "holds no keys"),
+        ("short.txt", b"short-key\n", "key 1 is shorter than 16 characters"),
+    ):
+        path = tmp_path / name
+        path.write_bytes(content)
+        path.chmod(0o600)
+        result = _serve(cli, env, env.bundle, *trust, "--api-key-file", path)
+        assert result.code == 2 and problem in result.err and str(path) in result.err, result.err
+
+
+def test_a_key_file_others_can_read_gets_a_warning(cli, env, tmp_path):
+    keys = tmp_path / "shared-keys.txt"
+    keys.write_text(KEYS[0] + "\n")
+    keys.chmod(0o644)
+    result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub", "--api-key-file", keys, "--variant", "Q8_0")
+    assert result.code == 2  # stopped by the unknown variant, after the warning
+    assert f"warning: --api-key-file {keys} is readable by other users (mode 644); chmod 600 it" in result.err
+
+
+def test_an_audit_log_that_cannot_be_written_means_no_serving(cli, env, tmp_path):
+    store = tmp_path / "store"
+    (store / "audit.log").mkdir(parents=True)  # serve-start cannot be appended
+    result = cli("serve", env.bundle, "--trust", env.keys / "alice.pub", "--store", store, "--port", free_port())
+    assert result.code == 3, result.err
+    assert f"cannot write the audit log {store / 'audit.log'}" in result.err and "refusing to serve unaudited" in result.err
+
+
 def test_unknown_variant(cli, env):
     result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub", "--variant", "Q8_0")
     assert result.code == 2 and "Q4_1 (SmolLM2-135M-Instruct.Q4_1.gguf)" in result.err
