@@ -8,15 +8,14 @@ from typing import List, Optional
 import typer
 
 from sovpack.cli import app
-
-TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for several. Default: the store's trust."
+from sovpack.cli.options import STORE_HELP, TRUST_HELP
 
 
 @app.command()
 def serve(
     target: str = typer.Argument(..., metavar="NAME_OR_BUNDLE", help="Installed bundle NAME\\[@VERSION], or a bundle directory."),
     variant: Optional[str] = typer.Option(None, "--variant", help="GGUF to serve: quantization type (Q4_K_M), or its path or file name in the bundle."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Store directory (default $SOVPACK_HOME or the platform data dir)."),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
     trust: List[Path] = typer.Option([], "--trust", help=TRUST_HELP),
     threshold: Optional[int] = typer.Option(None, "--threshold", help="Distinct trusted signers required. With --trust: default 1. Without: replaces the store's threshold for a bundle directory; for an installed NAME it can only raise the threshold the bundle was imported under (a lower value is ignored)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --api-key-file."),
