@@ -2,9 +2,10 @@
 
 Phases, each leaving the installed store untouched until the last one:
 
-1. read the index; refuse early a version not newer than the store's high-water mark;
-2. read the volumes once, in order, as one stream (volume_stream.py): each volume's SHA-256 on
-   one thread, and the bundle reassembled into tmp/import-<index digest>/bundle on the store's
+1. read the index; stop if this very bundle is installed (nothing more is read), refuse early a
+   version not newer than the store's high-water mark;
+2. check the index signature, if any; read the volumes once, in order, as one stream
+   (volume_stream.py): each volume's SHA-256 on one thread, and the bundle reassembled into tmp/import-<index digest>/bundle on the store's
    file system, each file's shard digests computed on another thread from the bytes written
    (staging.py); files the store already holds (same SHA-256, or left out of a delta export)
    are hard-linked from objects/ instead. Missing or cut volumes are known before reading. The
