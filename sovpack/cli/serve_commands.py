@@ -40,7 +40,7 @@ def serve(
 
     Exit codes: 1 the bundle failed verification or changed while served; 2 usage (including a
     non-loopback --host without --api-key-file, a missing TLS file); 3 other failures (port in
-    use, missing `serve` extra, audit log not writable).
+    use, missing `serve` extra, audit log not writable, llama.cpp cannot load the verified file).
     """
     from sovpack.server.options import ServeOptions, parse_gpu_layers
     from sovpack.server.runner import serve as run_server
