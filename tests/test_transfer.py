@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import hashlib
 import io
 import json
+import os
 import re
 import resource
 import shutil
@@ -18,6 +21,7 @@ import pytest
 from builders import write_gguf
 from transfer_helpers import audit_records, flip_byte, sovpack, staged_bundles, store_snapshot, write_big_safetensors
 
+from sovpack.archive import MAX_HEADER_BYTES
 from sovpack.bundle import read_metadata
 from sovpack.errors import Refused, UsageError
 from sovpack.exporter import export_volumes
@@ -698,3 +702,148 @@ def test_disk_filling_up_during_reassembly(cli, model_dir, tmp_path, keys, small
     filler.unlink()
     again = cli("import", out, "--store", store)
     assert again.code == 0, again.err
+
+
+# failure paths: each names the file or volume at fault, with the documented exit code
+
+
+def drop_file_mode_override() -> None:
+    """preexec_fn: a root process loses the capabilities that let it read any file (file modes apply to it again)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone from the bounding set, so from what exec grants
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def unprivileged() -> dict:
+    """Arguments for `sovpack` so that a file with mode 000 is unreadable to it, as it is to any operator but root."""
+    if os.geteuid() != 0:
+        return {}
+    probe = subprocess.run([sys.executable, "-c", "open('/proc/self/status')"], preexec_fn=drop_file_mode_override,
+                           capture_output=True)  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip("cannot drop CAP_DAC_OVERRIDE here, and root reads a file whatever its mode")
+    return {"preexec_fn": drop_file_mode_override}
+
+
+def test_an_unreadable_volume_is_named_as_damaged(cli, signed_bundle, store, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    (out / "tiny-v3.002").chmod(0)
+    checked = sovpack("check-volumes", out, **unprivileged())
+    assert checked.returncode == 1 and b"tiny-v3.002  DAMAGED  unreadable: Permission denied" in checked.stdout
+    before = store_snapshot(store)
+    imported = sovpack("import", out, "--store", store, **unprivileged())  # read as one stream: the reader meets it
+    assert imported.returncode == 1, imported.stderr
+    assert b"tiny-v3.002  DAMAGED  unreadable: Permission denied" in imported.stdout
+    assert b"tiny-v3.002 damaged (unreadable: Permission denied)" in imported.stderr
+    assert store_snapshot(store) == before and staged_bundles(store) == []
+    (out / "tiny-v3.002").chmod(0o644)
+    again = sovpack("import", out, "--store", store, **unprivileged())
+    assert again.returncode == 0 and b"tiny-v3.002  OK\n" in again.stdout  # the other volumes: from the journal
+
+
+def test_a_second_import_of_the_same_export_is_refused_while_the_first_holds_the_lock(cli, signed_bundle, store, tmp_path):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    job = store / "tmp" / f"import-{hashlib.sha256((out / 'tiny-v3.index.json').read_bytes()).hexdigest()[:16]}"
+    job.mkdir(parents=True)
+    with open(job / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what a running import holds
+        result = sovpack("import", out, "--store", store)
+    assert result.returncode == 3 and f"it holds {job / 'lock'}".encode() in result.stderr.replace(b"\n", b"")
+    assert b"another sovpack import of this export is running" in result.stderr
+    assert not (store / "bundles").exists()
+    assert sovpack("import", out, "--store", store).returncode == 0  # once it is released
+
+
+def edit_index(index: Path, change) -> None:
+    doc = json.loads(index.read_text())
+    change(doc)
+    index.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda i: i.write_text('{"format": "sovpack-export", '),
+         "tiny-v3.index.json is not a sovpack export index (invalid JSON"),
+        (lambda i: edit_index(i, lambda d: d.update(format_version=2)),
+         "tiny-v3.index.json: format 'sovpack-export' version 2 is not"),
+        (lambda i: edit_index(i, lambda d: d["volumes"][1].update(file="tiny-v3.007")),
+         "tiny-v3.index.json: volume 2 is named 'tiny-v3.007', expected 'tiny-v3.002'"),
+        (lambda i: edit_index(i, lambda d: d["archive"].update(size=d["archive"]["size"] + 1)),
+         "tiny-v3.index.json: the archive size"),
+        (lambda i: edit_index(i, lambda d: d["volumes"][0].update(sha256="0" * 63)),
+         "tiny-v3.index.json: field 'volumes[0].sha256' is not a SHA-256 hex digest"),
+        (lambda i: i.rename(i.with_name("tiny-v4.index.json")),
+         "tiny-v4.index.json describes tiny v3, whose index is named tiny-v3.index.json"),
+    ],
+    ids=["invalid-json", "format-version", "volume-name", "archive-size", "digest", "renamed"],
+)
+def test_a_malformed_index_is_refused_naming_it(cli, signed_bundle, store, tmp_path, damage, message):
+    out = export(cli, signed_bundle, tmp_path / "out")
+    damage(out / "tiny-v3.index.json")
+    for command in (["check-volumes", out], ["import", out, "--store", store]):
+        result = cli(*command)
+        assert result.code == 1 and message in result.err, (command, result.err)
+    assert not (store / "bundles").exists()
+
+
+class ShrinkWhenWriting(Progress):
+    """Truncates a file of the bundle once export has checked it and starts writing the volumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        if name == "writing volumes":
+            with open(self.path, "r+b") as f:
+                f.truncate(10)
+
+
+def test_a_file_that_shrinks_while_it_is_exported_stops_the_export(signed_bundle, tmp_path):
+    with pytest.raises(Refused, match=r"^model.safetensors shrank while it was being exported \(10 of \d+ bytes\)") as refused:
+        export_volumes(signed_bundle, tmp_path / "out", volume_size=8192,
+                       progress=ShrinkWhenWriting(signed_bundle / "model.safetensors"))  # fmt: skip
+    assert refused.value.exit_code == 1 and list((tmp_path / "out").iterdir()) == []
+
+
+def stream_import(store: Path, stream: bytes) -> subprocess.CompletedProcess:
+    result = sovpack("import", "-", "--store", store, input=stream)
+    assert not (store / "bundles").exists() and staged_bundles(store) == []
+    return result
+
+
+def test_a_member_that_appears_twice_is_refused(signed_bundle, store):
+    metadata, config = (signed_bundle / "sovpack.json").read_bytes(), (signed_bundle / "config.json").read_bytes()
+    stream = tar_stream([member("tiny-v3/sovpack.json", metadata), member("tiny-v3/config.json", config),
+                         member("tiny-v3/config.json", config)])  # fmt: skip
+    result = stream_import(store, stream)
+    assert result.returncode == 1 and b"tiny-v3/config.json appears twice in the stream" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name,size,message",
+    [
+        ("tiny-v3/signatures/notes.txt", 5, "tiny-v3/signatures/notes.txt in the stream does not belong in signatures/"),
+        ("tiny-v3/signatures/deep/a.sig", 5, "tiny-v3/signatures/deep/a.sig in the stream does not belong in signatures/"),
+        ("tiny-v3/signatures/big.sig", MAX_SIGNATURE_BYTES + 1,
+         f"tiny-v3/signatures/big.sig in the stream is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature"),
+    ],
+)
+def test_what_does_not_belong_in_signatures_is_refused_before_it_is_read(signed_bundle, store, name, size, message):
+    info = tarfile.TarInfo(name)
+    info.size = size
+    header = info.tobuf(tarfile.PAX_FORMAT)  # the header alone: refused before a byte of its data is read
+    metadata = tar_stream([member("tiny-v3/sovpack.json", (signed_bundle / "sovpack.json").read_bytes())])
+    stream = metadata[: -2 * tarfile.BLOCKSIZE].rstrip(b"\0")
+    stream += bytes(-len(stream) % tarfile.BLOCKSIZE) + header
+    result = stream_import(store, stream)
+    assert result.returncode == 1 and message.encode() in result.stderr.replace(b"\n", b"")
+
+
+def test_a_tar_header_larger_than_the_cap_is_refused(store):
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, 2 * MAX_HEADER_BYTES  # tarfile would read it whole into memory
+    result = stream_import(store, info.tobuf(tarfile.USTAR_FORMAT) + bytes(4 * tarfile.BLOCKSIZE))
+    assert result.returncode == 1
+    assert f"a tar header in the stream claims {2 * MAX_HEADER_BYTES} bytes; refused as malformed".encode() in result.stderr
