@@ -112,3 +112,10 @@ def test_audit_log_path_in_store(tmp_path):
     from sovpack.store import Store
 
     assert Store(tmp_path).audit.path == Path(tmp_path) / "audit.log"
+
+
+def test_a_cut_off_last_line_is_named_by_verify(cli, audited_store):
+    log = audited_store / "audit.log"
+    log.write_bytes(log.read_bytes()[:-20])  # a write cut off by a crash, or an edit
+    result = cli("audit", "verify", "--store", audited_store)
+    assert result.code == 1 and f"{log}: the last line is incomplete" in result.err

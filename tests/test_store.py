@@ -225,7 +225,8 @@ def test_a_damaged_import_record_is_named_and_can_be_rewritten(cli, signed_bundl
     record.unlink()  # the repair the message gives: the same import again verifies the bundle and writes the record
     assert cli("import", tmp_path / "out-bundle", "--store", store).code == 0
     assert json.loads(cli("list", "--store", store, "--json").out)["bundles"][0]["signers"] == ["alice"]
-    assert json.loads(record.read_text())["metadata_sha256"] == hashlib.sha256((signed_bundle / "sovpack.json").read_bytes()).hexdigest()
+    signed = hashlib.sha256((signed_bundle / "sovpack.json").read_bytes()).hexdigest()
+    assert json.loads(record.read_text())["metadata_sha256"] == signed
 
 
 def test_a_damaged_rollback_state_is_named(cli, signed_bundle, store, tmp_path, model_dir, keys):
@@ -240,3 +241,14 @@ def test_a_damaged_rollback_state_is_named(cli, signed_bundle, store, tmp_path, 
     result = cli("remove", "tiny", "--store", store)
     assert result.code == 1 and str(versions) in result.err and "not a whole number" in result.err
     assert (store / "bundles" / "tiny" / "3").is_dir()
+
+
+def test_an_installed_bundle_without_record_that_fails_verification_is_refused(cli, signed_bundle, store, tmp_path):
+    install(cli, signed_bundle, store, tmp_path)
+    (store / "records" / "tiny" / "3.json").unlink()  # as an import killed right after its commit leaves it
+    flip_byte(store / "bundles" / "tiny" / "3" / "config.json", 3)
+    result = cli("import", tmp_path / "out-bundle", "--store", store)
+    assert result.code == 1 and "tiny v3 is installed but has no import record, and verifying it failed (digests)" in result.err
+    assert "config.json does not match its digest" in result.err
+    assert not (store / "records" / "tiny" / "3.json").exists()
+    assert audit_records(store)[-1]["outcome"] == "refused"
