@@ -126,11 +126,14 @@ class Store:
             raise UsageError(f"the store at {self.root} trusts no keys yet: run `sovpack trust add KEY.pub` or pass --trust")
         return TrustPolicy(tuple(keys), threshold or self.threshold)
 
-    def policy_for(self, installed: InstalledBundle) -> TrustPolicy:
-        """The keys and threshold a bundle was accepted under, minus keys no longer trusted (revocation)."""
+    def policy_for(self, installed: InstalledBundle, threshold: int | None = None) -> TrustPolicy:
+        """The keys and threshold a bundle was accepted under, minus keys no longer trusted (revocation).
+
+        `threshold` can raise the threshold (the larger of it, the import's and the store's applies), never lower it.
+        """
         still_trusted = {k.hint: k for k in self.trusted_keys()}
         keys = tuple(still_trusted[a["hint"]] for a in installed.record.get("accepted_by", []) if a["hint"] in still_trusted)
-        threshold = max(int(installed.record.get("threshold", 1)), self.threshold)
+        threshold = max(int(installed.record.get("threshold", 1)), self.threshold, threshold or 0)
         if len(keys) < threshold:
             raise Refused(
                 f"{installed.name} v{installed.version} was accepted by "
@@ -381,13 +384,18 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=not path.exists())
 
 
+def is_bundle_path(spec: str) -> bool:
+    """Whether a NAME_OR_BUNDLE argument names a directory (else a bundle installed in the store)."""
+    return Path(spec).is_dir() or "/" in spec or spec.startswith(".")
+
+
 def verify_target(spec: str, store: Store, policy: TrustPolicy | None, threshold: int | None) -> VerifyReport:
     """`sovpack verify`: a bundle directory, or NAME[@VERSION] installed in the store (audited).
 
     Without explicit trust (policy None) the store's trusted keys and threshold apply.
     """
     path = Path(spec)
-    if path.is_dir() or "/" in spec or spec.startswith("."):
+    if is_bundle_path(spec):
         require_bundle_dir(path)
         return verify_bundle(path, policy or store.trust_policy(threshold))
     installed = store.find(spec)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sovpack.bundle import require_bundle_dir
-from sovpack.store import InstalledBundle, Store
+from sovpack.store import InstalledBundle, Store, is_bundle_path
 from sovpack.trust import TrustPolicy, load_trust
 
 
@@ -31,11 +31,6 @@ class ServeTarget:
     @property
     def trust_source(self) -> str:
         return "store record" if self.installed else "explicit"
-
-
-def is_bundle_path(spec: str) -> bool:
-    """The rule store.verify_target applies to the same argument of `sovpack verify`."""
-    return Path(spec).is_dir() or "/" in spec or spec.startswith(".")
 
 
 def resolve_target(spec: str, store: Store, trust: tuple[Path, ...], threshold: int | None) -> ServeTarget:
@@ -51,6 +46,5 @@ def resolve_target(spec: str, store: Store, trust: tuple[Path, ...], threshold: 
     elif installed is None:
         policy = store.trust_policy(threshold)
     else:
-        imported = store.policy_for(installed)
-        policy = TrustPolicy(imported.keys, max(imported.threshold, threshold or 0))
+        policy = store.policy_for(installed, threshold)
     return ServeTarget(bundle, policy, installed)
