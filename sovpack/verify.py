@@ -2,7 +2,7 @@
 
 Order: signatures, threshold, metadata file, inventory, sizes and digests, formats, expiry.
 Every failure names the file or signer at fault. The JSON form of the report is documented
-in docs/verify-json.md and kept stable.
+in docs/bundle-format.md ("sovpack verify --json") and kept stable.
 """
 
 from __future__ import annotations
