@@ -8,7 +8,7 @@ from sovpack.bundle import read_metadata_bytes, require_bundle_dir, scan_tree
 from sovpack.errors import Refused
 from sovpack.hashing import sha256_bytes
 from sovpack.metadata import METADATA_FILE, format_time, parse_metadata
-from sovpack.signature import parse_signature, parse_statement
+from sovpack.signature import parse_statement, read_signature_file
 
 
 def describe_bundle(root: Path) -> dict:
@@ -36,7 +36,7 @@ def _signatures(root: Path, metadata_sha256: str) -> list[dict]:
     found = []
     for name in scan_tree(root).signatures:
         try:
-            sig = parse_signature((root / name).read_bytes(), name)
+            sig = read_signature_file(root / name, name)
             statement = parse_statement(sig.payload, name)
         except Refused as e:
             found.append({"file": name, "key_id": None, "covers_metadata": False, "problem": str(e)})
