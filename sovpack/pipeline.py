@@ -5,13 +5,16 @@ SHA-256 of one stream, the flushing of files). A `BufferRing` holds the few read
 flight: a buffer is filled again only after every task handed a view of it has finished, so
 memory stays at a few buffers whatever the size of the stream, and the error of a task comes
 back to the reading thread at the latest when the ring comes round to its buffer.
-A `FlushedFile` is written by the calling thread and flushed to disk on a lane as it grows, so
-that the fsync that must end before the file counts as written has little left to do.
+A `DirectFile` is filled in the ring's buffers by the calling thread and written to disk by a
+lane, block by block, around the page cache.
 hashlib and file I/O release the GIL, so lanes run in parallel with the reading thread.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +23,8 @@ from pathlib import Path
 from sovpack.hashing import READ_SIZE
 
 RING_BUFFERS = 6
-FLUSH_STEP = 128 * 1024 * 1024  # bytes written to a file between two fdatasync on the flush lane
+ALIGN = 4096  # O_DIRECT wants file offsets, lengths and memory aligned to the device's block (512 or 4096 bytes)
+O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class Lane:
@@ -41,7 +45,7 @@ class BufferRing:
     """Reused read buffers, each filled again only once every task reading it has finished."""
 
     def __init__(self, count: int = RING_BUFFERS, size: int = READ_SIZE):
-        self._buffers = [bytearray(size) for _ in range(count)]
+        self._buffers = [mmap.mmap(-1, size) for _ in range(count)]  # page-aligned, as O_DIRECT needs
         self._readers: list[list[Future]] = [[] for _ in range(count)]
         self._current = -1
 
@@ -80,51 +84,105 @@ def wait_all(futures: list[Future]) -> None:
         raise error
 
 
-class FlushedFile:
-    """A file written by the calling thread and flushed to disk on `lane` while it grows.
+class DirectFile:
+    """A file written block by block straight to the disk, on `lane`, bypassing the page cache.
 
-    An fdatasync is handed to the lane every FLUSH_STEP bytes; when the file's final `size` is
-    given, its last FLUSH_STEP bytes are left to the owner's final flush. Every call on the file
-    descriptor after the writes (fdatasync, fsync, close) runs on the lane, in order, so the
-    descriptor is closed only once nothing uses it any more. Once `abandoned` is set (the file
-    is about to be deleted), the lane only closes it.
+    The caller fills the current block of `ring` (`space`, then `advance`: a file can be read
+    into it with no copy) and names the tasks that read the bytes it put there (`hold`); each
+    full block is written with O_DIRECT, so that writing gigabytes neither takes memory from
+    the page cache nor leaves them to be flushed at the end. The last block is padded to
+    ALIGN and the file cut back to its size. Where the file system refuses O_DIRECT, the same
+    writes go through the page cache and the final fsync flushes them.
+
+    A failed write comes back when the ring comes round to its block (`space`) or from the
+    future `close` returns, as an OSError naming the file. The ring serves one file at a time.
+    Once `abandoned` is set (the file is about to be deleted), the lane writes nothing more.
     """
 
-    def __init__(self, path: Path, fd: int, lane: Lane, abandoned: threading.Event, size: int | None = None):
-        self.path, self.fd, self.lane, self.abandoned, self.size = path, fd, lane, abandoned, size
-        self.flushes: list[Future] = []
-        self.written = 0
-        self._flushed = 0
+    def __init__(self, path: Path, fd: int, ring: BufferRing, lane: Lane, abandoned: threading.Event):
+        self.path, self.fd, self.ring, self.lane, self.abandoned = path, fd, ring, lane, abandoned
+        self.direct = _start_direct_io(fd)
+        self.size = 0  # bytes put into the file so far
+        self._block: memoryview | None = None
+        self._fill = 0
+
+    def space(self) -> memoryview:
+        """The free part of the current block (a block of the ring is taken when none is free)."""
+        if self._block is None:
+            self._block, self._fill = self.ring.take(), 0
+        return self._block[self._fill :]
+
+    def advance(self, n: int) -> None:
+        """`n` bytes were put at the start of `space()`; a block full is handed to the lane."""
+        self._fill += n
+        self.size += n
+        if self._fill == len(self._block):
+            self._submit()
+
+    def hold(self, *futures: Future | None) -> None:
+        """Tasks reading the bytes just put in the current block: it is not reused before they finish."""
+        self.ring.hold(*futures)
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
-        self.written += len(view)
         while view:
-            view = view[os.write(self.fd, view) :]
-        if self.written - self._flushed >= FLUSH_STEP and (self.size is None or self.written <= self.size - FLUSH_STEP):
-            self.flushes.append(self.lane.submit(self._sync, os.fdatasync))
-            self._flushed = self.written
+            space = self.space()
+            n = min(len(space), len(view))
+            space[:n] = view[:n]
+            self.advance(n)
+            view = view[n:]
 
-    def close(self, *, flush: bool = True) -> Future:
-        """Hand the file to the lane: fsync (unless the caller flushes it later, or it is being discarded) and close."""
-        done = self.lane.submit(self._close, flush)
-        self.flushes.append(done)
-        return done
+    def close(self) -> Future:
+        """Write what is left, fsync (unless the file is being discarded) and close, on the lane."""
+        if self._block is not None and self._fill and not self.abandoned.is_set():
+            self._submit()
+        return self.lane.submit(self._finish)
 
-    def _sync(self, sync) -> None:
-        if self.abandoned.is_set():
-            return
+    def _submit(self) -> None:
+        length, offset = self._fill, self.size - self._fill
+        if self.direct and length % ALIGN:  # the last block: padded, and cut off again in _finish
+            padded = length + -length % ALIGN
+            self._block[length:padded] = bytes(padded - length)
+            length = padded
+        self.ring.hold(self.lane.submit(self._write, self._block[:length], offset))
+        self._block = None
+
+    def _write(self, data: memoryview, offset: int) -> None:
+        while data and not self.abandoned.is_set():
+            try:
+                n = os.pwrite(self.fd, data, offset)
+            except OSError as e:
+                if e.errno == errno.EINVAL and self.direct:  # alignment the device does not take: through the page cache
+                    self.direct = _stop_direct_io(self.fd)
+                    continue
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
+            data, offset = data[n:], offset + n
+
+    def _finish(self) -> None:
         try:
-            sync(self.fd)
+            if not self.abandoned.is_set():
+                os.ftruncate(self.fd, self.size)
+                os.fsync(self.fd)
         except OSError as e:
             raise OSError(e.errno, e.strerror, str(self.path)) from None
-
-    def _close(self, flush: bool) -> None:
-        try:
-            if flush:
-                self._sync(os.fsync)
         finally:
             os.close(self.fd)
+
+
+def _start_direct_io(fd: int) -> bool:
+    """Turn on O_DIRECT; False where the platform or the file system does not have it."""
+    if not O_DIRECT:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | O_DIRECT)
+    except OSError:
+        return False
+    return True
+
+
+def _stop_direct_io(fd: int) -> bool:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
+    return False
 
 
 def fsync_path(path: Path) -> None:

@@ -5,11 +5,9 @@ when the stream has ended the shard digests of every written file are those of t
 in its staging file; verification compares them with the signed ones instead of reading the
 files again (`verify_bundle(known_digests=...)`).
 
-Large files are flushed to disk on another thread while they are written (every
-pipeline.FLUSH_STEP bytes); the last stretch of each file, and every small file, is flushed
-by `finish`, once the stream has been read and judged: a staging that a damaged volume makes
-the import discard is not flushed for nothing. `finish` returns once every byte is hashed and
-on disk.
+The volumes are read straight into the blocks each file is written from, and the blocks are
+written on another thread, around the page cache (pipeline.DirectFile); each file is fsynced
+as it is closed. `finish` returns once every byte is hashed and on disk.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from sovpack.errors import Failure
 from sovpack.hashing import ShardDigests, ShardHasher
-from sovpack.pipeline import FlushedFile, Lane, fsync_path, wait_all
+from sovpack.pipeline import BufferRing, DirectFile, Lane, fsync_path, wait_all
 
 if TYPE_CHECKING:
     from sovpack.volume_io import ConcatenatedReader
@@ -33,11 +31,11 @@ if TYPE_CHECKING:
 class StagedFiles:
     def __init__(self, root: Path):
         self.root = root
+        self.ring = BufferRing()
         self._hash_lane = Lane("staging-sha256")
-        self._flush_lane = Lane("staging-flush")
+        self._write_lane = Lane("staging-write")
         self._digests: dict[str, Future] = {}
-        self._written: list[Path] = []  # to flush in `finish`
-        self._flushes: list[Future] = []
+        self._finished: list[Future] = []  # each file's last write, fsync and close
         self._abandoned = threading.Event()
         self._closed = False
 
@@ -49,63 +47,60 @@ class StagedFiles:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """A small file read whole from the stream (sovpack.json, a signature): verification reads it again."""
-        f = self._create(rel, len(data))
+        f = self._create(rel)
         try:
             f.write(data)
         except OSError as e:
-            raise write_failure(rel, self.root, e) from None
+            raise self._write_failure(rel, e) from None
         finally:
-            self._close(f)
+            self._finished.append(f.close())
 
     def copy(self, rel: str, size: int, reader: ConcatenatedReader, shard_size: int) -> None:
-        """Copy the next `size` bytes of the stream into `rel`, hashing its shards from the very bytes written."""
+        """Copy the next `size` bytes of the stream into `rel`, read straight into its blocks; its shards are hashed from them."""
         hasher = ShardHasher(shard_size)
-        f = self._create(rel, size)
-        done = 0
+        f = self._create(rel)
         try:
-            while done < size:
-                chunk = reader.read_chunk(size - done)
-                if not chunk:
-                    raise reader.ends_inside(rel, done, size)
-                reader.hold(self._hash_lane.submit(hasher.update, chunk))
-                try:
-                    f.write(chunk)
-                except OSError as e:
-                    raise write_failure(rel, self.root, e) from None
-                done += len(chunk)
+            while f.size < size:
+                space = f.space()
+                n, checking = reader.read_into(space[: size - f.size])
+                if not n:
+                    raise reader.ends_inside(rel, f.size, size)
+                f.hold(checking, self._hash_lane.submit(hasher.update, space[:n]))
+                f.advance(n)
+        except OSError as e:  # the write of an earlier block failed
+            raise self._write_failure(rel, e) from None
         finally:
-            self._close(f)
+            self._finished.append(f.close())
         self._digests[rel] = self._hash_lane.submit(hasher.finish)
 
-    def _close(self, f: FlushedFile) -> None:
-        """Close on the flush lane; the final fsync waits for `finish`. Every fdatasync's error counts: Linux reports it once."""
-        f.close(flush=False)
-        self._flushes += f.flushes
-
-    def _create(self, rel: str, size: int) -> FlushedFile:
+    def _create(self, rel: str) -> DirectFile:
         path = self.target(rel)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            raise write_failure(rel, self.root, e) from None
-        self._written.append(path)
-        return FlushedFile(path, fd, self._flush_lane, self._abandoned, size)
+            raise self._write_failure(rel, e) from None
+        return DirectFile(path, fd, self.ring, self._write_lane, self._abandoned)
+
+    def _write_failure(self, rel: str, e: OSError) -> Failure:
+        """The file at fault is the one the error names: a write fails some blocks after it was handed over."""
+        if e.filename and Path(e.filename).is_relative_to(self.root):
+            rel = Path(e.filename).relative_to(self.root).as_posix()
+        return write_failure(rel, self.root, e)
 
     def finish(self) -> dict[str, ShardDigests]:
         """Once every written file is hashed and on disk: the shard digests of each, by path in the bundle."""
-        digests = {rel: future.result() for rel, future in self._digests.items()}
         try:
             try:
-                wait_all(self._flushes)
-            except OSError as e:
-                raise _flush_failure(e) from None
-            flush_files(self._written)
+                self.ring.wait()
+                wait_all(self._finished)
+            except OSError as e:  # a write or an fsync: the error names the file
+                raise self._write_failure("a staged file", e) from None
+            return {rel: future.result() for rel, future in self._digests.items()}
         finally:
             self.close()
-        return digests
 
     def abort(self) -> None:
-        """The staging is being discarded: stop flushing, close every file, wait for the threads."""
+        """The staging is being discarded: stop writing, close every file, wait for the threads."""
         self._abandoned.set()
         self.close()
 
@@ -113,7 +108,7 @@ class StagedFiles:
         if not self._closed:
             self._closed = True
             self._hash_lane.close()
-            self._flush_lane.close()  # every file handed to it gets closed
+            self._write_lane.close()  # every file handed to it gets closed
 
 
 def flush_files(paths: Iterable[Path]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from sovpack.errors import Failure, Refused
-from sovpack.pipeline import BufferRing, FlushedFile, Lane, wait_all
+from sovpack.pipeline import BufferRing, DirectFile, Lane, wait_all
 from sovpack.progress import Progress
 from sovpack.volumes import ExportIndex, VolumeEntry, volume_name
 
@@ -30,9 +30,10 @@ Tap = Callable[[memoryview], "Future | None"]  # another consumer of each chunk 
 class VolumeWriter:
     """A write-only stream cut into volume files of at most `volume_size` bytes.
 
-    The writing thread reads and writes; each volume's SHA-256 is computed on a thread of its
-    own from the very bytes written, and each volume is flushed to the medium on another while
-    it grows (media are unplugged right after an export).
+    The writing thread fills the blocks of a ring (a bundle file is read straight into them);
+    each volume's SHA-256 is computed on a thread of its own from the very bytes written, and
+    the blocks are written to the medium on another, around the page cache (pipeline.DirectFile):
+    media are unplugged right after an export, so every volume is on disk when `close` returns.
     """
 
     def __init__(self, directory: Path, stem: str, volume_size: int, progress: Progress | None = None):
@@ -41,12 +42,11 @@ class VolumeWriter:
         self.written: list[Path] = []  # every file this writer created, for cleanup on failure
         self.ring = BufferRing()
         self._hash_lane = Lane("volume-sha256")
-        self._flush_lane = Lane("volume-flush")
-        self._file: FlushedFile | None = None
-        self._filled = 0
+        self._write_lane = Lane("volume-write")
+        self._file: DirectFile | None = None
         self._sha256 = hashlib.sha256()
         self._closed: list[tuple[str, int, Future]] = []  # (file, size, its SHA-256 once computed)
-        self._flushes: list[Future] = []
+        self._finished: list[Future] = []  # each volume's last write, fsync and close
         self._abandoned = threading.Event()
         self._position = 0
 
@@ -54,28 +54,46 @@ class VolumeWriter:
         return self._position
 
     def copy_from(self, source: BinaryIO, size: int, tap: Tap | None = None) -> int:
-        """Copy `size` bytes of `source` into the volumes; each chunk also goes to `tap`."""
-        return copy_through(self.ring, source, size, self.write, tap)
+        """Copy `size` bytes of `source` into the volumes, read straight into their blocks; each chunk also goes to `tap`."""
+        done = 0
+        while done < size:
+            space = self._space()
+            n = source.readinto(space[: size - done])
+            if not n:
+                break
+            self._advance(space[:n], tap)
+            done += n
+        return done
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         total = len(view)
         while view:
-            if self._file is None:
-                self._open_next()
-            piece = view[: self.volume_size - self._filled]
-            self.ring.hold(self._hash_lane.submit(self._sha256.update, piece))
-            try:
-                self._file.write(piece)
-            except OSError as e:
-                raise self._failure("write", e) from None
-            self._filled += len(piece)
-            view = view[len(piece) :]
-            if self._filled == self.volume_size:
-                self._close_current()
-        self._position += total
-        self.progress.advance(total)
+            space = self._space()
+            n = min(len(space), len(view))
+            space[:n] = view[:n]
+            self._advance(space[:n])
+            view = view[n:]
         return total
+
+    def _space(self) -> memoryview:
+        """Room left in the current block of the current volume."""
+        if self._file is None:
+            self._open_next()
+        try:
+            space = self._file.space()
+        except OSError as e:  # the write of an earlier block failed
+            raise self._failure(e) from None
+        return space[: self.volume_size - self._file.size]
+
+    def _advance(self, chunk: memoryview, tap: Tap | None = None) -> None:
+        """`chunk` was put into the space given: hash it, hand it to `tap`, and count it written."""
+        self._file.hold(self._hash_lane.submit(self._sha256.update, chunk), tap(chunk) if tap else None)
+        self._file.advance(len(chunk))
+        self._position += len(chunk)
+        self.progress.advance(len(chunk))
+        if self._file.size == self.volume_size:
+            self._close_current()
 
     def _open_next(self) -> None:
         path = self.directory / volume_name(self.stem, len(self._closed) + 1)
@@ -84,45 +102,42 @@ class VolumeWriter:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise Failure(f"cannot create volume {path}: {e.strerror}") from None
-        self._file = FlushedFile(path, fd, self._flush_lane, self._abandoned)
-        self._filled = 0
+        self._file = DirectFile(path, fd, self.ring, self._write_lane, self._abandoned)
         self._sha256 = hashlib.sha256()
 
-    def _failure(self, doing: str, e: OSError) -> Failure:
+    def _failure(self, e: OSError) -> Failure:
+        """A write, or the fsync that ends a volume, failed (the OSError names the volume)."""
         name = Path(e.filename).name if e.filename else self.written[-1].name
         full = " (the destination is full or does not allow files this large)" if e.errno in (errno.ENOSPC, errno.EFBIG) else ""
-        if doing == "write":
-            return Failure(f"cannot write volume {name} in {self.directory}: {e.strerror}{full}")
-        return Failure(f"cannot flush volume {name} to {self.directory}: {e.strerror}{full}")
+        return Failure(f"cannot write volume {name} in {self.directory}: {e.strerror}{full}")
 
     def _close_current(self) -> None:
-        self._closed.append((self.written[-1].name, self._filled, self._hash_lane.submit(self._sha256.hexdigest)))
-        self._file.close()
-        self._flushes += self._file.flushes
+        self._closed.append((self.written[-1].name, self._file.size, self._hash_lane.submit(self._sha256.hexdigest)))
+        self._finished.append(self._file.close())
         self._file = None
 
     def close(self) -> list[VolumeEntry]:
         """Every volume hashed and on the medium: their entries for the index."""
         if self._file is not None:
             self._close_current()
-        self.ring.wait()
         try:
-            wait_all(self._flushes)
+            self.ring.wait()
+            wait_all(self._finished)
         except OSError as e:
-            raise self._failure("flush", e) from None
+            raise self._failure(e) from None
         volumes = [VolumeEntry(name, size, sha256.result()) for name, size, sha256 in self._closed]
         self._hash_lane.close()
-        self._flush_lane.close()
+        self._write_lane.close()
         return volumes
 
     def abort(self) -> None:
         """Remove every volume written so far (an export that fails leaves nothing behind)."""
         self._abandoned.set()
         if self._file is not None:
-            self._file.close(flush=False)
+            self._file.close()
             self._file = None
         self._hash_lane.close(cancel=True)
-        self._flush_lane.close()  # closes every file it was handed
+        self._write_lane.close()  # closes every file it was handed
         for path in self.written:
             path.unlink(missing_ok=True)
 
@@ -256,6 +271,11 @@ class ConcatenatedReader:
         if n and self.checker:
             self.checker.feed(self._part, bytes(view[:n]))
         return n
+
+    def read_into(self, view: memoryview) -> tuple[int, Future | None]:
+        """Read into the caller's `view` with no copy: how many bytes, and the checker's task reading them until it finishes."""
+        n = self._read(view)
+        return n, self.checker.feed(self._part, view[:n]) if n and self.checker else None
 
     def read_chunk(self, limit: int) -> memoryview:
         """Up to `limit` bytes (empty at the end) in a buffer of the ring: valid until the tasks `hold` names finish."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import os
 import threading
@@ -12,7 +13,7 @@ import pytest
 from sovpack import pipeline
 from sovpack.errors import Failure
 from sovpack.hashing import MIB, Digester, ShardDigests, ShardHasher, compare_shards
-from sovpack.pipeline import BufferRing, Lane
+from sovpack.pipeline import ALIGN, BufferRing, DirectFile, Lane
 from sovpack.staging import StagedFiles
 from sovpack.volume_io import ConcatenatedReader
 
@@ -70,23 +71,78 @@ def test_compare_shards_names_the_first_shard_that_differs():
     assert compare_shards("f", expected, ShardDigests(expected.size, expected.shards), SHARD) is None
 
 
-def test_a_staged_file_is_hashed_from_the_bytes_written_and_a_failed_flush_is_not_lost(tmp_path, monkeypatch):
-    data = os.urandom(5 * MIB)  # two chunks: the first one is flushed while the second is written
-    monkeypatch.setattr(pipeline, "FLUSH_STEP", 1)
-    flushed = []
-    monkeypatch.setattr(os, "fdatasync", lambda fd: flushed.append(fd))
+def _direct_file(path, ring, lane):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    return DirectFile(path, fd, ring, lane, threading.Event())
+
+
+@pytest.mark.parametrize("size", [0, 1, ALIGN - 1, ALIGN, 4 * MIB, 4 * MIB + 1, 9 * MIB + 4097])
+def test_a_direct_file_holds_exactly_the_bytes_given_whatever_their_alignment(tmp_path, size):
+    data = os.urandom(size)
+    ring, lane = BufferRing(count=2, size=4 * MIB), Lane("write")
+    f = _direct_file(tmp_path / "f", ring, lane)
+    for i in range(0, size, 999_983):  # pieces that leave every block boundary unaligned
+        f.write(data[i : i + 999_983])
+    f.close().result()
+    ring.wait()
+    lane.close()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_a_file_system_that_refuses_an_aligned_write_gets_it_through_the_page_cache(tmp_path, monkeypatch):
+    real_pwrite, refused = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & pipeline.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = os.urandom(5 * MIB + 7)
+    ring, lane = BufferRing(count=2, size=4 * MIB), Lane("write")
+    f = _direct_file(tmp_path / "f", ring, lane)
+    if not f.direct:
+        pytest.skip(f"the file system of {tmp_path} has no O_DIRECT: nothing to fall back from")
+    f.write(data)
+    f.close().result()
+    lane.close()
+    assert (tmp_path / "f").read_bytes() == data
+    assert refused == [0] and not f.direct  # refused once, then through the page cache
+
+
+def test_a_staged_file_is_hashed_from_the_bytes_written_into_it(tmp_path):
+    data = os.urandom(9 * MIB + 5)  # three blocks, the last one padded and cut back
     files = StagedFiles(tmp_path / "ok")
     files.copy("w", len(data), ConcatenatedReader(stream=io.BytesIO(data)), SHARD)
     expected = Digester(SHARD)
     expected.update(data)
     assert files.finish() == {"w": ShardDigests(len(data), expected.finish().shards)}
-    assert (tmp_path / "ok" / "w").read_bytes() == data and flushed
+    assert (tmp_path / "ok" / "w").read_bytes() == data
 
-    def failing(fd):
+
+@pytest.mark.parametrize("failing", ["pwrite", "fsync"])
+def test_a_staged_file_whose_write_or_flush_fails_is_reported_with_the_disk_error(tmp_path, monkeypatch, failing):
+    def fail(*args):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(os, "fdatasync", failing)  # Linux reports a writeback error once: the final fsync may not see it
+    monkeypatch.setattr(os, failing, fail)
+    data = os.urandom(5 * MIB)
     files = StagedFiles(tmp_path / "bad")
     files.copy("w", len(data), ConcatenatedReader(stream=io.BytesIO(data)), SHARD)
-    with pytest.raises(Failure, match="cannot flush the staged bundle to the store's disk: Input/output error"):
+    with pytest.raises(Failure, match=r"cannot write w into the store's staging directory .*/bad: Input/output error$"):
         files.finish()
+
+
+def test_a_write_that_fails_while_the_stream_is_still_read_names_the_file_it_was_for(tmp_path, monkeypatch):
+    def fail(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", fail)
+    files = StagedFiles(tmp_path / "full")
+    data = os.urandom(1000)
+    files.copy("first", 1000, ConcatenatedReader(stream=io.BytesIO(data)), SHARD)
+    big = os.urandom(40 * MIB)  # more blocks than the ring has: it comes round to the failed ones
+    with pytest.raises(Failure, match=r"cannot write first into the store's staging directory .*: No space left on device \(the store's disk is full"):
+        files.copy("second", len(big), ConcatenatedReader(stream=io.BytesIO(big)), SHARD)
+    files.abort()
