@@ -1,7 +1,7 @@
 """Bytes read once and handed to several consumers, each on a thread of its own, in order.
 
 A `Lane` is one worker thread that runs what it is given in the order it was given (the
-SHA-256 of one stream, the flushing of files). A `BufferRing` holds the few read buffers in
+SHA-256 of one stream, the writing of files). A `BufferRing` holds the few read buffers in
 flight: a buffer is filled again only after every task handed a view of it has finished, so
 memory stays at a few buffers whatever the size of the stream, and the error of a task comes
 back to the reading thread at the latest when the ring comes round to its buffer.
@@ -90,9 +90,10 @@ class DirectFile:
     The caller fills the current block of `ring` (`space`, then `advance`: a file can be read
     into it with no copy) and names the tasks that read the bytes it put there (`hold`); each
     full block is written with O_DIRECT, so that writing gigabytes neither takes memory from
-    the page cache nor leaves them to be flushed at the end. The last block is padded to
-    ALIGN and the file cut back to its size. Where the file system refuses O_DIRECT, the same
-    writes go through the page cache and the final fsync flushes them.
+    the page cache nor leaves them to be flushed at the end. The unaligned end of the last
+    block goes through the page cache (padding it could exceed what the medium allows: FAT32
+    stops at 4 GiB - 1). Where the file system refuses O_DIRECT, every write goes through the
+    page cache, and the final fsync flushes them.
 
     A failed write comes back when the ring comes round to its block (`space`) or from the
     future `close` returns, as an OSError naming the file. The ring serves one file at a time.
@@ -139,15 +140,15 @@ class DirectFile:
         return self.lane.submit(self._finish)
 
     def _submit(self) -> None:
-        length, offset = self._fill, self.size - self._fill
-        if self.direct and length % ALIGN:  # the last block: padded, and cut off again in _finish
-            padded = length + -length % ALIGN
-            self._block[length:padded] = bytes(padded - length)
-            length = padded
-        self.ring.hold(self.lane.submit(self._write, self._block[:length], offset))
+        self.ring.hold(self.lane.submit(self._write, self._block[: self._fill], self.size - self._fill))
         self._block = None
 
     def _write(self, data: memoryview, offset: int) -> None:
+        if self.direct and len(data) % ALIGN:  # the file's last block: its unaligned end goes through the page cache
+            aligned = len(data) - len(data) % ALIGN
+            self._write(data[:aligned], offset)
+            self.direct = _stop_direct_io(self.fd)
+            data, offset = data[aligned:], offset + aligned
         while data and not self.abandoned.is_set():
             try:
                 n = os.pwrite(self.fd, data, offset)
@@ -161,7 +162,6 @@ class DirectFile:
     def _finish(self) -> None:
         try:
             if not self.abandoned.is_set():
-                os.ftruncate(self.fd, self.size)
                 os.fsync(self.fd)
         except OSError as e:
             raise OSError(e.errno, e.strerror, str(self.path)) from None
