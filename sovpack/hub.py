@@ -22,6 +22,7 @@ imported inside the functions so that `sovpack --help` stays fast.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 import time
@@ -460,6 +461,7 @@ class _VerifyingFile:
     def finish(self) -> FileDigest:
         self._hand_over()
         self.file.flush()
+        os.fsync(self.file.fileno())  # on disk before the state records it as checked: a re-run trusts it by size and mtime
         hasher, self.hasher = self.hasher, None
         hasher.close()
         digest = hasher.digester.finish()
