@@ -153,7 +153,8 @@ def main() -> None:
             "Both commands run as separate processes (interpreter start included) against one hubserver process serving from the page cache.",
             (
                 "sovpack fetch also computes the whole-file SHA-256 and 64 MiB shard digests of every byte, compares them with "
-                "the published digests, parses the safetensors headers and writes sovpack.json; snapshot_download checks sizes only."
+                "the published digests, parses the safetensors headers, fsyncs every file and writes sovpack.json; snapshot_download "
+                "checks sizes only and leaves its files to the page cache."
             ),
         ]
         write_results("fetch", "fetch vs snapshot_download (loopback hub)", [result], notes)
