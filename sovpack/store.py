@@ -129,11 +129,18 @@ class Store:
     def policy_for(self, installed: InstalledBundle, threshold: int | None = None) -> TrustPolicy:
         """The keys and threshold a bundle was accepted under, minus keys no longer trusted (revocation).
 
-        `threshold` can raise the threshold (the larger of it, the import's and the store's applies), never lower it.
+        `threshold` can raise the threshold (the larger of the import's and the store's applies); a lower one is refused.
         """
         still_trusted = {k.hint: k for k in self.trusted_keys()}
         keys = tuple(still_trusted[a["hint"]] for a in installed.record.get("accepted_by", []) if a["hint"] in still_trusted)
-        threshold = max(int(installed.record.get("threshold", 1)), self.threshold, threshold or 0)
+        required = max(int(installed.record.get("threshold", 1)), self.threshold)
+        if threshold is not None and threshold < required:
+            raise UsageError(
+                f"--threshold {threshold} is below the {required} trusted signatures {installed.name} v{installed.version} is "
+                f"held to (the larger of the threshold it was imported under and the store's): --threshold can only raise "
+                f"it; to serve under other keys, pass them with --trust"
+            )
+        threshold = max(required, threshold or 0)
         if len(keys) < threshold:
             raise Refused(
                 f"{installed.name} v{installed.version} was accepted by "

@@ -188,6 +188,19 @@ def test_store_api_for_serve(cli, signed_bundle, store, tmp_path, keys):
         s.find("tiny@9")
 
 
+def test_serve_threshold_can_raise_the_one_an_installed_bundle_is_held_to_but_a_lower_one_is_refused(cli, signed_bundle, store, tmp_path):
+    install(cli, signed_bundle, store, tmp_path)
+    s = Store(store)
+    installed = s.find("tiny")
+    with pytest.raises(Refused, match="only 1 of those keys are still trusted and 2 are required"):
+        s.policy_for(installed, 2)
+    s.set_threshold(2)  # now the store asks for two signatures: serving under one is not the operator's to choose here
+    with pytest.raises(UsageError, match=r"--threshold 1 is below the 2 trusted signatures tiny v3 is held to"):
+        s.policy_for(installed, 1)
+    result = cli("serve", "tiny", "--threshold", "1", "--store", store)
+    assert result.code == 2 and "--threshold 1 is below the 2 trusted signatures tiny v3" in result.err, result.err
+
+
 def test_a_failed_import_changes_nothing_but_the_audit_log(cli, signed_bundle, store, tmp_path):
     install(cli, signed_bundle, store, tmp_path)
     before = store_snapshot(store)

@@ -17,7 +17,7 @@ def serve(
     variant: Optional[str] = typer.Option(None, "--variant", help="GGUF to serve: quantization type (Q4_K_M), or its path or file name in the bundle."),
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
     trust: List[Path] = typer.Option([], "--trust", help=TRUST_HELP),
-    threshold: Optional[int] = typer.Option(None, "--threshold", help="Distinct trusted signers required. With --trust: default 1. Without: replaces the store's threshold for a bundle directory; for an installed NAME it can only raise the threshold the bundle was imported under (a lower value is ignored)."),
+    threshold: Optional[int] = typer.Option(None, "--threshold", help="Distinct trusted signers required. With --trust: default 1. Without: replaces the store's threshold for a bundle directory; for an installed NAME it can only raise the threshold the bundle was imported under (a lower value is refused, exit 2)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --api-key-file."),
     port: int = typer.Option(8080, "--port", help="TCP port (0: any free port)."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="API keys, one per line (# comments); clients send `Authorization: Bearer KEY`."),

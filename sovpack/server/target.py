@@ -8,8 +8,8 @@ NAME@VERSION of a bundle installed in the store.
   `--trust`, under the store's trusted keys and the store's threshold, which `--threshold`
   replaces.
 - an installed bundle: verified under the keys and threshold it was imported with, minus
-  keys revoked since (Store.policy_for); `--threshold` can raise that threshold, never
-  lower it. `--trust` replaces that policy, as for a directory.
+  keys revoked since (Store.policy_for); `--threshold` can raise that threshold; a lower
+  one is refused. `--trust` replaces that policy, as for a directory.
 """
 
 from __future__ import annotations
