@@ -1,4 +1,4 @@
-"""The three kinds of failure, each with the exit code the command line documents."""
+"""The three kinds of failure, and interruption, each with the exit code the command line documents."""
 
 
 class SovpackError(Exception):
@@ -23,6 +23,12 @@ class Failure(SovpackError):
     """Anything else: I/O, network, a missing optional dependency."""
 
     exit_code = 3
+
+
+class Interrupted(SovpackError):
+    """Ctrl-C (or, where a command asks for it, SIGTERM) stopped the command."""
+
+    exit_code = 130
 
 
 class FormatError(Refused):

@@ -40,6 +40,24 @@ def write_gguf(path: Path, *, chat_template: str | None = "{{ messages }}", n_te
     return path
 
 
+def write_sparse_gguf(path: Path, size: int) -> Path:
+    """A well-formed GGUF whose one F32 tensor of `size` bytes is a hole in the file: large to hash, nothing on disk."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_token_list(["<s>", "</s>", "a", "b"])
+    writer.add_tensor_info("blk.0.weight", (size // 4 // 1024, 1024), np.dtype(np.float32), size)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    with open(path, "r+b") as f:
+        f.truncate(-(-f.seek(0, 2) // writer.data_alignment) * writer.data_alignment + size)
+    return path
+
+
 def write_model_dir(root: Path, *, gguf: bool = False) -> Path:
     """A small model directory as a fine-tune team would hand it over."""
     root.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+from builders import write_sparse_gguf
 
 from sovpack.cli import main
 from sovpack.errors import Refused
@@ -413,6 +414,33 @@ def test_sigterm_lets_the_stream_in_flight_finish(env):
     assert start["url"] == s.url and start["loopback_only"] is True  # judged on the address bound
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{s.url}/health")
+
+
+@pytest.fixture(scope="module")
+def big_bundle(env) -> Path:
+    """A signed bundle whose GGUF takes most of a second to verify (2 GiB, a hole on disk)."""
+    write_sparse_gguf(env.root / "big-model" / "big.gguf", 2 << 30)
+    bundle = env.root / "big-bundle"
+    assert run("pack", env.root / "big-model", "--out", bundle, "--name", "big") == 0
+    assert run("sign", bundle, "--key", env.keys / "alice.key") == 0
+    return bundle
+
+
+@pytest.mark.parametrize(("sig", "message"), [(signal.SIGTERM, "stopped by SIGTERM while verifying, before serving anything"),
+                                              (signal.SIGINT, "interrupted")])  # fmt: skip
+def test_a_signal_during_verification_stops_serve_with_an_audit_record(env, big_bundle, sig, message):
+    s = Server(env, big_bundle, name=f"verify-{sig.name}")
+    deadline = time.monotonic() + 30
+    while "verifying" not in s.output():
+        assert time.monotonic() < deadline and s.proc.poll() is None, s.output()
+        time.sleep(0.01)
+    s.proc.send_signal(sig)
+    assert s.proc.wait(30) == 130, s.output()
+    assert f"error: {message}" in s.output()
+    records = [r for r in env.audit() if r["pid"] == s.proc.pid]
+    assert [r["event"] for r in records] == ["serve-refused"], records  # never started
+    assert records[0]["exit_code"] == 130 and records[0]["reason"].startswith(message)
+    assert records[0]["bundle"] == str(big_bundle.resolve())
 
 
 def test_shutdown_timeout_zero_cancels_the_stream_at_once(env):

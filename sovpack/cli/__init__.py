@@ -12,7 +12,7 @@ import signal
 import typer
 
 from sovpack import __version__
-from sovpack.errors import SovpackError
+from sovpack.errors import Interrupted, SovpackError
 
 app = typer.Typer(
     name="sovpack",
@@ -43,10 +43,6 @@ def _root(
 COMMAND_MODULES = ("bundle_commands", "fetch_commands", "quantize_commands", "transfer_commands", "store_commands", "serve_commands")
 for _module in COMMAND_MODULES:
     importlib.import_module(f"sovpack.cli.{_module}")
-
-
-class Interrupted(SovpackError):
-    exit_code = 130
 
 
 def _interrupt(signum, frame):

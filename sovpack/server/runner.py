@@ -4,7 +4,8 @@
 2. resolve the target and its trust (not installed: 2; trust revoked: refused, 1);
 3. import the serve extra (missing: exit 3), only now, so that usage errors answer fast;
    bind the socket, so that a port in use fails before a long verification (exit 3);
-4. verify (refused: exit 1, with the verify message, and a serve-refused audit record);
+4. verify (refused: exit 1, with the verify message, and a serve-refused audit record;
+   SIGTERM or Ctrl-C meanwhile: exit 130, audited the same way);
 5. write serve-start to the store's audit log (if that fails, nothing is served: exit 3);
 6. run uvicorn on the bound socket; the model loads in the background (/health 503 until
    ready), then its files are fingerprinted again;
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sovpack.errors import Failure, Refused, SovpackError, UsageError
+from sovpack.errors import Failure, Interrupted, Refused, SovpackError, UsageError
 from sovpack.server.options import DEFAULT_CTX, ServeOptions, check_options, default_threads
 from sovpack.server.security import ApiKeys, check_bind, check_cors_origins, check_tls, is_loopback
 from sovpack.store import Store
@@ -88,12 +89,28 @@ def _verify(options: ServeOptions, store: Store, target, audit: Auditor, say: Ca
     from sovpack.server.fingerprint import VerificationRecords
     from sovpack.server.verification import verify_for_serving
 
+    say(f"verifying {target.bundle} before loading it")
     try:
-        records = VerificationRecords(store.root)
-        return verify_for_serving(target, options.variant, records=records, full_verify=options.full_verify, say=say)
-    except Refused as e:
+        with _sigterm_interrupts():
+            records = VerificationRecords(store.root)
+            return verify_for_serving(target, options.variant, records=records, full_verify=options.full_verify, say=say)
+    except (Refused, Interrupted) as e:
         audit.refused(e, bundle=str(target.bundle.resolve()))
         raise
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM while verifying (minutes, for a large model) stops serve as Ctrl-C does: audited, exit 130."""
+
+    def interrupt(signum, frame):
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} while verifying, before serving anything")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(options, store, keys, model, sock, audit, say) -> int:
