@@ -149,7 +149,7 @@ def extract_archive(
 ) -> Extracted:
     """Rebuild the bundle into `files` (the staging directory) from the stream; files the store holds are linked, not written.
 
-    The bytes written are hashed and flushed by `files` meanwhile; `files.finish()` waits for that.
+    The bytes written are hashed and written to disk by `files` meanwhile; `files.finish()` waits for that.
     """
     files.root.mkdir(parents=True, exist_ok=True)
     reader.max_read = MAX_HEADER_BYTES

@@ -1,7 +1,7 @@
 """Byte streams of volumes: one stream written as numbered volume files, and volumes read back as one stream.
 
 Both read each byte once into a ring of reused buffers and hand it to the threads that hash
-or flush it (pipeline.py), so memory stays flat (a few 4 MiB buffers) whatever the size of
+or write it (pipeline.py), so memory stays flat (a few 4 MiB buffers) whatever the size of
 the bundle.
 """
 
