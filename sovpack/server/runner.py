@@ -89,9 +89,9 @@ def _verify(options: ServeOptions, store: Store, target, audit: Auditor, say: Ca
     from sovpack.server.fingerprint import VerificationRecords
     from sovpack.server.verification import verify_for_serving
 
-    say(f"verifying {target.bundle} before loading it")
     try:
         with _sigterm_interrupts():
+            say(f"verifying {target.bundle} before loading it")
             records = VerificationRecords(store.root)
             return verify_for_serving(target, options.variant, records=records, full_verify=options.full_verify, say=say)
     except (Refused, Interrupted) as e:
