@@ -106,6 +106,7 @@ class DirectFile:
         self.size = 0  # bytes put into the file so far
         self._block: memoryview | None = None
         self._fill = 0
+        self._failed: OSError | None = None  # the first write that failed, raised again by the future `close` returns
 
     def space(self) -> memoryview:
         """The free part of the current block (a block of the ring is taken when none is free)."""
@@ -152,15 +153,20 @@ class DirectFile:
         while data and not self.abandoned.is_set():
             try:
                 n = os.pwrite(self.fd, data, offset)
+                if not n:
+                    raise OSError(errno.EIO, "the file system accepted no byte of a write")
             except OSError as e:
                 if e.errno == errno.EINVAL and self.direct:  # alignment the device does not take: through the page cache
                     self.direct = _stop_direct_io(self.fd)
                     continue
-                raise OSError(e.errno, e.strerror, str(self.path)) from None
+                self._failed = self._failed or OSError(e.errno, e.strerror, str(self.path))
+                raise self._failed from None
             data, offset = data[n:], offset + n
 
     def _finish(self) -> None:
         try:
+            if self._failed:  # fsync does not report a failed O_DIRECT write
+                raise self._failed
             if not self.abandoned.is_set():
                 os.fsync(self.fd)
         except OSError as e:

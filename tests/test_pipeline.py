@@ -131,6 +131,30 @@ def test_a_staged_file_is_hashed_from_the_bytes_written_into_it(tmp_path):
     assert (tmp_path / "ok" / "w").read_bytes() == data
 
 
+def test_the_future_close_returns_reports_a_failed_write(tmp_path, monkeypatch):
+    def fail(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "pwrite", fail)
+    ring, lane = BufferRing(count=2, size=4 * MIB), Lane("write")
+    f = _direct_file(tmp_path / "f", ring, lane)
+    f.write(os.urandom(5 * MIB))
+    with pytest.raises(OSError, match="Input/output error") as failed:
+        f.close().result()
+    assert failed.value.filename == str(tmp_path / "f")
+    lane.close()
+
+
+def test_a_write_the_file_system_takes_nothing_of_fails_instead_of_spinning(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: 0)
+    ring, lane = BufferRing(count=2, size=4 * MIB), Lane("write")
+    f = _direct_file(tmp_path / "f", ring, lane)
+    f.write(b"x" * 10)
+    with pytest.raises(OSError, match="accepted no byte"):
+        f.close().result()
+    lane.close()
+
+
 @pytest.mark.parametrize("failing", ["pwrite", "fsync"])
 def test_a_staged_file_whose_write_or_flush_fails_is_reported_with_the_disk_error(tmp_path, monkeypatch, failing):
     def fail(*args):
