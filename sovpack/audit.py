@@ -1,8 +1,11 @@
 """The store's append-only audit log: JSON lines, each carrying the SHA-256 of the line before.
 
 Editing, inserting or deleting a line breaks the chain and `verify_chain` names the first
-line at fault. Removing lines from the end cannot be detected from the log alone: the
-head digest that `verify_chain` returns is what an operator records elsewhere.
+line at fault. Lines removed from the end leave an intact chain: the head witness (a small
+file beside the log, rewritten after each append) records how many lines the log had and
+the digest of the last, so `verify_chain` refuses a log shorter than that, or whose line at
+that place differs. Someone who can rewrite the witness too can still cut the log unseen:
+the head digest that `verify_chain` returns is what an operator records elsewhere.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from sovpack.bundle import write_atomically
 from sovpack.errors import Refused
+from sovpack.hashing import sha256_bytes
 from sovpack.metadata import format_time
 
 GENESIS = "0" * 64
@@ -28,8 +33,8 @@ class ChainStatus:
 
 
 class AuditLog:
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, witness: Path | None = None):
+        self.path, self.witness = path, witness
 
     def append(self, event: str, **fields) -> dict:
         """Append one record atomically with respect to other sovpack processes."""
@@ -38,7 +43,8 @@ class AuditLog:
         with os.fdopen(fd, "r+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             _end_cut_line(f)
-            last = _last_line(f)
+            tail = _tail_lines(f)
+            last = tail[-1] if tail else None
             record = {
                 "seq": _next_seq(f, last),
                 "time": format_time(datetime.now(timezone.utc)),
@@ -46,10 +52,31 @@ class AuditLog:
                 **fields,
                 "prev": hashlib.sha256(last).hexdigest() if last else GENESIS,
             }
-            f.write(json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+            line = json.dumps(record, sort_keys=True, ensure_ascii=False).encode()
+            f.write(line + b"\n")
             f.flush()
             os.fsync(f.fileno())
+            if self.witness is not None:  # still under the lock: witnesses are written in log order
+                self._advance_witness(record["seq"], tail, line)
         return record
+
+    def _advance_witness(self, seq: int, tail: list[bytes], line: bytes) -> None:
+        """Record the new head, unless the log no longer continues what the witness saw: then the witness stays, as evidence."""
+        witness = self._read_witness()
+        continued = [(seq - len(tail) + i, sha256_bytes(t)) for i, t in enumerate(tail)]  # the witness may be one behind
+        if witness is None and self.witness.exists():
+            return  # damaged: `verify_chain` says so
+        if witness is not None and witness not in continued:
+            return
+        self.witness.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.witness, json.dumps({"records": seq, "head": sha256_bytes(line)}).encode())
+
+    def _read_witness(self) -> tuple[int, str] | None:
+        try:
+            witness = json.loads(self.witness.read_bytes())
+            return int(witness["records"]), str(witness["head"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -68,6 +95,7 @@ class AuditLog:
     def verify_chain(self) -> ChainStatus:
         """Check every link; raise Refused naming the first broken line."""
         if not self.path.exists():
+            self._check_witness([])
             return ChainStatus(0, GENESIS)
         previous, expected_prev = None, GENESIS
         lines = self.path.read_bytes().split(b"\n")
@@ -85,19 +113,37 @@ class AuditLog:
                     "was edited, or lines were inserted or deleted"
                 )
             previous, expected_prev = line, hashlib.sha256(line).hexdigest()
+        self._check_witness(lines[:-1])
         return ChainStatus(len(lines) - 1, expected_prev if previous is not None else GENESIS)
 
+    def _check_witness(self, lines: list[bytes]) -> None:
+        """The log still holds the line the witness names, where it names it (a crash may leave the witness one behind)."""
+        if self.witness is None or not self.witness.exists():
+            return
+        witness = self._read_witness()
+        if witness is None:
+            raise Refused(f"{self.witness}, the audit log's head witness, is damaged: the log cannot be checked for lines "
+                          f"cut from its end")  # fmt: skip
+        count, head = witness
+        if count > len(lines):
+            raise Refused(f"{self.path} holds {len(lines)} records but had {count} ({self.witness}): lines were deleted "
+                          f"from its end, or an older copy of the log was put back")  # fmt: skip
+        if count and sha256_bytes(lines[count - 1]) != head:
+            raise Refused(f"{self.path}: line {count} is not the one {self.witness} recorded: the log was replaced from that "
+                          f"line on")  # fmt: skip
 
-def _last_line(f) -> bytes | None:
+
+def _tail_lines(f) -> list[bytes]:
+    """The last two lines of the log (fewer if it has fewer), without their newlines."""
     size = f.seek(0, os.SEEK_END)
     if size == 0:
-        return None
+        return []
     block = min(size, 1 << 16)
     while True:
         f.seek(size - block)
         tail = f.read(block).rstrip(b"\n")
-        if b"\n" in tail or block == size:
-            return tail.rsplit(b"\n", 1)[-1]
+        if tail.count(b"\n") >= 2 or block == size:
+            return tail.split(b"\n")[-2:]
         block = min(size, block * 4)
 
 

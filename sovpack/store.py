@@ -8,6 +8,7 @@ Layout (documented in docs/store.md):
       bundles/NAME/VERSION/        installed bundles exactly as signed; files read-only (0444)
       records/NAME/VERSION.json    how each bundle was accepted (keys, threshold, when, from where)
       state/versions.json          highest version ever installed per name (rollback protection)
+      state/audit-head.json        records in audit.log and the digest of its last line (audit.py)
       objects/sha256/AB/DIGEST     one inode per distinct content, hard-linked into bundles/ (dedup)
       tmp/                         imports being staged and removals, on the same file system
       audit.log                    hash-chained JSON lines
@@ -71,7 +72,7 @@ class Store:
         self.versions_path = self.root / "state" / "versions.json"
         self.objects_dir = self.root / "objects" / "sha256"
         self.tmp_dir = self.root / "tmp"
-        self.audit = AuditLog(self.root / "audit.log")
+        self.audit = AuditLog(self.root / "audit.log", self.root / "state" / "audit-head.json")
 
     # trust
 

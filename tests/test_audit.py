@@ -96,11 +96,13 @@ def test_appending_after_a_cut_off_line_keeps_records_whole(tmp_path):
 
 def test_concurrent_appends_from_several_processes_keep_the_chain(tmp_path):
     code = "import sys; from pathlib import Path; from sovpack.audit import AuditLog\n" \
-           "log = AuditLog(Path(sys.argv[1]))\nfor i in range(25): log.append('tick', writer=sys.argv[2], i=i)"  # fmt: skip
+           "log = AuditLog(Path(sys.argv[1]), Path(sys.argv[1] + '.head'))\n" \
+           "for i in range(25): log.append('tick', writer=sys.argv[2], i=i)"  # fmt: skip
     writers = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "audit.log"), str(n)]) for n in range(4)]
     assert all(w.wait() == 0 for w in writers)
-    status = AuditLog(tmp_path / "audit.log").verify_chain()
-    assert status.records == 100
+    log = AuditLog(tmp_path / "audit.log", tmp_path / "audit.log.head")
+    assert log.verify_chain().records == 100
+    assert json.loads(log.witness.read_bytes())["records"] == 100  # the witness followed every append
 
 
 def test_an_empty_log_verifies(cli, tmp_path):
@@ -119,3 +121,41 @@ def test_a_cut_off_last_line_is_named_by_verify(cli, audited_store):
     log.write_bytes(log.read_bytes()[:-20])  # a write cut off by a crash, or an edit
     result = cli("audit", "verify", "--store", audited_store)
     assert result.code == 1 and f"{log}: the last line is incomplete" in result.err
+
+
+@pytest.mark.parametrize("keep", [5, 0])
+def test_lines_cut_from_the_end_are_detected_by_the_head_witness(cli, audited_store, keep):
+    log = audited_store / "audit.log"
+    log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:keep]))  # what is left still chains
+    assert AuditLog(log).verify_chain().records == keep  # the log alone cannot tell
+    result = cli("audit", "verify", "--store", audited_store)
+    assert result.code == 1 and f"{log} holds {keep} records but had 6" in result.err, result.err
+    assert "state/audit-head.json" in result.err
+
+
+def test_the_witness_is_not_moved_by_appends_to_a_cut_log(cli, audited_store):
+    log = audited_store / "audit.log"
+    log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:4]))
+    for _ in range(3):  # the log grows past where it was cut, with other lines
+        assert cli("trust", "threshold", "1", "--store", audited_store).code == 0
+    assert AuditLog(log).verify_chain().records == 7
+    result = cli("audit", "verify", "--store", audited_store)
+    assert result.code == 1 and f"{log}: line 6 is not the one" in result.err, result.err
+
+
+def test_a_crash_between_the_log_and_its_witness_is_no_alarm(tmp_path):
+    log = AuditLog(tmp_path / "audit.log", tmp_path / "state" / "audit-head.json")
+    log.append("first")
+    behind = log.witness.read_bytes()
+    log.append("second")
+    log.witness.write_bytes(behind)  # killed after writing the record, before the witness
+    assert log.verify_chain().records == 2
+    log.append("third")  # the witness catches up
+    assert json.loads(log.witness.read_bytes())["records"] == 3 and log.verify_chain().records == 3
+
+
+def test_a_damaged_witness_is_named(cli, audited_store):
+    witness = audited_store / "state" / "audit-head.json"
+    witness.write_text("{")
+    result = cli("audit", "verify", "--store", audited_store)
+    assert result.code == 1 and f"{witness}, the audit log's head witness, is damaged" in result.err

@@ -25,14 +25,14 @@ def store_snapshot(store: Path) -> dict:
     """Every installed thing in the store with its bytes' digest, mode and link count.
 
     Leaves out what changes by design on a refusal or a kill: tmp/ (staging and the journal of
-    checked volumes), audit.log (gains the refusal) and the lock file.
+    checked volumes), audit.log and its head witness (they gain the refusal) and the lock file.
     """
     snapshot = {}
     if not store.exists():
         return snapshot
     for p in sorted(store.rglob("*")):
         rel = p.relative_to(store).as_posix()
-        if rel.split("/")[0] in ("tmp", "audit.log", ".lock"):
+        if rel.split("/")[0] in ("tmp", "audit.log", ".lock") or rel == "state/audit-head.json":
             continue
         st = p.lstat()
         digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None

@@ -118,7 +118,7 @@ def trust_threshold(
 
 @audit_app.command("verify")
 def audit_verify(store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
-    """Check the hash chain of the audit log; print the head digest to note down elsewhere."""
+    """Check the hash chain of the audit log and its head witness; print the head digest to note down elsewhere."""
     target = _store(store)
     status = target.audit.verify_chain()
     console.print(f"audit log {target.audit.path}: {status.records} record(s), chain intact")
