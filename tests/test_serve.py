@@ -687,6 +687,26 @@ def test_a_uvicorn_without_the_internals_serve_overrides(cli, env, monkeypatch):
     assert result.code == 3 and f"uvicorn {uvicorn.__version__} lacks uvicorn.Server.capture_signals" in result.err
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    (("--parallel", "0"), "--parallel 0: must be 1 or more"),
+    (("--ctx-size", "1"), "--ctx-size 1: must be 64 or more"),
+    (("--shutdown-timeout", "-1"), "--shutdown-timeout -1.0: give a number of seconds, 0 or more"),
+    (("--n-gpu-layers", "lots"), "--n-gpu-layers 'lots': give auto, a number of layers, or -1 for all"),
+    (("--max-request-size", "12Q"), "--max-request-size '12Q': give bytes or a size like"),
+    (("--cors-origin", "chat.example.mil"), "--cors-origin 'chat.example.mil': give a scheme and host"),
+    (("--host", "no-such-host.invalid"), "--host no-such-host.invalid: cannot resolve it"),
+])  # fmt: skip
+def test_a_bad_option_is_a_usage_error_naming_it(cli, env, option, message):
+    result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub", *option)
+    assert result.code == 2 and message in result.err, result.err
+
+
+def test_an_access_log_that_cannot_be_opened_fails_before_verification(cli, env):
+    result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub", "--access-log", env.root)  # a directory
+    assert result.code == 3 and f"cannot open the access log {env.root}" in result.err, result.err
+    assert "verifying" not in result.err
+
+
 def test_not_installed_name(cli, env):
     result = _serve(cli, env, "no-such-model")
     assert result.code == 2 and "not installed" in result.err

@@ -40,7 +40,8 @@ def serve(
 
     Exit codes: 1 the bundle failed verification or changed while served; 2 usage (including a
     non-loopback --host without --api-key-file, a missing TLS file); 3 other failures (port in
-    use, missing `serve` extra, audit log not writable, llama.cpp cannot load the verified file).
+    use, missing `serve` extra, audit or access log not writable, llama.cpp cannot load the verified file); 130
+    SIGTERM or Ctrl-C during verification, before serving.
     """
     from sovpack.server.options import ServeOptions, parse_gpu_layers
     from sovpack.server.runner import serve as run_server

@@ -18,6 +18,7 @@ Modules, one concept each (docs/serve.md tells the whole story):
 - app: the FastAPI routes
 - runner: bind, verify, audit, run uvicorn, shut down gracefully
 
-Only runner/app/engine/template import fastapi, uvicorn or llama_cpp, and only when
-`sovpack serve` runs.
+fastapi, starlette, pydantic, uvicorn and llama_cpp are imported by the modules that need them
+(runner, app, engine, template, requests, responses, state), and only when `sovpack serve`
+runs: the command line imports sovpack.server inside the serve command.
 """

@@ -104,7 +104,7 @@ class BodyLimitMiddleware:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                disconnected, more = True, False
+                disconnected = True
                 break
             body += message.get("body", b"")
             more = message.get("more_body", False)

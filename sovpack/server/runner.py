@@ -3,7 +3,8 @@
 1. options, API keys, TLS files, bind policy (usage errors, exit 2);
 2. resolve the target and its trust (not installed: 2; trust revoked: refused, 1);
 3. import the serve extra (missing: exit 3), only now, so that usage errors answer fast;
-   bind the socket, so that a port in use fails before a long verification (exit 3);
+   bind the socket and open the access log, so that a port in use or an unwritable log
+   fails before a long verification (exit 3);
 4. verify (refused: exit 1, with the verify message, and a serve-refused audit record;
    SIGTERM or Ctrl-C meanwhile: exit 130, audited the same way);
 5. write serve-start to the store's audit log (if that fails, nothing is served: exit 3);
@@ -75,8 +76,22 @@ def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
         raise
     require_serve_extra()
     with contextlib.closing(bind_socket(family, address, options)) as sock:
-        model = _verify(options, store, target, audit, say)
-        return _run(options, store, keys, model, sock, audit, say)
+        access_log = _open_access_log(options.access_log or store.root / ACCESS_LOG)  # before a long verification
+        try:
+            model = _verify(options, store, target, audit, say)
+        except BaseException:
+            access_log.close()
+            raise
+        return _run(options, keys, model, sock, access_log, audit, say)
+
+
+def _open_access_log(path: Path):
+    from sovpack.server.access_log import AccessLog
+
+    try:
+        return AccessLog(path)
+    except OSError as e:
+        raise Failure(f"cannot open the access log {path}: {e.strerror} (choose another with --access-log)") from None
 
 
 def _resolve_target(options: ServeOptions, store: Store):
@@ -113,10 +128,9 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run(options, store, keys, model, sock, audit, say) -> int:
+def _run(options, keys, model, sock, access_log, audit, say) -> int:
     import uvicorn
 
-    from sovpack.server.access_log import AccessLog
     from sovpack.server.app import create_app
     from sovpack.server.engine import Engine, gpu_layers
     from sovpack.server.requests import Limits
@@ -126,13 +140,13 @@ def _run(options, store, keys, model, sock, audit, say) -> int:
     settings = _engine_settings(options, model, layers)
     host, port = sock.getsockname()[:2]
     scheme = "https" if options.tls_cert else "http"
-    access_path = options.access_log or store.root / ACCESS_LOG
+    access_path = access_log.path
     state = ServerState(
         model=model,
         engine=Engine(model, settings),
         limits=Limits(model.model_id, frozenset({f"{model.model_id}@{model.metadata.version}"}), options.max_tokens or settings.ctx_size),
         keys=keys,
-        access_log=AccessLog(access_path),
+        access_log=access_log,
         log_prompts=options.log_prompts,
         max_request_bytes=options.max_request_bytes,
         cors_origins=options.cors_origins,

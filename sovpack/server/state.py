@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from sovpack.errors import Failure, Refused, SovpackError
-from sovpack.metadata import format_time
 from sovpack.server.access_log import AccessLog
 from sovpack.server.engine import Engine
 from sovpack.server.errors import ApiError, not_serving
@@ -23,6 +22,7 @@ from sovpack.server.metrics import Gauges, Metrics
 from sovpack.server.requests import Limits
 from sovpack.server.security import ApiKeys
 from sovpack.server.verification import VerifiedModel
+from sovpack.verify import check_expiry
 
 
 @dataclass
@@ -93,10 +93,7 @@ class ServerState:
             self._recheck = None
 
     def _check_expiry(self) -> None:
-        now = datetime.now(timezone.utc)
-        if self.model.metadata.is_expired(now):
-            m = self.model.metadata
-            raise Refused(f"bundle {m.name} v{m.version} expired on {format_time(m.expires)} while being served")
+        check_expiry(self.model.metadata, datetime.now(timezone.utc))  # a StepFailed("expiry"): a Refused
 
     def gauges(self) -> Gauges:
         pool = self.engine.pool

@@ -12,7 +12,7 @@ Order:
 5. the files' fingerprints must not have moved since step 1.
 
 The engine checks the fingerprints again after llama.cpp has loaded the files, and the
-server before every request (see docs/serve.md, "time of check and time of use").
+server before every generation request (see docs/serve.md, "time of check and time of use").
 """
 
 from __future__ import annotations
