@@ -19,6 +19,7 @@ import tarfile
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -51,7 +52,7 @@ class ArchivePlan:
         info.uname = info.gname = ""
         return info
 
-    @property
+    @cached_property
     def size(self) -> int:
         total = 0
         for path, size in self.members:

@@ -101,16 +101,12 @@ def _signatures_covering(root: Path, signatures: list[str], metadata_sha256: str
 
 def held_digests(since: Path) -> tuple[set[str], dict]:
     """The SHA-256 of every file the secure side holds after importing `since` (an index or a bundle)."""
-    if since.is_dir():
-        require_bundle_dir(since)
+    if (since / METADATA_FILE).is_file():
         raw = read_metadata_bytes(since)
         metadata = parse_metadata(raw)
         return {f.sha256 for f in metadata.files}, BundleIdentity.of(metadata, raw).to_json() | {"from": "bundle"}
-    hint = "give --since the index file (*.index.json) of an earlier export, or the earlier bundle directory"
-    if since.is_file() or since.suffix == ".json":
-        index, _ = read_index(find_index(since, hint))
-        return {f.sha256 for f in index.files}, index.bundle.to_json() | {"from": "index"}
-    raise UsageError(f"{since} is not an index file or a bundle directory; {hint}")
+    index, _ = read_index(find_index(since, "give --since the index file (*.index.json) of an earlier export, or the earlier bundle directory"))
+    return {f.sha256 for f in index.files}, index.bundle.to_json() | {"from": "index"}
 
 
 def _plan(checked: _Checked, since: Path | None) -> tuple[ArchivePlan, list[FileRef], dict | None]:

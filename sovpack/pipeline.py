@@ -25,6 +25,7 @@ from sovpack.hashing import READ_SIZE
 RING_BUFFERS = 6
 ALIGN = 4096  # O_DIRECT wants file offsets, lengths and memory aligned to the device's block (512 or 4096 bytes)
 O_DIRECT = getattr(os, "O_DIRECT", 0)
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write refused for want of room (or of a larger file limit)
 
 
 class Lane:

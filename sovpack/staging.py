@@ -12,7 +12,6 @@ as it is closed. `finish` returns once every byte is hashed and on disk.
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from sovpack.errors import Failure
 from sovpack.hashing import ShardDigests, ShardHasher
-from sovpack.pipeline import BufferRing, DirectFile, Lane, fsync_path, wait_all
+from sovpack.pipeline import DISK_FULL, BufferRing, DirectFile, Lane, fsync_path, wait_all
 
 if TYPE_CHECKING:
     from sovpack.volume_io import ConcatenatedReader
@@ -137,6 +136,6 @@ def _flush_failure(e: OSError) -> Failure:
 
 def write_failure(rel: str, staging: Path, e: OSError) -> Failure:
     full = ""
-    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+    if e.errno in DISK_FULL:
         full = " (the store's disk is full or does not allow files this large)"
     return Failure(f"cannot write {rel} into the store's staging directory {staging}: {e.strerror}{full}")

@@ -7,7 +7,6 @@ the bundle.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from sovpack.errors import Failure, Refused
-from sovpack.pipeline import BufferRing, DirectFile, Lane, wait_all
+from sovpack.pipeline import DISK_FULL, BufferRing, DirectFile, Lane, wait_all
 from sovpack.progress import Progress
 from sovpack.volumes import ExportIndex, VolumeEntry, volume_name
 
@@ -108,7 +107,7 @@ class VolumeWriter:
     def _failure(self, e: OSError) -> Failure:
         """A write, or the fsync that ends a volume, failed (the OSError names the volume)."""
         name = Path(e.filename).name if e.filename else self.written[-1].name
-        full = " (the destination is full or does not allow files this large)" if e.errno in (errno.ENOSPC, errno.EFBIG) else ""
+        full = " (the destination is full or does not allow files this large)" if e.errno in DISK_FULL else ""
         return Failure(f"cannot write volume {name} in {self.directory}: {e.strerror}{full}")
 
     def _close_current(self) -> None:
@@ -160,27 +159,23 @@ class StreamWriter:
         return n
 
     def copy_from(self, source: BinaryIO, size: int, tap: Tap | None = None) -> int:
-        return copy_through(self.ring, source, size, self.write, tap)
+        """Copy `size` bytes of `source` to the stream through the ring's buffers; each chunk also goes to `tap`."""
+        done = 0
+        while done < size:
+            view = self.ring.take()
+            n = source.readinto(view[: min(len(view), size - done)])
+            if not n:
+                break
+            chunk = view[:n]
+            if tap is not None:
+                self.ring.hold(tap(chunk))
+            self.write(chunk)
+            done += n
+        return done
 
     def close(self) -> None:
         self.ring.wait()
         self.stream.flush()
-
-
-def copy_through(ring: BufferRing, source: BinaryIO, size: int, write, tap: Tap | None = None) -> int:
-    """Copy `size` bytes of `source` through `write` in buffers of `ring`; returns how many there were."""
-    done = 0
-    while done < size:
-        view = ring.take()
-        n = source.readinto(view[: min(len(view), size - done)])
-        if not n:
-            break
-        chunk = view[:n]
-        if tap is not None:
-            ring.hold(tap(chunk))
-        write(chunk)
-        done += n
-    return done
 
 
 # ---- reading volumes back as one stream
@@ -284,10 +279,6 @@ class ConcatenatedReader:
         if chunk and self.checker:
             self.ring.hold(self.checker.feed(self._part, chunk))
         return chunk
-
-    def hold(self, *futures: Future | None) -> None:
-        """The chunk last read is also read by these tasks (hashing it, say): keep its buffer until they finish."""
-        self.ring.hold(*futures)
 
     def read(self, size: int = -1) -> bytes:
         """tarfile's reads (headers): up to `size` bytes, fewer only at the end of the stream."""

@@ -535,6 +535,8 @@ def test_delta_export_against_a_bundle_directory(cli, signed_bundle, tmp_path, m
     since_index = json.loads((from_index / "tiny-v4.index.json").read_text())["since"]
     assert since_bundle == v3_index["bundle"] | {"from": "bundle"}  # the same identity, whichever --since was given
     assert since_index == v3_index["bundle"] | {"from": "index"}
+    from_directory = export(cli, v4, tmp_path / "delta-from-directory", "--since", tmp_path / "v3")  # the export's directory
+    assert json.loads((from_directory / "tiny-v4.index.json").read_text())["since"] == since_index
 
 
 def test_delta_import_into_a_store_that_lacks_a_file(cli, signed_bundle, store, tmp_path, model_dir, keys):
@@ -644,6 +646,13 @@ def test_index_signed_with_a_key_from_the_command_line(cli, signed_bundle, tmp_p
     out = export(cli, signed_bundle, tmp_path / "out", "--key", keys / "alice.key")
     result = cli("check-volumes", out, "--trust", keys / "alice.pub")
     assert result.code == 0 and "index signed by alice" in result.out
+
+
+def test_an_index_signed_by_an_untrusted_key_is_imported_with_a_warning(cli, signed_bundle, store, tmp_path, keys):
+    out = export(cli, signed_bundle, tmp_path / "out", "--key", keys / "mallory.key")
+    result = cli("import", out, "--store", store, "--trust", keys / "alice.pub")
+    assert result.code == 0, result.err
+    assert "warning: index signed by key" in result.out and "not in the trust set (signature not checked)" in result.out  # the bundle's own signers still decide
 
 
 # a real small disk (tmpfs), where this machine allows mounting one

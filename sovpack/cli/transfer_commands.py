@@ -76,7 +76,7 @@ def export(
     volume_size: Optional[str] = typer.Option(None, "--volume-size", help="Largest volume: 700M, 4G, 4.7G (decimal, as media are labelled) or 4095MiB (binary). Default 4095MiB, which fits FAT32."),
     key: Optional[Path] = typer.Option(None, "--key", help="Also sign the index (and so every volume) with this private key."),
     password_file: Optional[Path] = typer.Option(None, "--password-file", help="File holding the --key password."),
-    since: Optional[Path] = typer.Option(None, "--since", help="Leave out files the secure side already holds: the index of an earlier export, or the earlier bundle."),
+    since: Optional[Path] = typer.Option(None, "--since", help="Leave out files the secure side already holds: the index of an earlier export (or the directory holding it), or the earlier bundle."),
 ) -> None:
     """Write a signed bundle as volumes for media (FAT32-sized by default), with an index; or as one stream."""
     from sovpack.exporter import export_stream, export_volumes
