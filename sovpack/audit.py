@@ -11,7 +11,6 @@ the head digest that `verify_chain` returns is what an operator records elsewher
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ class AuditLog:
                 "time": format_time(datetime.now(timezone.utc)),
                 "event": event,
                 **fields,
-                "prev": hashlib.sha256(last).hexdigest() if last else GENESIS,
+                "prev": sha256_bytes(last) if last else GENESIS,
             }
             line = json.dumps(record, sort_keys=True, ensure_ascii=False).encode()
             f.write(line + b"\n")
@@ -97,7 +96,7 @@ class AuditLog:
         if not self.path.exists():
             self._check_witness([])
             return ChainStatus(0, GENESIS)
-        previous, expected_prev = None, GENESIS
+        expected_prev = GENESIS
         lines = self.path.read_bytes().split(b"\n")
         if lines[-1] != b"":
             raise Refused(f"{self.path}: the last line is incomplete (a write was cut off or the file was edited)")
@@ -112,9 +111,9 @@ class AuditLog:
                     f"{self.path}: the chain breaks at line {number} (seq {seq}): line {number - 1 or 'start'} "
                     "was edited, or lines were inserted or deleted"
                 )
-            previous, expected_prev = line, hashlib.sha256(line).hexdigest()
+            expected_prev = sha256_bytes(line)
         self._check_witness(lines[:-1])
-        return ChainStatus(len(lines) - 1, expected_prev if previous is not None else GENESIS)
+        return ChainStatus(len(lines) - 1, expected_prev)
 
     def _check_witness(self, lines: list[bytes]) -> None:
         """The log still holds the line the witness names, where it names it (a crash may leave the witness one behind)."""

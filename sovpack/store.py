@@ -37,7 +37,7 @@ from sovpack.audit import AuditLog
 from sovpack.bundle import fsync_dir, require_bundle_dir, write_atomically
 from sovpack.errors import Refused, UsageError
 from sovpack.keys import public_pem
-from sovpack.metadata import METADATA_FILE, BundleMetadata, check_name, format_time, parse_metadata
+from sovpack.metadata import METADATA_FILE, NAME_PATTERN, BundleMetadata, check_name, format_time, parse_metadata
 from sovpack.staging import files_under
 from sovpack.trust import TrustedKey, TrustPolicy, trusted_key_from_file
 from sovpack.verify import VerifyReport, verify_bundle
@@ -125,6 +125,9 @@ class Store:
         keys = self.trusted_keys()
         if not keys:
             raise UsageError(f"the store at {self.root} trusts no keys yet: run `sovpack trust add KEY.pub` or pass --trust")
+        if threshold is None and self.threshold > len(keys):
+            raise UsageError(f"the store's threshold ({self.policy_path}) is {self.threshold} but it trusts only {len(keys)} "
+                             "key(s): add keys with `sovpack trust add` or lower it with `sovpack trust threshold K`")  # fmt: skip
         return TrustPolicy(tuple(keys), threshold or self.threshold)
 
     def policy_for(self, installed: InstalledBundle, threshold: int | None = None) -> TrustPolicy:
@@ -134,7 +137,7 @@ class Store:
         """
         still_trusted = {k.hint: k for k in self.trusted_keys()}
         keys = tuple(still_trusted[a["hint"]] for a in installed.record.get("accepted_by", []) if a["hint"] in still_trusted)
-        required = max(int(installed.record.get("threshold", 1)), self.threshold)
+        required = max(installed.record.get("threshold", 1), self.threshold)
         if threshold is not None and threshold < required:
             raise UsageError(
                 f"--threshold {threshold} is below the {required} trusted signatures {installed.name} v{installed.version} is "
@@ -167,9 +170,12 @@ class Store:
             names = [check_name(name)]
         else:
             names = sorted(p.name for p in self.bundles_dir.iterdir()) if self.bundles_dir.is_dir() else []
+            stray = [n for n in names if not NAME_PATTERN.match(n)]
+            if stray:
+                raise _damaged(self.bundles_dir / stray[0], "it is not named as a bundle is", "move it out of bundles/")
         found = []
         for n in names:
-            directory = self.bundles_dir / check_name(n)
+            directory = self.bundles_dir / n
             if directory.is_dir():
                 found += [(n, v) for v in sorted((int(p.name) for p in directory.iterdir() if _VERSION_DIR.match(p.name)), reverse=True)]
         return found
@@ -185,6 +191,10 @@ class Store:
             isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("hint"), str) for a in accepted_by
         ):
             raise _damaged(path, "its 'accepted_by' is not a list of signers with a name and a hint", repair)
+        if not _is_count(record.get("threshold", 1)):
+            raise _damaged(path, "its 'threshold' is not a whole number of at least 1", repair)
+        if "size" in record and (not isinstance(record["size"], int) or isinstance(record["size"], bool) or record["size"] < 0):
+            raise _damaged(path, "its 'size' is not a number of bytes", repair)
         return record
 
     @staticmethod

@@ -64,11 +64,20 @@ def test_trust_add_list_remove_and_threshold(cli, tmp_path, keys):
         (["trust", "remove", "nobody"], "no trusted key"),
         (["trust", "threshold", "0"], "1 or more"),
         (["trust", "add", "KEYS/nothing.pub"], "does not exist"),
+        (["trust", "add", "KEYS/bob.pub", "--name", "alice"], "a different key is already trusted as 'alice'; choose another --name"),
+        (["trust", "add", "KEYS/bob.pub", "--name", "bob smith"], "trust name 'bob smith': use letters, digits"),
     ],
 )
 def test_trust_usage_errors(cli, store, keys, args, message):
     result = cli(*[a.replace("KEYS", str(keys)) for a in args], "--store", store)
-    assert result.code == 2 and message in result.err
+    assert result.code == 2 and message in result.err, result.err
+
+
+def test_a_store_threshold_its_keys_cannot_meet_is_named(cli, store, signed_bundle):
+    assert cli("trust", "threshold", "2", "--store", store).code == 0
+    result = cli("verify", signed_bundle, "--store", store)
+    policy = store / "trust" / "policy.json"
+    assert result.code == 2 and f"the store's threshold ({policy}) is 2 but it trusts only 1 key(s)" in result.err, result.err
 
 
 # list
@@ -235,6 +244,11 @@ def test_a_damaged_import_record_is_named_and_can_be_rewritten(cli, signed_bundl
     record.write_text('{"accepted_by": [{"name": "alice"}]}')
     damaged = cli("list", "--store", store)
     assert damaged.code == 1 and str(record) in damaged.err and "'accepted_by'" in damaged.err
+    for field, value in (("threshold", '"x"'), ("size", '"big"')):
+        record.write_text(f'{{"accepted_by": [], "{field}": {value}}}')
+        for args in (["list"], ["serve", "tiny"]):
+            damaged = cli(*args, "--store", store)
+            assert damaged.code == 1 and str(record) in damaged.err and f"its '{field}'" in damaged.err, (args, damaged.err)
     record.unlink()  # the repair the message gives: the same import again verifies the bundle and writes the record
     assert cli("import", tmp_path / "out-bundle", "--store", store).code == 0
     assert json.loads(cli("list", "--store", store, "--json").out)["bundles"][0]["signers"] == ["alice"]
@@ -265,3 +279,11 @@ def test_an_installed_bundle_without_record_that_fails_verification_is_refused(c
     assert "config.json does not match its digest" in result.err
     assert not (store / "records" / "tiny" / "3.json").exists()
     assert audit_records(store)[-1]["outcome"] == "refused"
+
+
+def test_a_stray_folder_in_bundles_is_named(cli, signed_bundle, store, tmp_path):
+    install(cli, signed_bundle, store, tmp_path)
+    stray = store / "bundles" / "lost+found"
+    stray.mkdir()
+    result = cli("list", "--store", store)
+    assert result.code == 1 and str(stray) in result.err and "move it out of bundles/" in result.err

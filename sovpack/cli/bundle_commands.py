@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from sovpack.cli import app
-from sovpack.cli.options import STORE_HELP, TRUST_HELP
+from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP
 from sovpack.cli.render import console, human_size, print_json, warn_if_expired
 from sovpack.errors import UsageError
 
@@ -88,7 +88,7 @@ def sign(
 def verify(
     bundle: str = typer.Argument(..., help="Bundle directory, or NAME\\[@VERSION] of a bundle installed in the store."),
     trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP),
-    threshold: Optional[int] = typer.Option(None, "--threshold", help="How many distinct trusted keys must have signed (default 1 with --trust, else the store's threshold)."),
+    threshold: Optional[int] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report instead of a table."),
 ) -> None:

@@ -47,8 +47,10 @@ def list_command(
     for column in ("name", "version", "size", "signers", "expires", "GGUF variants", "imported"):
         table.add_column(column, overflow="fold")
     for r in rows:
-        signers = ", ".join(r["signers"]) or f"[red]{escape(r['problem'] or '?')}[/]"
-        table.add_row(escape(r["name"]), str(r["version"]), human_size(r["size"] or 0), escape(signers) if r["signers"] else signers,
+        signers = escape(", ".join(r["signers"])) or "?"
+        if r["problem"]:
+            signers += f" [red]{escape(r['problem'])}[/]"
+        table.add_row(escape(r["name"]), str(r["version"]), human_size(r["size"] or 0), signers,
                       r["expires"] or "never", ", ".join(r["gguf_variants"]) or "-", r["imported"] or "?")  # fmt: skip
     console.print(table)
 

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from sovpack.cli import app
-from sovpack.cli.options import STORE_HELP, TRUST_HELP
+from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP
 from sovpack.cli.render import console, err_console, human_size, print_json
 from sovpack.errors import UsageError
 from sovpack.progress import Progress
@@ -174,7 +174,7 @@ def _render_volume_summary(report) -> None:
 def import_command(
     source: str = typer.Argument(..., help="Directory holding the volumes and their index, the index file, or - for a stream on standard input."),
     trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP),
-    threshold: Optional[int] = typer.Option(None, "--threshold", help="How many distinct trusted keys must have signed (default: the store's threshold, or 1 with --trust)."),
+    threshold: Optional[int] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
     allow_downgrade: bool = typer.Option(False, "--allow-downgrade", help="Install a version not newer than the highest ever installed."),
 ) -> None:
