@@ -245,5 +245,5 @@ def _check_paths(files: list[RemoteFile]) -> None:
     for a, b in case_collisions(list(by_path)):
         raise Refused(
             f"{by_path[a].where} and {by_path[b].where} differ only by case and cannot both go into a bundle: they would "
-            "collide on FAT32/NTFS media. Nothing was downloaded; leave one out with --exclude"
+            "collide on FAT32/NTFS media. Nothing was downloaded; leave one out with --exclude, or narrow the --gguf GLOB"
         )

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 from sovpack.errors import UsageError
 from sovpack.hub import COMMIT_RE, check_repo_id
-from sovpack.metadata import check_name
+from sovpack.metadata import check_name, parse_expiry
 
 SPEC_VERSION = 1
 DEFAULT_REVISION = "main"
@@ -218,15 +219,13 @@ def parse_spec(document: dict, path: Path) -> FetchRequest:
     if version < 1:
         raise bundle.error("[bundle].version must be 1 or more")
     name = bundle.get("name", str, required=True)
+    expires = bundle.get("expires", str)
     try:
         check_name(name, UsageError)
     except UsageError as e:
         raise bundle.error(f"[bundle].name: {e}") from None
-    return FetchRequest(
-        model=model,
-        ggufs=tuple(ggufs),
-        name=name,
-        version=version,
-        expires=bundle.get("expires", str),
-        spec=path,
-    )
+    try:
+        parse_expiry(expires, datetime.now(timezone.utc))
+    except UsageError as e:
+        raise bundle.error(f"[bundle].expires {expires!r}: {str(e).split(': ', 1)[1]}") from None  # the advice, without --expires
+    return FetchRequest(model=model, ggufs=tuple(ggufs), name=name, version=version, expires=expires, spec=path)

@@ -34,7 +34,7 @@ from importlib.util import find_spec
 from pathlib import Path, PurePosixPath
 
 from sovpack import __version__
-from sovpack.bundle import fsync_dir, read_metadata, require_bundle_dir, scan_tree, write_metadata
+from sovpack.bundle import fsync_dir, read_metadata, require_bundle_dir, scan_tree, write_atomically, write_metadata
 from sovpack.errors import Failure, Refused, UsageError
 from sovpack.formats import inspect_file
 from sovpack.formats.gguf import FILE_TYPES, SPLIT_NAME, UNQUANTIZED_FILE_TYPES
@@ -279,9 +279,10 @@ def quantize_bundle(
         check_precision(model, allow_requantize)
         targets = _plan_outputs(root, metadata, model, types)
         work.check_free_space(estimate_output_size(model) * len(types), model.entry.path)
+        identity = _file_identity(root, model)  # before its bytes are checked: a file swapped after the check is caught
         _check_source_bytes(root, metadata, model, on_progress)
         builder = _Builder(root, work, metadata, model, threads or cpu_count(), allow_requantize, on_progress)
-        built = builder.build_all(targets)
+        built = builder.build_all(targets, identity)
         updated = _updated_metadata(metadata, [b.entry for b in built], new_version)
         work.commit(built, updated)
     return QuantizeResult(model, [b.entry for b in built], updated, metadata.version, tree.signatures, builder.seconds)
@@ -337,8 +338,8 @@ class _Builder:
     on_progress: ProgressCallback | None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def build_all(self, targets: list[tuple[str, str]]) -> list[BuiltFile]:
-        identity = _file_identity(self.root, self.source)
+    def build_all(self, targets: list[tuple[str, str]], identity: list[tuple[int, int, int]]) -> list[BuiltFile]:
+        """Every output, from a source whose file identity must still be `identity` (as its bytes were checked) at the end."""
         built = [self.build(qtype, rel) for qtype, rel in targets]
         if _file_identity(self.root, self.source) != identity:
             raise Refused(f"{self.source.entry.path} changed on disk while it was being quantized; nothing was added to the bundle")
@@ -492,8 +493,7 @@ class WorkDir:
         """Move the outputs in and rewrite sovpack.json; the journal lets the next run undo a half-done commit."""
         journal = {"outputs": [{"path": b.entry.path, "size": b.entry.size, "sha256": b.entry.sha256} for b in built]}
         journal_path = self.path / self.JOURNAL
-        journal_path.write_text(json.dumps(journal))
-        fsync_path(journal_path)
+        write_atomically(journal_path, json.dumps(journal).encode())  # the file and the directory naming it
         try:
             with _interrupts_deferred():
                 for b in built:

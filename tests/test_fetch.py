@@ -23,6 +23,7 @@ from sovpack.fetch_plan import matches, select_gguf_files, select_model_files
 from sovpack.fetch_spec import load_spec, parse_gguf_option, parse_repo_ref
 from sovpack.hub import Hub, RemoteFile
 from sovpack.metadata import parse_metadata
+from sovpack.sizes import human_size
 from sovpack.pack import StagedBundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -664,10 +665,9 @@ def test_dry_run_lists_commits_files_and_sizes_and_downloads_nothing(cli, server
     for path in (*DEFAULT_SELECTED, "tiny-Q8_0.gguf"):
         assert path in result.out
     total = sum(len(repos["files"][p]) for p in DEFAULT_SELECTED) + len(gguf_files(tmp_path)["tiny-Q8_0.gguf"])
-    assert "total: 8 files" in result.out and "nothing was downloaded" in result.out
+    assert f"total: 8 files, {human_size(total)}" in result.out and "nothing was downloaded" in result.out
     assert not resolve_gets(server)
     assert not (tmp_path / "b").exists() and not staging_dir(tmp_path / "b").exists()
-    assert total > 0
 
 
 def test_quiet_prints_nothing_and_plain_output_lists_each_checked_file(cli, server, repos, tmp_path):
@@ -747,6 +747,10 @@ files = ["*Q4_K_M.gguf", "*F16-00002-of-00002.gguf"]
         (
             "spec_version = 1\n[bundle]\nname='bad name!'\n[model]\nrepo='org/tiny'\nrevision='" + "a" * 40 + "'\n",
             "[bundle].name: bundle name 'bad name!' is not allowed",
+        ),
+        (
+            "spec_version = 1\n[bundle]\nname='x'\nexpires='soon'\n[model]\nrepo='org/tiny'\nrevision='" + "a" * 40 + "'\n",
+            "[bundle].expires 'soon': give a number of days like 90d",
         ),
     ],
 )

@@ -334,6 +334,24 @@ def test_the_llama_cpp_libraries_are_hashed_once_per_run(cli, bundle, monkeypatc
     assert all(libraries[p.name] == real(p) for p in hashed)
 
 
+def test_a_source_changed_while_it_is_quantized_is_refused_and_the_bundle_stays(cli, bundle, monkeypatch):
+    import sovpack.quantize
+
+    source = bundle / "gguf" / "tiny-F32.gguf"
+    real = sovpack.quantize.run_llama_quantize
+
+    def quantize_then_touch(*args, **kwargs):
+        run = real(*args, **kwargs)
+        os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 1_000_000_000))
+        return run
+
+    monkeypatch.setattr(sovpack.quantize, "run_llama_quantize", quantize_then_touch)
+    before = (bundle / METADATA_FILE).read_bytes()
+    result = cli("quantize", bundle, "--type", "Q8_0")
+    assert result.code == 1 and "gguf/tiny-F32.gguf changed on disk while it was being quantized" in result.err, result.err
+    assert (bundle / METADATA_FILE).read_bytes() == before and not (bundle / "gguf" / "tiny-Q8_0.gguf").exists()
+
+
 def test_already_quantized_source_is_refused_unless_requantizing_is_allowed(cli, bundle):
     assert cli("quantize", bundle, "--type", "Q8_0").code == 0
     shutil.move(bundle / "gguf" / "tiny-F32.gguf", bundle.parent / "moved-away.gguf")

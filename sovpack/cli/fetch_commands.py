@@ -26,7 +26,7 @@ def fetch(
         help="Take the model repository files matching GLOB instead of the default selection; repeatable.",
     ),
     exclude: Optional[list[str]] = typer.Option(
-        None, "--exclude", metavar="GLOB", help="Leave out the files matching GLOB; repeatable."
+        None, "--exclude", metavar="GLOB", help="Leave out model-repository files matching GLOB; repeatable."
     ),
     gguf: Optional[list[str]] = typer.Option(
         None,
@@ -46,14 +46,13 @@ def fetch(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Resolve and list what would be downloaded (files, sizes, commits); download nothing."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no listing; errors only."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no listing; errors only (with --dry-run, only the totals line)."),
 ) -> None:
     """Download a model from the Hugging Face Hub at a pinned commit, check every byte, and write an unsigned bundle.
 
     Tokens for gated or private repositories come from HF_TOKEN. Re-running an interrupted fetch continues
     where it stopped. Details: docs/fetch.md.
     """
-    from sovpack.bundle import read_metadata
     from sovpack.fetch import fetch as run_fetch
     from sovpack.fetch_spec import load_spec, request_from_args, with_overrides
 
@@ -75,7 +74,7 @@ def fetch(
         view.dry_run_summary(result)
     else:
         view.summary(result)
-        warn_if_expired(read_metadata(out))
+        warn_if_expired(result.metadata)
 
 
 class FetchView:  # implements sovpack.fetch.FetchEvents
