@@ -7,7 +7,7 @@ from pathlib import Path
 from sovpack.bundle import read_metadata_bytes, require_bundle_dir, scan_tree
 from sovpack.errors import Refused
 from sovpack.hashing import sha256_bytes
-from sovpack.metadata import METADATA_FILE, format_time, parse_metadata
+from sovpack.metadata import format_time, parse_metadata
 from sovpack.signature import parse_statement, read_signature_file
 
 
@@ -41,6 +41,5 @@ def _signatures(root: Path, metadata_sha256: str) -> list[dict]:
         except Refused as e:
             found.append({"file": name, "key_id": None, "covers_metadata": False, "problem": str(e)})
             continue
-        covers = statement.resources.get(METADATA_FILE) == metadata_sha256
-        found.append({"file": name, "key_id": sig.key_id, "covers_metadata": covers, "problem": None})
+        found.append({"file": name, "key_id": sig.key_id, "covers_metadata": statement.covers(metadata_sha256), "problem": None})
     return found

@@ -26,7 +26,7 @@ from sovpack.hashing import ShardHasher, compare_shards
 from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
 from sovpack.pipeline import Lane
 from sovpack.progress import Progress
-from sovpack.signature import parse_statement, read_signature_file
+from sovpack.signature import read_statement
 from sovpack.verify import check_digests, check_expiry, check_inventory, check_sizes, digest_failure
 from sovpack.volume_io import StreamWriter, VolumeWriter
 from sovpack.volumes import (
@@ -92,10 +92,10 @@ def _signatures_covering(root: Path, signatures: list[str], metadata_sha256: str
     covering, stale = [], []
     for name in signatures:
         try:
-            statement = parse_statement(read_signature_file(root / name, name).payload, name)
+            statement = read_statement(root / name, name)
         except Refused as e:
             raise Refused(f"refusing to export {root}: {e}") from None
-        (covering if statement.resources.get(METADATA_FILE) == metadata_sha256 else stale).append(name)
+        (covering if statement.covers(metadata_sha256) else stale).append(name)
     return covering, stale
 
 

@@ -12,7 +12,7 @@ from sovpack.errors import Refused
 from sovpack.hashing import sha256_bytes
 from sovpack.keys import key_id
 from sovpack.metadata import METADATA_FILE, BundleMetadata, parse_metadata
-from sovpack.signature import build_statement, parse_statement, read_signature_file, sign_statement
+from sovpack.signature import build_statement, read_statement, sign_statement
 from sovpack.verify import check_digests, check_formats, check_inventory
 
 
@@ -54,8 +54,7 @@ def sign_bundle(root: Path, private_key: ec.EllipticCurvePrivateKey) -> SignResu
 def _covers(path: Path, name: str, metadata_sha256: str) -> bool:
     """Whether a signature's statement names this very sovpack.json (the rule verify applies)."""
     try:
-        theirs = parse_statement(read_signature_file(path, name).payload, name)
+        return read_statement(path, name).covers(metadata_sha256)
     except Refused:
         return False
-    return theirs.resources.get(METADATA_FILE) == metadata_sha256
 

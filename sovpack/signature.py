@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sovpack.errors import Refused
 from sovpack.keys import key_hint
-from sovpack.metadata import SIGNATURES_DIR
+from sovpack.metadata import METADATA_FILE, SIGNATURES_DIR
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -139,6 +139,15 @@ def read_signature_file(path: Path, name: str) -> SignatureFile:
 class Statement:
     subject_name: str
     resources: dict[str, str]  # path -> sha256 hex
+
+    def covers(self, metadata_sha256: str) -> bool:
+        """Whether it signs this very sovpack.json: what makes a signature count for a bundle (else it is stale)."""
+        return self.resources.get(METADATA_FILE) == metadata_sha256
+
+
+def read_statement(path: Path, name: str) -> Statement:
+    """The statement a signature file signs (not checked against any key); errors name the file."""
+    return parse_statement(read_signature_file(path, name).payload, name)
 
 
 def parse_statement(payload: bytes, name: str) -> Statement:

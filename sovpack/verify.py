@@ -94,9 +94,11 @@ def check_signatures(root: Path, tree: Tree, policy: TrustPolicy, metadata_sha25
             results.append(SignatureResult(name, sig.key_id, "untrusted"))
             continue
         _check_cryptographic_signature(sig, signer)
-        statement = parse_statement(sig.payload, name)
-        covers = statement.resources.get(METADATA_FILE) == metadata_sha256
-        results.append(SignatureResult(name, sig.key_id, "valid" if covers else "stale", signer, statement))
+        try:
+            statement = parse_statement(sig.payload, name)
+        except Refused as e:
+            raise StepFailed("signatures", str(e), name) from None
+        results.append(SignatureResult(name, sig.key_id, "valid" if statement.covers(metadata_sha256) else "stale", signer, statement))
     return results
 
 
@@ -133,13 +135,13 @@ def check_threshold(results: list[SignatureResult], policy: TrustPolicy, metadat
     raise StepFailed("threshold", "; ".join(reasons), culprit)
 
 
-def check_metadata(raw: bytes, results: list[SignatureResult]) -> BundleMetadata:
-    """Parse sovpack.json and check that each counted statement lists exactly its inventory."""
+def check_metadata(raw: bytes, metadata_sha256: str, results: list[SignatureResult]) -> BundleMetadata:
+    """Parse sovpack.json (`raw`, whose SHA-256 is given) and check that each counted statement lists exactly its inventory."""
     try:
         metadata = parse_metadata(raw)
     except Refused as e:
         raise StepFailed("metadata", str(e), METADATA_FILE) from None
-    expected = {f.path: f.sha256 for f in metadata.files} | {METADATA_FILE: sha256_bytes(raw)}
+    expected = {f.path: f.sha256 for f in metadata.files} | {METADATA_FILE: metadata_sha256}
     for r in results:
         if r.status == "valid" and r.statement.resources != expected:
             odd = sorted(set(r.statement.resources.items()) ^ set(expected.items()))[0][0]
@@ -291,7 +293,7 @@ def verify_bundle(
         step = "threshold"
         report.checks.append(("threshold", check_threshold(report.signatures, policy, metadata_sha256)))
         step = "metadata"
-        report.metadata = check_metadata(raw, report.signatures)
+        report.metadata = check_metadata(raw, metadata_sha256, report.signatures)
         report.checks.append(("metadata", f"{METADATA_FILE} sha256 {metadata_sha256} is what the signers signed"))
         step = "inventory"
         check_inventory(report.metadata, tree, root)

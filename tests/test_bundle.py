@@ -18,7 +18,9 @@ from sovpack.hashing import digest_file, sha256_bytes
 from sovpack.keys import key_id, load_private_key, load_public_key
 from sovpack.metadata import format_time
 from sovpack.sign import statement_for
-from sovpack.signature import sign_statement
+from sovpack.signature import build_statement, sign_statement
+from sovpack.trust import load_trust
+from sovpack.verify import verify_bundle
 
 
 def tree_snapshot(root: Path) -> dict:
@@ -250,6 +252,33 @@ def test_truncated_file(cli, signed_bundle, keys):
     path.write_bytes(data[:-10])
     assert "model.safetensors has" in refused(cli, signed_bundle, keys / "alice.pub")
     assert "(truncated)" in refused(cli, signed_bundle, keys / "alice.pub")
+
+
+def _sign_payload(bundle: Path, key_file: Path, payload: bytes) -> str:
+    """A signature by a trusted key over any statement at all, replacing the bundle's own; its file name."""
+    key = load_private_key(key_file)
+    for old in (bundle / "signatures").iterdir():
+        old.unlink()
+    name = f"signatures/{key_id(key.public_key())}.sig"
+    (bundle / name).write_bytes(sign_statement(key, payload))
+    return name
+
+
+def test_a_trusted_signature_over_a_malformed_statement_is_named(signed_bundle, keys):
+    name = _sign_payload(signed_bundle, keys / "alice.key", b"{}")
+    report = verify_bundle(signed_bundle, load_trust([keys / "alice.pub"]))
+    assert not report.ok and report.failure.step == "signatures" and report.failure.subject == name
+    assert "the signed statement" in str(report.failure)
+
+
+def test_a_trusted_statement_that_leaves_a_file_out_is_refused_naming_it(signed_bundle, keys):
+    raw = read_metadata_bytes(signed_bundle)
+    metadata = read_metadata(signed_bundle)
+    resources = {f.path: f.sha256 for f in metadata.files if f.path != "config.json"} | {"sovpack.json": sha256_bytes(raw)}
+    _sign_payload(signed_bundle, keys / "alice.key", build_statement(metadata.name, resources))
+    report = verify_bundle(signed_bundle, load_trust([keys / "alice.pub"]))
+    assert not report.ok and report.failure.step == "metadata" and report.failure.subject == "config.json"
+    assert "and sovpack.json disagree about config.json" in str(report.failure)
 
 
 def test_added_file(cli, signed_bundle, keys):
