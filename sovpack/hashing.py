@@ -95,7 +95,6 @@ class Digester:
     """Whole-file SHA-256 and shard digests of one byte stream, fed in order."""
 
     def __init__(self, shard_size: int = SHARD_SIZE):
-        self.shard_size = shard_size
         self._whole = hashlib.sha256()
         self._shards = ShardHasher(shard_size)
 
@@ -105,7 +104,7 @@ class Digester:
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-        if len(view) >= 1 << 20:
+        if len(view) >= MIB:
             pending = _overlap_pool().submit(self._whole.update, view)
             self._shards.update(view)
             pending.result()

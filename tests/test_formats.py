@@ -103,6 +103,24 @@ def test_malformed_gguf_is_refused_without_hanging(tmp_path, mutation, message):
         inspect_gguf(path)
 
 
+def _first_token_length_at(path) -> int:
+    return path.read_bytes().index(b"<s>") - 8  # the u64 length before the vocabulary's first string
+
+
+@pytest.mark.parametrize(
+    "mutation, message",
+    [
+        (lambda p: _mutate(p, _first_token_length_at(p), struct.pack("<Q", 2**62)), "'tokenizer.ggml.tokens' holds a string of .* exceeds the"),
+        (lambda p: p.write_bytes(p.read_bytes()[: p.read_bytes().index(b"</s>")]), "runs past the end|truncated"),
+    ],
+)  # fmt: skip
+def test_a_bad_vocabulary_string_is_refused(tmp_path, mutation, message):
+    path = write_gguf(tmp_path / "vocab.gguf")
+    mutation(path)
+    with pytest.raises(FormatError, match=message):
+        inspect_gguf(path)
+
+
 def test_gguf_key_length_bomb_is_bounded(tmp_path):
     path = write_gguf(tmp_path / "bomb.gguf")
     _mutate(path, 24, struct.pack("<Q", 2**62))  # length of the first key

@@ -143,7 +143,7 @@ def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
             raise _Truncated(pos)
         (length,) = unpack(buf, pos)
         if length > MAX_STRING:
-            raise ValueError(f"metadata key {key!r} holds a string of {length} bytes")
+            raise ValueError(f"metadata key {key!r} holds a string of {length} bytes, which exceeds the {MAX_STRING} byte limit")
         pos += 8 + length
     if pos > end:
         raise _Truncated(end)
