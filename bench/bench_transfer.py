@@ -1,6 +1,6 @@
 """Export and import of a 2 GiB bundle vs a plain `cp` of the same bytes on the same disk; peak memory.
 
-Targets (DESIGN.md, issue 5): export and import each within 1.5x the time of `cp`, and memory
+Targets (issue 5): export and import each within 1.5x the time of `cp`, and memory
 flat in the model's size (peak RSS of the export and import processes for a small and a large
 bundle). Warm page cache for every run, as for the reference.
 
@@ -16,11 +16,9 @@ Usage: python bench/bench_transfer.py [--quick]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SOVPACK, Result, write_results  # noqa: E402
+from common import SOVPACK, Result, interleaved_samples, write_random_safetensors, write_results  # noqa: E402
 
 MiB = 1 << 20
 
@@ -36,11 +34,7 @@ MiB = 1 << 20
 def write_model(directory: Path, size: int) -> Path:
     """A model directory whose weights are one safetensors file of `size` random bytes."""
     directory.mkdir(parents=True)
-    header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
-    with open(directory / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header)
-        for offset in range(0, size, 16 * MiB):
-            f.write(os.urandom(min(16 * MiB, size - offset)))
+    write_random_safetensors(directory / "model.safetensors", size)
     (directory / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     return directory
 
@@ -139,15 +133,6 @@ def sha256_pass(paths: list[Path]) -> float:
     return run_measured([sys.executable, "-c", SHA256_PASS, *paths], "sha256")[0]
 
 
-def interleaved_samples(n: int, **measures) -> dict[str, list[float]]:
-    """Run each measure n times, alternating, so that the machine's drift hits all alike."""
-    samples: dict[str, list[float]] = {k: [] for k in measures}
-    for _ in range(n):
-        for name, measure in measures.items():
-            samples[name].append(measure())
-    return samples
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small bundles (64 MiB and 256 MiB), one repetition")
@@ -172,6 +157,7 @@ def main() -> None:
         for s in scenarios.values():
             s.import_()
         results = _ratios(f"{large // MiB} MiB bundle", times, samples, cpu)
+        floor = results[0].absolute  # export's: the bundle's bytes
         for step in ("export", "import"):
             low, high = scenarios[small].rss[step], scenarios[large].rss[step]
             results.append(Result(
@@ -191,17 +177,17 @@ def main() -> None:
             "every volume and file."
         ),
         (
-            "The floor: each side must hash every byte twice and copy it. One SHA-256 pass over 2 GiB costs about 1.15 s of "
-            "CPU here, its read included (1.9 GiB/s per core), and cp's copy about 0.6 s of kernel CPU, so on 2 cores "
-            "nothing doing this work ends in less than about 1.45 s, against about 1.0 s for cp: the 1.5x target sits at "
-            "the floor of this machine, before Python's start-up. More cores lower the floor (hashing is the bottleneck); "
-            "slower media raise cp."
+            f"The floor: each side must hash every byte twice and copy it. In this run one SHA-256 pass over the "
+            f"{large // MiB} MiB cost {floor['cpu_s']['sha256']} s of CPU, its read included, and cp's copy "
+            f"{floor['cpu_s']['cp_bundle']} s, so on {floor['cores']} cores nothing doing this work ends in less than "
+            f"{floor['floor_s']} s, against {floor['cp_s']} s for cp, before Python's start-up. More cores lower the floor "
+            "(hashing is the bottleneck); slower media raise cp."
         ),
         (
             f"{repetitions} interleaved repetition(s), median; every sample and its user and system CPU time are in the "
-            "result. Writing fresh page cache costs this VM between 0.4 and 3 s of system time per 2 GiB from one run to "
-            "the next (the hypervisor takes back freed memory): cp pays it, sovpack, writing around the page cache, does "
-            "not, so cp's times vary far more than sovpack's. Compare medians of one run only."
+            "result. On a virtual machine whose hypervisor takes back freed memory, writing fresh page cache costs a system "
+            "time that varies widely from one run to the next (see the samples): cp pays it, sovpack, writing around the "
+            "page cache, does not. Compare medians of one run only."
         ),
     ]
     write_results("transfer", "Export and import vs cp", results, notes)
@@ -215,8 +201,8 @@ def _ratios(label: str, times: dict[str, float], samples: dict[str, list[float]]
         name, cp = step.rstrip("_"), f"cp_{source}"
         floor = max(times[cp], (2 * cpu_s["sha256"] + cpu_s[cp]) / cores)
         runs = (step, cp, "sha256")
-        absolute = {f"{name}_s": times[step], "cp_s": times[cp], "floor_s": floor, "cores": cores,
-                    "cpu_s": {k: cpu_s[k] for k in runs},
+        absolute = {f"{name}_s": round(times[step], 3), "cp_s": round(times[cp], 3), "floor_s": round(floor, 3), "cores": cores,
+                    "cpu_s": {k: round(cpu_s[k], 2) for k in runs},
                     "samples_s": {k: [round(x, 3) for x in samples[k]] for k in runs},
                     "samples_cpu_user_system_s": {k: cpu[k] for k in runs}}  # fmt: skip
         results += [

@@ -16,21 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import PYTHON, SOVPACK, Result, interleaved, run_timed, timed, write_results  # noqa: E402
+from common import PYTHON, SOVPACK, Result, interleaved, run_timed, timed, write_random_safetensors, write_results  # noqa: E402
 
 MODEL_SIGNING = [str(Path(PYTHON).parent / "model_signing")]
-
-
-def write_safetensors(path: Path, size: int) -> None:
-    """A valid safetensors file: one U8 tensor of `size` random bytes."""
-    import json
-    import struct
-
-    header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header)
-        for offset in range(0, size, 16 << 20):
-            f.write(os.urandom(min(16 << 20, size - offset)))
 
 
 def write_gguf(path: Path, size: int) -> None:
@@ -97,7 +85,7 @@ def make_bundle(work: Path, layout: dict[str, int]) -> tuple[Path, Path, Path, l
     src = work / "src"
     src.mkdir()
     for name, size in layout.items():
-        (write_gguf if name.endswith(".gguf") else write_safetensors)(src / name, size)
+        (write_gguf if name.endswith(".gguf") else write_random_safetensors)(src / name, size)
     (src / "config.json").write_text('{"model_type": "llama"}')
     keys = work / "keys"
     subprocess.run([*SOVPACK, "keygen", "bench", "--dir", keys], check=True, stdout=subprocess.DEVNULL)

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -65,17 +66,27 @@ def run_timed(cmd: list[str], **kwargs) -> float:
     return time.perf_counter() - start
 
 
-def median_of(n: int, measure) -> float:
-    return statistics.median(measure() for _ in range(n))
-
-
-def interleaved(n: int, **measures) -> dict[str, float]:
-    """Run each measure n times, alternating, and return the medians: noise hits all alike."""
+def interleaved_samples(n: int, **measures) -> dict[str, list[float]]:
+    """Run each measure n times, alternating, so that the machine's drift hits all alike."""
     samples: dict[str, list[float]] = {k: [] for k in measures}
     for _ in range(n):
         for name, measure in measures.items():
             samples[name].append(measure())
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def interleaved(n: int, **measures) -> dict[str, float]:
+    """The medians of `interleaved_samples`."""
+    return {k: statistics.median(v) for k, v in interleaved_samples(n, **measures).items()}
+
+
+def write_random_safetensors(path: Path, size: int) -> None:
+    """A valid safetensors file: one U8 tensor of `size` random bytes."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for offset in range(0, size, 16 << 20):
+            f.write(os.urandom(min(16 << 20, size - offset)))
 
 
 def write_results(topic: str, title: str, results: list[Result], notes: list[str] | None = None) -> Path:

@@ -53,7 +53,11 @@ def render(quick: bool) -> str:
     lines += ["", "## Absolute numbers", ""]
     for doc in docs:
         lines += [f"### {doc['title']}", ""]
+        shown = None
         for r in doc["results"]:
+            if r["absolute"] == shown:  # several ratios drawn from the same measurements: listed once, under the first
+                continue
+            shown = r["absolute"]
             values = ", ".join(f"{k} {v}" for k, v in r["absolute"].items())
             lines.append(f"- {r['metric']}: {values}")
         lines += [f"- note: {n}" for n in doc.get("notes", [])]
