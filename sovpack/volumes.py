@@ -231,14 +231,14 @@ def read_index(path: Path) -> tuple[ExportIndex, bytes]:
 # ---- signing the index
 
 
-def index_statement(index: ExportIndex, raw_index: bytes) -> bytes:
-    """model-signing statement over the index and every volume (so `model_signing verify key` accepts the export)."""
-    resources = {index_name(index.bundle.stem): sha256_bytes(raw_index)} | {v.file: v.sha256 for v in index.volumes}
-    return build_statement(f"{index.bundle.stem} export", resources)
+def index_resources(index: ExportIndex, raw_index: bytes) -> dict[str, str]:
+    """What an index signature signs: the index file and every volume, by SHA-256."""
+    return {index_name(index.bundle.stem): sha256_bytes(raw_index)} | {v.file: v.sha256 for v in index.volumes}
 
 
 def sign_index(private_key, index: ExportIndex, raw_index: bytes) -> bytes:
-    return sign_statement(private_key, index_statement(index, raw_index))
+    """A model-signing signature over the index and every volume (so `model_signing verify key` accepts the export)."""
+    return sign_statement(private_key, build_statement(f"{index.bundle.stem} export", index_resources(index, raw_index)))
 
 
 def check_index_signature(directory: Path, index: ExportIndex, raw_index: bytes, policy: TrustPolicy | None) -> str:
@@ -249,7 +249,7 @@ def check_index_signature(directory: Path, index: ExportIndex, raw_index: bytes,
         return "index not signed"
     sig = read_signature_file(path, name)
     statement = parse_statement(sig.payload, name)
-    if statement.resources != parse_statement(index_statement(index, raw_index), name).resources:
+    if statement.resources != index_resources(index, raw_index):
         raise Refused(f"{name} does not cover this {index_name(index.bundle.stem)}: the index was edited after it was "
                       "signed, or the signature belongs to another export")  # fmt: skip
     signer = policy.key_for(sig.key_hint) if policy else None
