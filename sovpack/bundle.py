@@ -86,10 +86,12 @@ def _walk(root: Path, prefix: str):
 def write_atomically(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path | None = None) -> None:
     """Write to a temporary file, then rename it into place and sync the directory.
 
-    `tmp_dir` (same filesystem) keeps the temporary file out of a bundle directory, where a
-    process killed mid-write would otherwise leave an unlisted file behind.
+    `tmp_dir` keeps the temporary file out of a bundle directory, where a process killed
+    mid-write would otherwise leave an unlisted file behind; it is used only when the rename
+    can work from there (same file system, writable), which a bundle at a mount point is not.
     """
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    staging = tmp_dir if tmp_dir is not None and _can_stage_for(path.parent, tmp_dir) else path.parent
+    fd, tmp = tempfile.mkstemp(dir=staging, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -101,6 +103,13 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path |
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _can_stage_for(directory: Path, tmp_dir: Path) -> bool:
+    try:
+        return tmp_dir.stat().st_dev == directory.stat().st_dev and os.access(tmp_dir, os.W_OK)
+    except OSError:
+        return False
 
 
 def fsync_dir(directory: Path) -> None:

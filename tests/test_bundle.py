@@ -535,3 +535,20 @@ def test_inspect_names_a_broken_signature_without_failing(cli, signed_bundle):
     assert result.code == 0
     junk = next(s for s in json.loads(result.out)["signatures"] if s["file"] == "signatures/junk.sig")
     assert junk["covers_metadata"] is False and "not a valid model-signing signature file" in junk["problem"]
+
+
+def test_a_bundle_at_a_mount_point_can_be_signed(cli, model_dir, tmp_path, keys):
+    """sovpack.json and signatures are staged beside the bundle, unless that is another file system."""
+    packed = tmp_path / "packed"
+    assert cli("pack", model_dir, "--out", packed, "--name", "tiny").code == 0
+    bundle = tmp_path / "mounted"
+    bundle.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(bundle)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        shutil.copytree(packed, bundle, dirs_exist_ok=True)  # the bundle directory is the mount point itself
+        result = cli("sign", bundle, "--key", keys / "alice.key")
+        assert result.code == 0, result.err
+        assert cli("verify", bundle, "--trust", keys / "alice.pub").code == 0
+    finally:
+        subprocess.run(["umount", "-l", str(bundle)], check=False)
