@@ -1,5 +1,6 @@
 # make demo   - set everything up, then run the whole flow on the embedded default model
 # make test   - set everything up, then run the whole test suite
+# make lint   - ruff: lint and format check
 # make bench  - run every benchmark in bench/ and regenerate docs/benchmarks.md
 PYTHON ?= python3
 VENV := .venv
@@ -7,13 +8,21 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test bench model clean
+.PHONY: demo test lint format bench model clean
 
 demo: $(STAMP) $(MODEL)
 	$(BIN)/python scripts/demo.py
 
 test: $(STAMP) $(MODEL)
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: $(STAMP) $(MODEL)
 	$(BIN)/python bench/run.py
@@ -25,7 +34,7 @@ model: $(MODEL)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[serve,test]'
+	$(BIN)/python -m pip install --quiet -e '.[serve,test,lint]'
 	touch $(STAMP)
 
 $(MODEL): scripts/get_model.py | $(STAMP)

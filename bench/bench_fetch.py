@@ -120,7 +120,10 @@ def main() -> None:
             return measure
 
         fetch_cmd = lambda out: [*SOVPACK, "fetch", REPO, "--endpoint", url, "--out", str(out), "--quiet"]  # noqa: E731
-        snapshot_code = "import sys; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1], endpoint=sys.argv[2], local_dir=sys.argv[3], token=False)"
+        snapshot_code = (
+            "import sys; from huggingface_hub import snapshot_download; "
+            "snapshot_download(sys.argv[1], endpoint=sys.argv[2], local_dir=sys.argv[3], token=False)"
+        )
         snapshot_cmd = lambda out: [PYTHON, "-c", snapshot_code, REPO, url, str(out)]  # noqa: E731
 
         # one checked run first: the bundle holds the same bytes
@@ -150,10 +153,12 @@ def main() -> None:
             },
         )
         notes = [
-            "Both commands run as separate processes (interpreter start included) against one hubserver process serving from the page cache.",
+            "Both commands run as separate processes (interpreter start "
+            "included) against one hubserver process serving from the page cache.",
             (
                 "sovpack fetch also computes the whole-file SHA-256 and 64 MiB shard digests of every byte, compares them with "
-                "the published digests, parses the safetensors headers, fsyncs every file and writes sovpack.json; snapshot_download "
+                "the published digests, parses the safetensors headers, fsyncs "
+                "every file and writes sovpack.json; snapshot_download "
                 "checks sizes only and leaves its files to the page cache."
             ),
         ]

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from common import SOVPACK, Result, write_results  # noqa: E402
 
-from sovpack.hashing import cpu_count  # noqa: E402
+from sovpack.common.hashing import cpu_count  # noqa: E402
 from sovpack.server.options import default_threads  # noqa: E402
 
 PROMPT = "Once upon a time, in a lighthouse by the sea, there lived"
@@ -118,7 +118,14 @@ def http_stream(url: str, n: int, client=None) -> Run:
     """One streamed completion over HTTP, counting tokens from the final usage chunk."""
     import httpx2
 
-    body = {"prompt": PROMPT, "max_tokens": n, "min_tokens": n, **SAMPLING, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": n,
+        "min_tokens": n,
+        **SAMPLING,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first = last = None
     tokens = 0
@@ -171,29 +178,42 @@ def one_stream(gguf: Path, store: Path, n: int, repeats: int, threads: int, prim
     tps_local = statistics.median(r.tokens_per_second for r in local)
     # each served run is paired with the in-process run right after it: the median of the pair
     # ratios cancels the slow drifts of a shared machine better than a ratio of medians
-    ratio = statistics.median(a.tokens_per_second / b.tokens_per_second for a, b in zip(served, local))
+    ratio = statistics.median(a.tokens_per_second / b.tokens_per_second for a, b in zip(served, local, strict=True))
     best = max(r.tokens_per_second for r in served) / max(r.tokens_per_second for r in local)
     setting = f"{threads} thread(s)" + (" (serve's default here)" if primary else " (all cores)")
     results = [
         Result(
             metric=f"one stream, {n} tokens, {setting}: tokens/s through sovpack serve (HTTP, SSE)",
-            ratio=round(ratio, 3), target=">= 0.95 of in-process" if primary else "reported", meets=(ratio >= 0.95) if primary else None,
+            ratio=round(ratio, 3),
+            target=">= 0.95 of in-process" if primary else "reported",
+            meets=(ratio >= 0.95) if primary else None,
             reference=f"in-process llama_cpp.Llama streaming, same model, prompt, ctx {CTX}, {threads} thread(s), temperature 0",
-            absolute={"serve_tokens_per_s": round(tps_served, 1), "in_process_tokens_per_s": round(tps_local, 1),
-                      "best_of_ratio": round(best, 3), "repeats": repeats},
+            absolute={
+                "serve_tokens_per_s": round(tps_served, 1),
+                "in_process_tokens_per_s": round(tps_local, 1),
+                "best_of_ratio": round(best, 3),
+                "repeats": repeats,
+            },
         )
     ]
     if primary:
         ttft_served = statistics.median(r.ttft for r in served)
         ttft_local = statistics.median(r.ttft for r in local)
-        results.append(Result(
-            metric="time to first token through sovpack serve",
-            ratio=round(ttft_served / ttft_local, 2), target="reported (overhead in ms)", meets=None,
-            reference="in-process time to first token",
-            absolute={"serve_ms": round(ttft_served * 1000, 1), "in_process_ms": round(ttft_local * 1000, 1),
-                      "overhead_ms": round((ttft_served - ttft_local) * 1000, 1)},
-        ))
-    return results  # fmt: skip
+        results.append(
+            Result(
+                metric="time to first token through sovpack serve",
+                ratio=round(ttft_served / ttft_local, 2),
+                target="reported (overhead in ms)",
+                meets=None,
+                reference="in-process time to first token",
+                absolute={
+                    "serve_ms": round(ttft_served * 1000, 1),
+                    "in_process_ms": round(ttft_local * 1000, 1),
+                    "overhead_ms": round((ttft_served - ttft_local) * 1000, 1),
+                },
+            )
+        )
+    return results
 
 
 def concurrent(store: Path, parallel: int, n: int, rounds: int) -> dict:
@@ -253,10 +273,12 @@ def startup(bundle_store: Path, repeats: int) -> Result:
     r, f = statistics.median(recorded), statistics.median(full)
     return Result(
         metric="start-up, command to /health 200: recorded check (default for store bundles)",
-        ratio=round(r / f, 2), target="reported (lower is faster)", meets=None,
+        ratio=round(r / f, 2),
+        target="reported (lower is faster)",
+        meets=None,
         reference="the same start with --full-verify (every GGUF byte re-hashed)",
         absolute={"recorded_s": round(r, 2), "full_verify_s": round(f, 2), "repeats": repeats},
-    )  # fmt: skip
+    )
 
 
 def main() -> None:
@@ -274,21 +296,35 @@ def main() -> None:
         by_slots = {p: concurrent(store, p, n // 2, rounds) for p in (1, 2)}
         results.append(startup(store, repeats))
     for p, r in by_slots.items():
-        results.append(Result(
-            metric=f"4 concurrent streams of {n // 2} tokens, --parallel {p}: all complete, none cancelled",
-            ratio=1.0 if r["complete"] else 0.0, target="all complete", meets=r["complete"],
-            reference="4 requests at once from 4 client threads", absolute=r,
-        ))  # fmt: skip
+        results.append(
+            Result(
+                metric=f"4 concurrent streams of {n // 2} tokens, --parallel {p}: all complete, none cancelled",
+                ratio=1.0 if r["complete"] else 0.0,
+                target="all complete",
+                meets=r["complete"],
+                reference="4 requests at once from 4 client threads",
+                absolute=r,
+            )
+        )
     gain = by_slots[2]["aggregate_tokens_per_s"] / by_slots[1]["aggregate_tokens_per_s"]
-    results.append(Result(
-        metric="aggregate tokens/s of 4 streams, --parallel 2 vs --parallel 1",
-        ratio=round(gain, 2), target="reported (what slots buy on this machine)", meets=None,
-        reference="--parallel 1 (requests queue and run one after another)",
-        absolute={"parallel_1_tokens_per_s": by_slots[1]["aggregate_tokens_per_s"], "parallel_2_tokens_per_s": by_slots[2]["aggregate_tokens_per_s"],
-                  "parallel_1_p50_ttft_s": by_slots[1]["p50_ttft_s"], "parallel_2_p50_ttft_s": by_slots[2]["p50_ttft_s"]},
-    ))  # fmt: skip
+    results.append(
+        Result(
+            metric="aggregate tokens/s of 4 streams, --parallel 2 vs --parallel 1",
+            ratio=round(gain, 2),
+            target="reported (what slots buy on this machine)",
+            meets=None,
+            reference="--parallel 1 (requests queue and run one after another)",
+            absolute={
+                "parallel_1_tokens_per_s": by_slots[1]["aggregate_tokens_per_s"],
+                "parallel_2_tokens_per_s": by_slots[2]["aggregate_tokens_per_s"],
+                "parallel_1_p50_ttft_s": by_slots[1]["p50_ttft_s"],
+                "parallel_2_p50_ttft_s": by_slots[2]["p50_ttft_s"],
+            },
+        )
+    )
     notes = [
-        "Threads: serve's default is (cores - 1) / --parallel per slot, at least 1; the in-process reference uses the same count.",
+        "Threads: serve's default is (cores - 1) / --parallel per slot, "
+        "at least 1; the in-process reference uses the same count.",
         "With every core given to llama.cpp, the server's own work (event loop, SSE, the client here) preempts one of the "
         "llama.cpp threads, which wait for each other at every step: see the all-cores line.",
         "The HTTP client reads SSE lines with httpx2 in the benchmark process, which shares the machine's cores with the server.",

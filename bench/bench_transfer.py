@@ -115,7 +115,6 @@ class Scenario:
         return run_measured(command, name)[0]
 
 
-
 SHA256_PASS = r"""
 import hashlib, sys
 buf = bytearray(4 << 20)
@@ -149,9 +148,13 @@ def main() -> None:
             scenarios[size] = Scenario(work / str(size), signed_bundle(work / str(size), size, keys), keys)
         big = scenarios[large]
         samples = interleaved_samples(
-            repetitions, cp_bundle=big.cp_bundle, export=big.export, cp_volumes=big.cp_volumes, import_=big.import_,
+            repetitions,
+            cp_bundle=big.cp_bundle,
+            export=big.export,
+            cp_volumes=big.cp_volumes,
+            import_=big.import_,
             sha256=lambda: sha256_pass(sorted(big.out.glob("*.[0-9][0-9][0-9]"))),
-        )  # fmt: skip
+        )
         times = {k: statistics.median(v) for k, v in samples.items()}
         cpu = {k: CPU[k][-repetitions:] for k in samples}  # the timed runs only
         for s in scenarios.values():
@@ -160,11 +163,16 @@ def main() -> None:
         floor = results[0].absolute  # export's: the bundle's bytes
         for step in ("export", "import"):
             low, high = scenarios[small].rss[step], scenarios[large].rss[step]
-            results.append(Result(
-                f"{step} peak RSS, {large // MiB} MiB vs {small // MiB} MiB bundle", high / low, "<= 1.25x (flat in model size)",
-                high <= 1.25 * low, f"peak RSS of the same command on the {small // MiB} MiB bundle",
-                {f"rss_{small // MiB}MiB_bytes": low, f"rss_{large // MiB}MiB_bytes": high},
-            ))  # fmt: skip
+            results.append(
+                Result(
+                    f"{step} peak RSS, {large // MiB} MiB vs {small // MiB} MiB bundle",
+                    high / low,
+                    "<= 1.25x (flat in model size)",
+                    high <= 1.25 * low,
+                    f"peak RSS of the same command on the {small // MiB} MiB bundle",
+                    {f"rss_{small // MiB}MiB_bytes": low, f"rss_{large // MiB}MiB_bytes": high},
+                )
+            )
     notes = [
         (
             "The input is read into the page cache before every run, for sovpack and cp alike. export reads each file of "
@@ -201,18 +209,41 @@ def _ratios(label: str, times: dict[str, float], samples: dict[str, list[float]]
         name, cp = step.rstrip("_"), f"cp_{source}"
         floor = max(times[cp], (2 * cpu_s["sha256"] + cpu_s[cp]) / cores)
         runs = (step, cp, "sha256")
-        absolute = {f"{name}_s": round(times[step], 3), "cp_s": round(times[cp], 3), "floor_s": round(floor, 3), "cores": cores,
-                    "cpu_s": {k: round(cpu_s[k], 2) for k in runs},
-                    "samples_s": {k: [round(x, 3) for x in samples[k]] for k in runs},
-                    "samples_cpu_user_system_s": {k: cpu[k] for k in runs}}  # fmt: skip
+        absolute = {
+            f"{name}_s": round(times[step], 3),
+            "cp_s": round(times[cp], 3),
+            "floor_s": round(floor, 3),
+            "cores": cores,
+            "cpu_s": {k: round(cpu_s[k], 2) for k in runs},
+            "samples_s": {k: [round(x, 3) for x in samples[k]] for k in runs},
+            "samples_cpu_user_system_s": {k: cpu[k] for k in runs},
+        }
         results += [
-            Result(f"{name} {label} vs cp", times[step] / times[cp], "<= 1.5x cp", times[step] <= 1.5 * times[cp],
-                   f"cp -r of the {source} on the same disk, then sync of the copies", absolute),
-            Result(f"{name} {label} vs the floor", times[step] / floor, "reported", None,
-                   f"(2 SHA-256 passes + cp of the {source}) in CPU time, over {cores} cores, measured in this run", absolute),
-            Result(f"the floor vs cp, {name}", floor / times[cp], "reported", None,
-                   "how close to cp any export or import doing that hashing could get on this machine", absolute),
-        ]  # fmt: skip
+            Result(
+                f"{name} {label} vs cp",
+                times[step] / times[cp],
+                "<= 1.5x cp",
+                times[step] <= 1.5 * times[cp],
+                f"cp -r of the {source} on the same disk, then sync of the copies",
+                absolute,
+            ),
+            Result(
+                f"{name} {label} vs the floor",
+                times[step] / floor,
+                "reported",
+                None,
+                f"(2 SHA-256 passes + cp of the {source}) in CPU time, over {cores} cores, measured in this run",
+                absolute,
+            ),
+            Result(
+                f"the floor vs cp, {name}",
+                floor / times[cp],
+                "reported",
+                None,
+                "how close to cp any export or import doing that hashing could get on this machine",
+                absolute,
+            ),
+        ]
     return results
 
 

@@ -64,8 +64,8 @@ def ceiling(files: list[Path]) -> None:
 
 
 def core_verify(bundle: Path, pub: Path) -> None:
-    from sovpack.trust import load_trust
-    from sovpack.verify import verify_bundle
+    from sovpack.bundle.trust import load_trust
+    from sovpack.bundle.verify import verify_bundle
 
     verify_bundle(bundle, load_trust([pub])).raise_for_failure()
 
@@ -114,26 +114,67 @@ def bench_layout(label: str, layout: dict[str, int], repeats: int) -> list[Resul
             core_ceiling=lambda: timed(ceiling, files),
         )
     gib = total / 2**30
-    absolute = {k + "_s": round(v, 3) for k, v in t.items()} | {"bytes": total, "sovpack_GBps": round(total / t["sovpack"] / 1e9, 2)}
+    absolute = {k + "_s": round(v, 3) for k, v in t.items()} | {
+        "bytes": total,
+        "sovpack_GBps": round(total / t["sovpack"] / 1e9, 2),
+    }
     return [
-        Result(f"verify {label}: speed-up over model_signing verify key", t["model_signing"] / t["sovpack"], ">= 1.5x faster",
-               t["model_signing"] / t["sovpack"] >= 1.5, f"model_signing verify key, {gib:.1f} GiB", absolute),
-        Result(f"verify {label}: the ceiling's own speed-up over model_signing verify key (the best any verifier could do)",
-               t["model_signing"] / t["ceiling"], "reported", None, "model_signing verify key vs the `python -c` hashlib ceiling", absolute),
-        Result(f"verify {label}: share of the hashlib all-core ceiling (in process)", t["core_ceiling"] / t["core"], ">= 0.90",
-               t["core_ceiling"] / t["core"] >= 0.9, "hashlib SHA-256 on all cores over the same bytes, same process", absolute),
-        Result(f"verify {label}: share of the ceiling, whole command incl. start-up", t["ceiling"] / t["sovpack"], "reported",
-               None, "`python -c` running the same hashlib ceiling", absolute),
-        Result(f"verify {label}: speed-up over one core (in process)", t["one_core"] / t["core"], f"uses all {len(os.sched_getaffinity(0))} cores (> 1.5x)",
-               t["one_core"] / t["core"] > 1.5, "hashlib.file_digest on one core over the same bytes, same process", absolute),
-    ]  # fmt: skip
+        Result(
+            f"verify {label}: speed-up over model_signing verify key",
+            t["model_signing"] / t["sovpack"],
+            ">= 1.5x faster",
+            t["model_signing"] / t["sovpack"] >= 1.5,
+            f"model_signing verify key, {gib:.1f} GiB",
+            absolute,
+        ),
+        Result(
+            f"verify {label}: the ceiling's own speed-up over model_signing verify key (the best any verifier could do)",
+            t["model_signing"] / t["ceiling"],
+            "reported",
+            None,
+            "model_signing verify key vs the `python -c` hashlib ceiling",
+            absolute,
+        ),
+        Result(
+            f"verify {label}: share of the hashlib all-core ceiling (in process)",
+            t["core_ceiling"] / t["core"],
+            ">= 0.90",
+            t["core_ceiling"] / t["core"] >= 0.9,
+            "hashlib SHA-256 on all cores over the same bytes, same process",
+            absolute,
+        ),
+        Result(
+            f"verify {label}: share of the ceiling, whole command incl. start-up",
+            t["ceiling"] / t["sovpack"],
+            "reported",
+            None,
+            "`python -c` running the same hashlib ceiling",
+            absolute,
+        ),
+        Result(
+            f"verify {label}: speed-up over one core (in process)",
+            t["one_core"] / t["core"],
+            f"uses all {len(os.sched_getaffinity(0))} cores (> 1.5x)",
+            t["one_core"] / t["core"] > 1.5,
+            "hashlib.file_digest on one core over the same bytes, same process",
+            absolute,
+        ),
+    ]
 
 
 def bench_help(repeats: int) -> Result:
-    t = interleaved(repeats, help=lambda: run_timed([*SOVPACK, "--help"]), verify_help=lambda: run_timed([*SOVPACK, "verify", "--help"]))
+    t = interleaved(
+        repeats, help=lambda: run_timed([*SOVPACK, "--help"]), verify_help=lambda: run_timed([*SOVPACK, "verify", "--help"])
+    )
     worst = max(t.values())
-    return Result("`sovpack --help` / `sovpack verify --help` start-up (seconds, worst of the two)", worst, "< 0.5 s", worst < 0.5,
-                  "absolute time (no peer)", {k + "_s": round(v, 3) for k, v in t.items()})  # fmt: skip
+    return Result(
+        "`sovpack --help` / `sovpack verify --help` start-up (seconds, worst of the two)",
+        worst,
+        "< 0.5 s",
+        worst < 0.5,
+        "absolute time (no peer)",
+        {k + "_s": round(v, 3) for k, v in t.items()},
+    )
 
 
 def main() -> None:
@@ -149,10 +190,16 @@ def main() -> None:
         repeats,
     )
     results.append(bench_help(repeats))
-    write_results("verify", "Verification and start-up", results, notes=[
-        "Warm page cache: every command runs once before timing; runs are interleaved and the median is taken.",
-        "The files are valid GGUF and safetensors files filled with random bytes, so the format inspectors run as on a real model.",
-    ])  # fmt: skip
+    write_results(
+        "verify",
+        "Verification and start-up",
+        results,
+        notes=[
+            "Warm page cache: every command runs once before timing; runs are interleaved and the median is taken.",
+            "The files are valid GGUF and safetensors files filled with "
+            "random bytes, so the format inspectors run as on a real model.",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -64,20 +64,41 @@ def loopback_hub():
     from hubserver import HubServer
 
     server = HubServer()
-    server.add_repo(DEMO_REPO, {
-        "SmolLM2-135M-Instruct.Q4_1.gguf": ensure_model(),
-        "README.md": b"# SmolLM2-135M-Instruct (GGUF, Q4_1)\n\nA 135M-parameter instruct model by Hugging Face, Apache-2.0.\n",
-        "LICENSE": b"Apache License, Version 2.0\n",
-    })  # fmt: skip
+    server.add_repo(
+        DEMO_REPO,
+        {
+            "SmolLM2-135M-Instruct.Q4_1.gguf": ensure_model(),
+            "README.md": b"# SmolLM2-135M-Instruct (GGUF, Q4_1)\n\n"
+            b"A 135M-parameter instruct model by Hugging Face, Apache-2.0.\n",
+            "LICENSE": b"Apache License, Version 2.0\n",
+        },
+    )
     return server
 
 
 def fetch_args(endpoint: str | None) -> list[str | Path]:
     if os.environ.get("HUB"):
         return ["fetch", "--spec", REAL_HUB_SPEC, "--endpoint", os.environ["HUB"], "--out", OUT / "bundle"]
-    return ["fetch", DEMO_REPO, "--include", "*.gguf", "--include", "README.md", "--include", "LICENSE",
-            "--endpoint", endpoint, "--name", "smollm2-135m-instruct", "--version", "1", "--expires", "365d",
-            "--out", OUT / "bundle"]  # fmt: skip
+    return [
+        "fetch",
+        DEMO_REPO,
+        "--include",
+        "*.gguf",
+        "--include",
+        "README.md",
+        "--include",
+        "LICENSE",
+        "--endpoint",
+        endpoint,
+        "--name",
+        "smollm2-135m-instruct",
+        "--version",
+        "1",
+        "--expires",
+        "365d",
+        "--out",
+        OUT / "bundle",
+    ]
 
 
 def free_port() -> int:
@@ -121,7 +142,9 @@ def ask(port: int, api_key: str, model: str) -> None:
     )
     timings.append(("one chat completion", time.perf_counter() - start))
     print(f"A: {reply.choices[0].message.content.strip()}")
-    print(f"   ({reply.usage.prompt_tokens} prompt tokens, {reply.usage.completion_tokens} answer tokens, {timings[-1][1]:.1f} s)")
+    print(
+        f"   ({reply.usage.prompt_tokens} prompt tokens, {reply.usage.completion_tokens} answer tokens, {timings[-1][1]:.1f} s)"
+    )
 
 
 def main() -> None:
@@ -132,7 +155,10 @@ def main() -> None:
     try:
         banner("CONNECTED SIDE: fetch, sign, export")
         if hub:
-            print(f"(no internet here: the Hub is sovpack's loopback test hub at {hub.url}; `make demo HUB=https://huggingface.co` uses the real one)")
+            print(
+                "(no internet here: the Hub is sovpack's loopback test hub at "
+                f"{hub.url}; `make demo HUB=https://huggingface.co` uses the real one)"
+            )
         step("fetch a pinned, checked copy of the model from the Hub", *fetch_args(hub.url if hub else None))
     finally:
         if hub:
@@ -140,7 +166,9 @@ def main() -> None:
     step("what the bundle holds", "inspect", OUT / "bundle")
     step("a signing key for the approving officer", "keygen", "officer", "--dir", OUT / "keys")
     step("the officer signs the bundle", "sign", OUT / "bundle", "--key", OUT / "keys" / "officer.key")
-    step("export to a USB disk in volumes of at most 40 MB", "export", OUT / "bundle", "--to", OUT / "usb", "--volume-size", "40M")
+    step(
+        "export to a USB disk in volumes of at most 40 MB", "export", OUT / "bundle", "--to", OUT / "usb", "--volume-size", "40M"
+    )
     print("   on the disk: " + ", ".join(f"{p.name} ({p.stat().st_size:,} B)" for p in sorted((OUT / "usb").iterdir())))
 
     banner("SECURE SIDE: trust, import, verify, serve")

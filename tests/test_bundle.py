@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from builders import write_gguf, write_model_dir, write_safetensors
 
-from sovpack.bundle import read_metadata, read_metadata_bytes, write_metadata
-from sovpack.hashing import digest_file, sha256_bytes
-from sovpack.keys import key_id, load_private_key, load_public_key
-from sovpack.metadata import format_time
-from sovpack.sign import statement_for
-from sovpack.signature import build_statement, sign_statement
-from sovpack.trust import load_trust
-from sovpack.verify import verify_bundle
+from sovpack.bundle.directory import read_metadata, read_metadata_bytes, write_metadata
+from sovpack.bundle.keys import key_id, load_private_key, load_public_key
+from sovpack.bundle.metadata import format_time
+from sovpack.bundle.sign import statement_for
+from sovpack.bundle.signature import build_statement, sign_statement
+from sovpack.bundle.trust import load_trust
+from sovpack.bundle.verify import verify_bundle
+from sovpack.common.hashing import digest_file, sha256_bytes
 
 
 def tree_snapshot(root: Path) -> dict:
@@ -103,7 +103,15 @@ def test_pack_records_inventory_roles_formats_and_inspection(tmp_path, cli, mode
     assert meta["format"] == "sovpack-bundle" and meta["format_version"] == 1
     assert (meta["name"], meta["version"], meta["expires"]) == ("tiny", 7, "2031-05-01T00:00:00Z")
     files = {f["path"]: f for f in meta["files"]}
-    assert set(files) == {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "LICENSE", "gguf/tiny-F32.gguf"}
+    assert set(files) == {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "LICENSE",
+        "gguf/tiny-F32.gguf",
+    }
     st = files["model.safetensors"]
     assert (st["role"], st["format"]) == ("weights", "safetensors")
     assert st["details"] == {"tensor_count": 2, "dtypes": {"F16": 1, "F32": 1}, "parameter_count": 528}
@@ -202,8 +210,23 @@ def test_verify_json_report(cli, signed_bundle, keys):
     report = json.loads(result.out)
     assert report["ok"] is True and report["error"] is None
     assert (report["name"], report["version"], report["threshold"]) == ("tiny", 3, 1)
-    assert [c["step"] for c in report["checks"]] == ["signatures", "threshold", "metadata", "inventory", "digests", "formats", "expiry"]
-    assert report["signatures"] == [{"file": report["signatures"][0]["file"], "key_id": report["signatures"][0]["key_id"], "signer": "alice", "status": "valid"}]
+    assert [c["step"] for c in report["checks"]] == [
+        "signatures",
+        "threshold",
+        "metadata",
+        "inventory",
+        "digests",
+        "formats",
+        "expiry",
+    ]
+    assert report["signatures"] == [
+        {
+            "file": report["signatures"][0]["file"],
+            "key_id": report["signatures"][0]["key_id"],
+            "signer": "alice",
+            "status": "valid",
+        }
+    ]
     assert {f["path"] for f in report["files"]} >= {"model.safetensors", "gguf/tiny-F32.gguf"}
 
 
@@ -242,7 +265,9 @@ def test_flipped_byte(cli, signed_bundle, keys):
     data[-1] ^= 0x01
     path.unlink()
     path.write_bytes(data)
-    assert "gguf/tiny-F32.gguf does not match its digest in sovpack.json (shard 0" in refused(cli, signed_bundle, keys / "alice.pub")
+    assert "gguf/tiny-F32.gguf does not match its digest in sovpack.json (shard 0" in refused(
+        cli, signed_bundle, keys / "alice.pub"
+    )
 
 
 def test_truncated_file(cli, signed_bundle, keys):
@@ -404,7 +429,7 @@ def test_expired_bundle(cli, tmp_path, model_dir, keys):
 
 
 def test_malformed_safetensors_header_in_a_signed_bundle(cli, signed_bundle, keys):
-    replace_file_in_inventory(signed_bundle, "model.safetensors", b"\x07\0\0\0\0\0\0\0{\"a\":1}")
+    replace_file_in_inventory(signed_bundle, "model.safetensors", b'\x07\0\0\0\0\0\0\0{"a":1}')
     force_sign(signed_bundle, keys / "alice.key")
     message = refused(cli, signed_bundle, keys / "alice.pub")
     assert "model.safetensors: tensor 'a' must have exactly the fields" in message
@@ -486,11 +511,15 @@ def test_model_signing_refuses_what_sovpack_refuses(cli, signed_bundle, keys):
 
 
 def test_cli_entry_point_runs_as_a_process(tmp_path, signed_bundle, keys):
-    result = subprocess.run([sys.executable, "-m", "sovpack", "verify", signed_bundle, "--trust", keys / "alice.pub"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "sovpack", "verify", signed_bundle, "--trust", keys / "alice.pub"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "VERIFIED" in result.stdout
     os.utime(signed_bundle / "README.md")
     (signed_bundle / "README.md").write_text("x")
-    result = subprocess.run([sys.executable, "-m", "sovpack", "verify", signed_bundle, "--trust", keys / "alice.pub"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "sovpack", "verify", signed_bundle, "--trust", keys / "alice.pub"], capture_output=True, text=True
+    )
     assert result.returncode == 1 and "README.md" in result.stdout
 
 
@@ -511,8 +540,8 @@ def test_case_only_collisions_are_refused(tmp_path, cli):
 
 
 def test_checking_an_unlisted_path_is_refused(signed_bundle, keys):
-    from sovpack.trust import load_trust
-    from sovpack.verify import verify_bundle
+    from sovpack.bundle.trust import load_trust
+    from sovpack.bundle.verify import verify_bundle
 
     report = verify_bundle(signed_bundle, load_trust([keys / "alice.pub"]), paths=["not-there.gguf"])
     assert not report.ok and "not-there.gguf not listed in the inventory" in str(report.failure)

@@ -15,16 +15,16 @@ import pytest
 from builders import write_gguf, write_safetensors
 from huggingface_hub import constants
 
-import sovpack.hub
-from sovpack.bundle import read_metadata, scan_tree
+import sovpack.fetch.hub
+from sovpack.bundle.directory import read_metadata, scan_tree
+from sovpack.bundle.metadata import parse_metadata
+from sovpack.bundle.pack import StagedBundle
+from sovpack.common.sizes import human_size
 from sovpack.errors import Refused, UsageError
-from sovpack.fetch import bundle_name
-from sovpack.fetch_plan import matches, select_gguf_files, select_model_files
-from sovpack.fetch_spec import load_spec, parse_gguf_option, parse_repo_ref
-from sovpack.hub import Hub, RemoteFile
-from sovpack.metadata import parse_metadata
-from sovpack.sizes import human_size
-from sovpack.pack import StagedBundle
+from sovpack.fetch.download import bundle_name
+from sovpack.fetch.hub import Hub, RemoteFile
+from sovpack.fetch.plan import matches, select_gguf_files, select_model_files
+from sovpack.fetch.spec import load_spec, parse_gguf_option, parse_repo_ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hubserver import HubServer, git_blob_id  # noqa: E402
@@ -40,7 +40,7 @@ staging_dir = StagedBundle.staging_dir
 @pytest.fixture(autouse=True)
 def fast_retries(hf_home, monkeypatch):
     """Every test runs against an isolated huggingface_hub home (conftest) and retries without sleeping."""
-    monkeypatch.setattr(sovpack.hub, "RETRY_WAIT", 0.0)
+    monkeypatch.setattr(sovpack.fetch.hub, "RETRY_WAIT", 0.0)
     return hf_home
 
 
@@ -148,10 +148,18 @@ def test_fetch_writes_a_bundle_like_pack_with_provenance(cli, server, repos, tmp
             assert source["git_blob_id"] == git_blob_id(data) and "lfs_sha256" not in source
     weights = metadata.file("model.safetensors")
     assert (weights.role, weights.format, weights.details["tensor_count"]) == ("weights", "safetensors", 2)
-    assert metadata.sources == [{
-        "type": "hub", "endpoint": server.url, "repo": MODEL, "revision": "main", "commit": repos["model"],
-        "role": "model", "include": [], "exclude": [],
-    }]  # fmt: skip
+    assert metadata.sources == [
+        {
+            "type": "hub",
+            "endpoint": server.url,
+            "repo": MODEL,
+            "revision": "main",
+            "commit": repos["model"],
+            "role": "model",
+            "include": [],
+            "exclude": [],
+        }
+    ]
     assert f"commit {repos['model']}" in result.out and f"sovpack sign {out}" in result.out
 
     assert cli("sign", out, "--key", keys / "alice.key").code == 0
@@ -353,7 +361,9 @@ def test_hf_endpoint_setting_is_honoured(cli, server, repos, tmp_path, monkeypat
 
 
 def test_credentials_in_the_endpoint_url_are_not_recorded():
-    assert sovpack.hub.public_endpoint("https://user:secret@mirror.example:8443/hf/?x=1") == "https://mirror.example:8443/hf"
+    assert (
+        sovpack.fetch.hub.public_endpoint("https://user:secret@mirror.example:8443/hf/?x=1") == "https://mirror.example:8443/hf"
+    )
 
 
 # --------------------------------------------------------------------------- integrity
@@ -466,12 +476,12 @@ def test_server_errors_are_retried(cli, server, tmp_path):
 
 
 def test_a_server_error_that_persists_is_a_failure_naming_the_file(cli, server, repos, tmp_path):
-    server.fail_gets(MODEL, "model.safetensors", 502, times=sovpack.hub.MAX_ATTEMPTS)
+    server.fail_gets(MODEL, "model.safetensors", 502, times=sovpack.fetch.hub.MAX_ATTEMPTS)
     result = run_fetch(cli, server, MODEL, "--out", tmp_path / "b")
     assert result.code == 3
     err = " ".join(result.err.split())
     where = f"{MODEL}@{repos['model'][:12]}:model.safetensors"
-    assert f"downloading {where} from {server.url} failed {sovpack.hub.MAX_ATTEMPTS} times in a row" in err
+    assert f"downloading {where} from {server.url} failed {sovpack.fetch.hub.MAX_ATTEMPTS} times in a row" in err
     assert "HTTP 502" in err and "re-run the same command to continue" in err
     assert not (tmp_path / "b").exists()
 
@@ -540,7 +550,7 @@ def test_failed_fetch_leaves_no_bundle_and_a_rerun_continues_where_it_stopped(cl
     files = model_files(tmp_path, weights_mib=4)
     server.add_repo(MODEL, files)
     server.drop_after(MODEL, "model.safetensors", 2 * MIB, abort=True)  # TCP reset mid-file
-    monkeypatch.setattr(sovpack.hub, "MAX_ATTEMPTS", 1)  # give up at the first failure
+    monkeypatch.setattr(sovpack.fetch.hub, "MAX_ATTEMPTS", 1)  # give up at the first failure
     out = tmp_path / "b"
 
     first = run_fetch(cli, server, MODEL, "--out", out)
@@ -555,7 +565,7 @@ def test_failed_fetch_leaves_no_bundle_and_a_rerun_continues_where_it_stopped(cl
     dry = run_fetch(cli, server, MODEL, "--out", out, "--dry-run")
     assert dry.code == 0 and "kept" in dry.out
 
-    monkeypatch.setattr(sovpack.hub, "MAX_ATTEMPTS", 6)
+    monkeypatch.setattr(sovpack.fetch.hub, "MAX_ATTEMPTS", 6)
     server.clear_requests()
     second = run_fetch(cli, server, MODEL, "--out", out)
     assert second.code == 0, second.err
@@ -572,7 +582,7 @@ def test_rerun_discards_a_tampered_partial_file_via_the_digest(cli, server, tmp_
     files = model_files(tmp_path, weights_mib=3)
     server.add_repo(MODEL, files)
     server.drop_after(MODEL, "model.safetensors", MIB, abort=True)
-    monkeypatch.setattr(sovpack.hub, "MAX_ATTEMPTS", 1)
+    monkeypatch.setattr(sovpack.fetch.hub, "MAX_ATTEMPTS", 1)
     out = tmp_path / "b"
     assert run_fetch(cli, server, MODEL, "--out", out).code == 3
     partial = staging_dir(out) / ".sovpack-fetch" / "partial" / "model.safetensors"
@@ -580,7 +590,7 @@ def test_rerun_discards_a_tampered_partial_file_via_the_digest(cli, server, tmp_
     data[100] ^= 0xFF  # someone changed a kept byte
     partial.write_bytes(bytes(data))
 
-    monkeypatch.setattr(sovpack.hub, "MAX_ATTEMPTS", 6)
+    monkeypatch.setattr(sovpack.fetch.hub, "MAX_ATTEMPTS", 6)
     second = run_fetch(cli, server, MODEL, "--out", out)
     assert second.code == 1 and "does not match what the Hub published" in second.err  # the prefix is re-hashed
     third = run_fetch(cli, server, MODEL, "--out", out)  # the bad partial was deleted: a clean download
@@ -588,10 +598,17 @@ def test_rerun_discards_a_tampered_partial_file_via_the_digest(cli, server, tmp_
 
 
 def test_a_state_whose_checked_digest_is_not_the_published_one_counts_as_no_state(tmp_path):
-    from sovpack.fetch import STATE_FORMAT, STATE_VERSION, _State
+    from sovpack.fetch.download import STATE_FORMAT, STATE_VERSION, _State
 
-    entry = {"repo": MODEL, "commit": "c" * 40, "expected": ["sha256", "a" * 64], "size": 3, "sha256": "a" * 64,
-             "shards": ["b" * 64], "mtime_ns": 1}  # fmt: skip
+    entry = {
+        "repo": MODEL,
+        "commit": "c" * 40,
+        "expected": ["sha256", "a" * 64],
+        "size": 3,
+        "sha256": "a" * 64,
+        "shards": ["b" * 64],
+        "mtime_ns": 1,
+    }
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "complete": {"w.safetensors": entry}, "partial": {}}
     (tmp_path / "state.json").write_text(json.dumps(state))
     assert set(_State.read(tmp_path / "state.json").complete) == {"w.safetensors"}
@@ -783,17 +800,43 @@ def test_every_shipped_spec_parses_and_is_pinned(spec):
 
 def test_default_selection_rules():
     paths = [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-        "consolidated.safetensors", "params.json", "tekken.json", "tokenizer.model.v3", "config.json",
-        "chat_template.jinja", "LICENSE.md", "NOTICE", "README.md", "USE_POLICY.md", ".gitattributes",
-        "original/consolidated.00.pth", "pytorch_model.bin", "onnx/model.onnx", "figures/bench.png", "model.gguf",
-    ]  # fmt: skip
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "consolidated.safetensors",
+        "params.json",
+        "tekken.json",
+        "tokenizer.model.v3",
+        "config.json",
+        "chat_template.jinja",
+        "LICENSE.md",
+        "NOTICE",
+        "README.md",
+        "USE_POLICY.md",
+        ".gitattributes",
+        "original/consolidated.00.pth",
+        "pytorch_model.bin",
+        "onnx/model.onnx",
+        "figures/bench.png",
+        "model.gguf",
+    ]
     selection = select_model_files("m/x", paths, (), ())
-    assert selection.paths == sorted([
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-        "params.json", "tekken.json", "tokenizer.model.v3", "config.json", "chat_template.jinja", "LICENSE.md",
-        "NOTICE", "README.md", "USE_POLICY.md",
-    ])  # fmt: skip
+    assert selection.paths == sorted(
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "params.json",
+            "tekken.json",
+            "tokenizer.model.v3",
+            "config.json",
+            "chat_template.jinja",
+            "LICENSE.md",
+            "NOTICE",
+            "README.md",
+            "USE_POLICY.md",
+        ]
+    )
     assert [(s.path, s.reason.split()[0]) for s in selection.skipped] == [("consolidated.safetensors", "Mistral")]
     only_native = select_model_files("m/x", ["consolidated.safetensors", "params.json"], (), ())
     assert only_native.paths == ["consolidated.safetensors", "params.json"]

@@ -34,11 +34,21 @@ def test_safetensors_header_is_summarised(tmp_path):
     [
         ("[]", b"", None, "must be a JSON object"),
         ("{not json", b"", None, "not valid JSON"),
-        ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
-         b"\0" * 4, None, "duplicate key 'a'"),
+        (
+            '{"a": {"dtype": "F32", '
+            '"shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+            b"\0" * 4,
+            None,
+            "duplicate key 'a'",
+        ),
         ('{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, None, "unknown dtype 'F33'"),
-        ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
-         b"\0" * 8, None, "overlaps"),
+        (
+            '{"a": {"dtype": "F32", '
+            '"shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
+            b"\0" * 8,
+            None,
+            "overlaps",
+        ),
         ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', b"\0" * 8, None, "leaving a gap"),
         ('{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', b"\0" * 8, None, "file length"),
         ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 12, None, "file length"),
@@ -110,10 +120,13 @@ def _first_token_length_at(path) -> int:
 @pytest.mark.parametrize(
     "mutation, message",
     [
-        (lambda p: _mutate(p, _first_token_length_at(p), struct.pack("<Q", 2**62)), "'tokenizer.ggml.tokens' holds a string of .* exceeds the"),
+        (
+            lambda p: _mutate(p, _first_token_length_at(p), struct.pack("<Q", 2**62)),
+            "'tokenizer.ggml.tokens' holds a string of .* exceeds the",
+        ),
         (lambda p: p.write_bytes(p.read_bytes()[: p.read_bytes().index(b"</s>")]), "runs past the end|truncated"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_vocabulary_string_is_refused(tmp_path, mutation, message):
     path = write_gguf(tmp_path / "vocab.gguf")
     mutation(path)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from sovpack.hashing import MIB, Digester, FileDigest, check_shards, digest_file, shard_jobs
+from sovpack.common.hashing import MIB, Digester, FileDigest, check_shards, digest_file, shard_jobs
 
 SHARD = MIB
 

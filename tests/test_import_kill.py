@@ -17,11 +17,11 @@ import pytest
 from builders import write_model_dir
 from transfer_helpers import MiB, sovpack, store_snapshot, write_big_safetensors
 
-from sovpack.exporter import export_volumes
-from sovpack.keys import generate_key_pair, load_private_key
-from sovpack.pack import pack
-from sovpack.sign import sign_bundle
-from sovpack.store import Store
+from sovpack.bundle.keys import generate_key_pair, load_private_key
+from sovpack.bundle.pack import pack
+from sovpack.bundle.sign import sign_bundle
+from sovpack.store.store import Store
+from sovpack.transfer.export import export_volumes
 
 SIZE = 128 * MiB
 VOLUME = 16 * MiB
@@ -72,8 +72,9 @@ def verifying(store: Path, out: Path) -> bool:
 
 
 def kill_when(condition, out: Path, store: Path) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "sovpack", "import", out, "--store", store],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sovpack", "import", out, "--store", store], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 60
     try:
         while not condition(store, out):

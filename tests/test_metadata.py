@@ -10,11 +10,11 @@ from datetime import datetime, timezone
 
 import pytest
 
+from sovpack.bundle.keys import generate_key_pair, load_private_key, load_public_key
+from sovpack.bundle.metadata import BundleMetadata, FileEntry, parse_expiry, parse_metadata
+from sovpack.bundle.signature import build_statement, parse_signature, parse_statement, sign_statement
+from sovpack.common.safepath import case_collisions, unsafe_reason
 from sovpack.errors import Refused, UsageError
-from sovpack.keys import generate_key_pair, load_private_key, load_public_key
-from sovpack.metadata import BundleMetadata, FileEntry, parse_expiry, parse_metadata
-from sovpack.safepath import case_collisions, unsafe_reason
-from sovpack.signature import build_statement, parse_signature, parse_statement, sign_statement
 
 HEX = "ab" * 32
 

@@ -11,11 +11,11 @@ import threading
 import pytest
 
 from sovpack import pipeline
+from sovpack.common.hashing import MIB, Digester, ShardDigests, ShardHasher, compare_shards
+from sovpack.common.pipeline import ALIGN, BufferRing, DirectFile, Lane
 from sovpack.errors import Failure
-from sovpack.hashing import MIB, Digester, ShardDigests, ShardHasher, compare_shards
-from sovpack.pipeline import ALIGN, BufferRing, DirectFile, Lane
-from sovpack.staging import StagedFiles
-from sovpack.volume_io import ConcatenatedReader
+from sovpack.transfer.media import ConcatenatedReader
+from sovpack.transfer.reassembly import StagedFiles
 
 SHARD = MIB
 
@@ -177,6 +177,9 @@ def test_a_write_that_fails_while_the_stream_is_still_read_names_the_file_it_was
     data = os.urandom(1000)
     files.copy("first", 1000, ConcatenatedReader(stream=io.BytesIO(data)), SHARD)
     big = os.urandom(40 * MIB)  # more blocks than the ring has: it comes round to the failed ones
-    with pytest.raises(Failure, match=r"cannot write first into the store's staging directory .*: No space left on device \(the store's disk is full"):
+    with pytest.raises(
+        Failure,
+        match=r"cannot write first into the store's staging directory .*: No space left on device \(the store's disk is full",
+    ):
         files.copy("second", len(big), ConcatenatedReader(stream=io.BytesIO(big)), SHARD)
     files.abort()

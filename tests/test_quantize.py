@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from builders import write_gguf, write_llama_gguf
 
-from sovpack.metadata import METADATA_FILE
+from sovpack.bundle.metadata import METADATA_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,8 +61,14 @@ def _work_dir(bundle: Path) -> Path:
 
 
 def _sovpack(*args, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sovpack", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "sovpack", *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def _wait_for_partial(bundle: Path, process: subprocess.Popen, timeout: float = 30) -> Path:
@@ -209,8 +215,9 @@ def test_split_source_whose_parts_are_misnamed_or_missing_is_refused_naming_them
     bundle = _pack(cli, tmp_path / "renamed", tmp_path / "b1")
     misnamed = cli("quantize", bundle, "--type", "Q8_0")
     assert misnamed.code == 1
-    assert ("tiny-F16-00001-from-00003.gguf is the first of 3 split GGUF parts, but its name does not end in "
-            "-00001-of-00003.gguf") in " ".join(misnamed.err.split())  # fmt: skip
+    assert (
+        "tiny-F16-00001-from-00003.gguf is the first of 3 split GGUF parts, but its name does not end in -00001-of-00003.gguf"
+    ) in " ".join(misnamed.err.split())
 
     first = write_llama_gguf(tmp_path / "short" / "tiny-F16.gguf", file_type="F16", split_max_tensors=8)
     (first.parent / "tiny-F16-00003-of-00003.gguf").unlink()
@@ -218,18 +225,22 @@ def test_split_source_whose_parts_are_misnamed_or_missing_is_refused_naming_them
     before = _snapshot(bundle)
     missing = cli("quantize", bundle, "--type", "Q8_0")
     assert missing.code == 1
-    assert ("tiny-F16-00001-of-00003.gguf is split into 3 parts, but the bundle's inventory lacks "
-            "tiny-F16-00003-of-00003.gguf") in " ".join(missing.err.split())  # fmt: skip
+    assert (
+        "tiny-F16-00001-of-00003.gguf is split into 3 parts, but the bundle's inventory lacks tiny-F16-00003-of-00003.gguf"
+    ) in " ".join(missing.err.split())
     assert _snapshot(bundle) == before and not _work_dir(bundle).exists()
 
 
 def test_help_lists_exactly_the_offered_types_and_stays_free_of_heavy_imports():
     from sovpack.cli.quantize_commands import TYPES_HELP
-    from sovpack.quantize import QUANT_TYPES
+    from sovpack.quantize.build import QUANT_TYPES
 
     assert TYPES_HELP.split(", ") == list(QUANT_TYPES)
-    probe = "import sys, sovpack.cli; print('sovpack.quantize' in sys.modules, 'llama_cpp' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True).stdout.split() == ["False", "False"]
+    probe = "import sys, sovpack.cli; print('sovpack.quantize.build' in sys.modules, 'llama_cpp' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True).stdout.split() == [
+        "False",
+        "False",
+    ]
 
 
 # --- bad input ---------------------------------------------------------------------------
@@ -280,8 +291,8 @@ def test_source_that_is_not_gguf_is_a_usage_error(cli, bundle):
 
 def test_malformed_gguf_listed_with_matching_digests_is_refused_before_llama_cpp(cli, bundle):
     """A producer wrote digests for a truncated GGUF: the inventory matches, the header does not."""
-    from sovpack.bundle import read_metadata, write_metadata
-    from sovpack.hashing import digest_file
+    from sovpack.bundle.directory import read_metadata, write_metadata
+    from sovpack.common.hashing import digest_file
 
     path = bundle / "gguf" / "tiny-F32.gguf"
     path.write_bytes(path.read_bytes()[:100_000])
@@ -309,10 +320,10 @@ def test_gguf_llama_cpp_cannot_load_is_refused_with_its_reason(tmp_path, cli):
 
 
 def test_a_plain_refusal_by_llama_cpp_is_not_probed_as_a_write_failure(tmp_path, cli, monkeypatch):
-    import sovpack.llama_quantizer
+    import sovpack.quantize.llama
 
     probed = []
-    monkeypatch.setattr(sovpack.llama_quantizer, "_write_error", lambda partial: probed.append(partial))
+    monkeypatch.setattr(sovpack.quantize.llama, "_write_error", lambda partial: probed.append(partial))
     write_gguf(tmp_path / "model" / "broken-F32.gguf")  # llama.cpp refuses it: no I/O went wrong
     bundle = _pack(cli, tmp_path / "model", tmp_path / "bundle")
     assert cli("quantize", bundle, "--type", "Q8_0").code == 1
@@ -320,12 +331,12 @@ def test_a_plain_refusal_by_llama_cpp_is_not_probed_as_a_write_failure(tmp_path,
 
 
 def test_the_llama_cpp_libraries_are_hashed_once_per_run(cli, bundle, monkeypatch):
-    import sovpack.llama_quantizer
+    import sovpack.quantize.llama
 
     hashed = []
-    real = sovpack.llama_quantizer.sha256_file
-    monkeypatch.setattr(sovpack.llama_quantizer, "_library_digests", {})
-    monkeypatch.setattr(sovpack.llama_quantizer, "sha256_file", lambda path: hashed.append(path) or real(path))
+    real = sovpack.quantize.llama.sha256_file
+    monkeypatch.setattr(sovpack.quantize.llama, "_library_digests", {})
+    monkeypatch.setattr(sovpack.quantize.llama, "sha256_file", lambda path: hashed.append(path) or real(path))
     assert cli("quantize", bundle, "--type", "Q8_0", "--type", "Q4_0").code == 0
     libraries = _entry(bundle, "gguf/tiny-Q8_0.gguf")["source"]["llama_cpp_libraries"]
     assert libraries == _entry(bundle, "gguf/tiny-Q4_0.gguf")["source"]["llama_cpp_libraries"]
@@ -335,17 +346,17 @@ def test_the_llama_cpp_libraries_are_hashed_once_per_run(cli, bundle, monkeypatc
 
 
 def test_a_source_changed_while_it_is_quantized_is_refused_and_the_bundle_stays(cli, bundle, monkeypatch):
-    import sovpack.quantize
+    import sovpack.quantize.build
 
     source = bundle / "gguf" / "tiny-F32.gguf"
-    real = sovpack.quantize.run_llama_quantize
+    real = sovpack.quantize.build.run_llama_quantize
 
     def quantize_then_touch(*args, **kwargs):
         run = real(*args, **kwargs)
         os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 1_000_000_000))
         return run
 
-    monkeypatch.setattr(sovpack.quantize, "run_llama_quantize", quantize_then_touch)
+    monkeypatch.setattr(sovpack.quantize.build, "run_llama_quantize", quantize_then_touch)
     before = (bundle / METADATA_FILE).read_bytes()
     result = cli("quantize", bundle, "--type", "Q8_0")
     assert result.code == 1 and "gguf/tiny-F32.gguf changed on disk while it was being quantized" in result.err, result.err
@@ -487,8 +498,11 @@ def small_tmpfs(tmp_path):
     """A 48 MiB tmpfs holding an 18.6 MiB F32 model, when this process may mount one (root)."""
     mount_point = tmp_path / "tmpfs"
     mount_point.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount_point)],
-                                           capture_output=True).returncode != 0:  # fmt: skip
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount_point)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     try:
         write_llama_gguf(mount_point / "model" / "tiny-F32.gguf", n_embd=512, n_ff=1024, n_layer=2)
@@ -536,8 +550,11 @@ def test_a_commit_cut_short_is_rolled_back_by_the_next_run(cli, bundle, keys):
     (bundle / METADATA_FILE).write_text(json.dumps(metadata))  # sovpack.json as it was before that commit
     work = _work_dir(bundle)
     work.mkdir()
-    (work / "commit.json").write_text(json.dumps({"outputs": [
-        {"path": "gguf/tiny-Q8_0.gguf", "size": len(stray), "sha256": hashlib.sha256(stray).hexdigest()}]}))  # fmt: skip
+    (work / "commit.json").write_text(
+        json.dumps(
+            {"outputs": [{"path": "gguf/tiny-Q8_0.gguf", "size": len(stray), "sha256": hashlib.sha256(stray).hexdigest()}]}
+        )
+    )
     unsignable = cli("sign", bundle, "--key", keys / "alice.key")
     assert unsignable.code == 1 and "gguf/tiny-Q8_0.gguf not listed" in unsignable.err
 
@@ -568,6 +585,6 @@ def _move_into_dir(gguf_file: Path) -> Path:
     ],
 )
 def test_output_is_named_after_the_source_with_its_type_replaced(source, output):
-    from sovpack.quantize import output_path_for
+    from sovpack.quantize.build import output_path_for
 
     assert output_path_for(source, "Q4_K_M") == output

@@ -28,10 +28,10 @@ import openai
 import pytest
 from builders import write_sparse_gguf
 
+from sovpack.bundle.keys import generate_key_pair
 from sovpack.cli import main
 from sovpack.errors import Refused
-from sovpack.keys import generate_key_pair
-from sovpack.store import Store
+from sovpack.store.store import Store
 
 SOVPACK = [sys.executable, "-m", "sovpack"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -94,8 +94,9 @@ class Server:
     def client(self, key: str | None = "default", **kwargs) -> openai.OpenAI:
         key = self.key if key == "default" else key
         http_client = httpx.Client(verify=self.verify) if self.scheme == "https" else None
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=120,
-                             http_client=http_client, **kwargs)  # fmt: skip
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=120, http_client=http_client, **kwargs
+        )
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
@@ -217,7 +218,9 @@ def test_streamed_completion(server):
 
 
 def test_streamed_chat(server):
-    chunks = list(server.client().chat.completions.create(model="smollm2", messages=CHAT, max_tokens=10, temperature=0, stream=True))
+    chunks = list(
+        server.client().chat.completions.create(model="smollm2", messages=CHAT, max_tokens=10, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks).strip()
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
@@ -271,8 +274,13 @@ def test_metrics(server):
     server.client().completions.create(model="smollm2", prompt=PROMPT, max_tokens=4, temperature=0)
     text = httpx.get(f"{server.url}/metrics", headers=server.headers()).text
     assert 'sovpack_requests_total{path="/v1/completions",status="200"}' in text
-    for name in ("sovpack_prompt_tokens_total", "sovpack_completion_tokens_total", "sovpack_queue_depth",
-                 "sovpack_request_duration_seconds_bucket", "sovpack_slots_total 2"):  # fmt: skip
+    for name in (
+        "sovpack_prompt_tokens_total",
+        "sovpack_completion_tokens_total",
+        "sovpack_queue_depth",
+        "sovpack_request_duration_seconds_bucket",
+        "sovpack_slots_total 2",
+    ):
         assert name in text
     assert server.metric("sovpack_completion_tokens_total") >= 4
 
@@ -306,7 +314,9 @@ def test_cors_only_for_listed_origins(server):
 
 def test_oversized_body_gets_413(server):
     with pytest.raises(openai.APIStatusError) as e:
-        server.client().chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x" * 1_200_000}], max_tokens=2)
+        server.client().chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "x" * 1_200_000}], max_tokens=2
+        )
     assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
 
 
@@ -331,7 +341,9 @@ def test_prompt_larger_than_the_context(server):
         server.client().completions.create(model="smollm2", prompt="hello " * 1000, max_tokens=4)
     assert e.value.body["code"] == "context_length_exceeded" and "512" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        server.client().chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hello " * 1000}], max_tokens=4)
+        server.client().chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "hello " * 1000}], max_tokens=4
+        )
     assert e.value.body["param"] == "messages"
 
 
@@ -377,7 +389,9 @@ def test_full_queue_answers_503_with_retry_after(env):
         busy.start()
         s.wait_metric("sovpack_slots_busy", 1)
         queued_result = {}
-        queued = threading.Thread(target=lambda: queued_result.update(r=client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=4)))
+        queued = threading.Thread(
+            target=lambda: queued_result.update(r=client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=4))
+        )
         queued.start()
         s.wait_metric("sovpack_queue_depth", 1)
         with pytest.raises(openai.APIStatusError) as e:
@@ -394,8 +408,14 @@ def test_full_queue_answers_503_with_retry_after(env):
 
 def test_sigterm_lets_the_stream_in_flight_finish(env):
     s = Server(env, env.bundle, name="sigterm").wait_ready()
-    body = {"prompt": PROMPT, "max_tokens": 200, "min_tokens": 200, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": 200,
+        "min_tokens": 200,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     chunks = []
     with httpx.stream("POST", f"{s.url}/v1/completions", json=body, headers=s.headers(), timeout=60) as r:
         for line in r.iter_lines():
@@ -426,8 +446,10 @@ def big_bundle(env) -> Path:
     return bundle
 
 
-@pytest.mark.parametrize(("sig", "message"), [(signal.SIGTERM, "stopped by SIGTERM while verifying, before serving anything"),
-                                              (signal.SIGINT, "interrupted")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("sig", "message"),
+    [(signal.SIGTERM, "stopped by SIGTERM while verifying, before serving anything"), (signal.SIGINT, "interrupted")],
+)
 def test_a_signal_during_verification_stops_serve_with_an_audit_record(env, big_bundle, sig, message):
     s = Server(env, big_bundle, name=f"verify-{sig.name}")
     deadline = time.monotonic() + 30
@@ -448,7 +470,10 @@ def test_shutdown_timeout_zero_cancels_the_stream_at_once(env):
     body = {"prompt": PROMPT, "max_tokens": 400, "min_tokens": 400, "temperature": 0, "stream": True}
     chunks = []
     # cut short: the connection closes before [DONE]
-    with pytest.raises(httpx.HTTPError), httpx.stream("POST", f"{s.url}/v1/completions", json=body, headers=s.headers(), timeout=60) as r:
+    with (
+        pytest.raises(httpx.HTTPError),
+        httpx.stream("POST", f"{s.url}/v1/completions", json=body, headers=s.headers(), timeout=60) as r,
+    ):
         for line in r.iter_lines():
             chunks.append(line)
             if len(chunks) == 1:
@@ -517,15 +542,24 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.now(timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    )
     (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     (directory / "key.pem").chmod(0o600)
     return directory / "cert.pem", directory / "key.pem"
 
@@ -545,7 +579,10 @@ def test_serve_by_name_from_the_store(env, cli):
             assert s.stop() == 0, s.output()
     logged = [json.loads(line) for line in (store / "logs" / "access.jsonl").read_text().splitlines()]
     assert logged[-1]["prompt"] == CHAT and logged[-1]["key_id"] is None  # --log-prompts; no keys on loopback
-    assert [r["event"] for r in Store(store).audit.records() if r["event"].startswith("serve")] == ["serve-start", "serve-stop"] * 2
+    assert [r["event"] for r in Store(store).audit.records() if r["event"].startswith("serve")] == [
+        "serve-start",
+        "serve-stop",
+    ] * 2
     assert run("trust", "remove", "alice", "--store", store) == 0
     result = cli("serve", "smollm2", "--store", store, "--port", free_port())
     assert result.code == 1 and "still trusted" in result.err  # revoked: the record alone is not enough
@@ -600,7 +637,17 @@ def test_port_in_use(cli, env):
 
 
 def test_missing_tls_file_and_wildcard_cors(cli, env, tmp_path):
-    result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub", "--tls-cert", tmp_path / "no.pem", "--tls-key", tmp_path / "no.key")
+    result = _serve(
+        cli,
+        env,
+        env.bundle,
+        "--trust",
+        env.keys / "alice.pub",
+        "--tls-cert",
+        tmp_path / "no.pem",
+        "--tls-key",
+        tmp_path / "no.key",
+    )
     assert result.code == 2 and "no.pem" in result.err
     result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub", "--cors-origin", "*")
     assert result.code == 2 and "wildcard" in result.err
@@ -687,15 +734,18 @@ def test_a_uvicorn_without_the_internals_serve_overrides(cli, env, monkeypatch):
     assert result.code == 3 and f"uvicorn {uvicorn.__version__} lacks uvicorn.Server.capture_signals" in result.err
 
 
-@pytest.mark.parametrize(("option", "message"), [
-    (("--parallel", "0"), "--parallel 0: must be 1 or more"),
-    (("--ctx-size", "1"), "--ctx-size 1: must be 64 or more"),
-    (("--shutdown-timeout", "-1"), "--shutdown-timeout -1.0: give a number of seconds, 0 or more"),
-    (("--n-gpu-layers", "lots"), "--n-gpu-layers 'lots': give auto, a number of layers, or -1 for all"),
-    (("--max-request-size", "12Q"), "--max-request-size '12Q': give bytes or a size like"),
-    (("--cors-origin", "chat.example.mil"), "--cors-origin 'chat.example.mil': give a scheme and host"),
-    (("--host", "no-such-host.invalid"), "--host no-such-host.invalid: cannot resolve it"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--parallel", "0"), "--parallel 0: must be 1 or more"),
+        (("--ctx-size", "1"), "--ctx-size 1: must be 64 or more"),
+        (("--shutdown-timeout", "-1"), "--shutdown-timeout -1.0: give a number of seconds, 0 or more"),
+        (("--n-gpu-layers", "lots"), "--n-gpu-layers 'lots': give auto, a number of layers, or -1 for all"),
+        (("--max-request-size", "12Q"), "--max-request-size '12Q': give bytes or a size like"),
+        (("--cors-origin", "chat.example.mil"), "--cors-origin 'chat.example.mil': give a scheme and host"),
+        (("--host", "no-such-host.invalid"), "--host no-such-host.invalid: cannot resolve it"),
+    ],
+)
 def test_a_bad_option_is_a_usage_error_naming_it(cli, env, option, message):
     result = _serve(cli, env, env.bundle, "--trust", env.keys / "alice.pub", *option)
     assert result.code == 2 and message in result.err, result.err
@@ -755,11 +805,11 @@ def test_fast_path_skips_rehash_only_for_unchanged_read_only_files(env):
 
 def _force_sign(bundle: Path, key_file: Path) -> None:
     """Sign whatever sovpack.json says, bypassing `sign`'s own checks (as a buggy or hostile tool would)."""
-    from sovpack.bundle import read_metadata, read_metadata_bytes
-    from sovpack.hashing import sha256_bytes
-    from sovpack.keys import key_id, load_private_key
-    from sovpack.sign import statement_for
-    from sovpack.signature import sign_statement
+    from sovpack.bundle.directory import read_metadata, read_metadata_bytes
+    from sovpack.bundle.keys import key_id, load_private_key
+    from sovpack.bundle.sign import statement_for
+    from sovpack.bundle.signature import sign_statement
+    from sovpack.common.hashing import sha256_bytes
 
     key = load_private_key(key_file)
     payload = statement_for(read_metadata(bundle), sha256_bytes(read_metadata_bytes(bundle)))

@@ -12,7 +12,7 @@ from builders import write_gguf
 from transfer_helpers import audit_records, flip_byte, sovpack, store_snapshot
 
 from sovpack.errors import Refused, UsageError
-from sovpack.store import Store
+from sovpack.store.store import Store
 
 
 @pytest.fixture
@@ -64,7 +64,10 @@ def test_trust_add_list_remove_and_threshold(cli, tmp_path, keys):
         (["trust", "remove", "nobody"], "no trusted key"),
         (["trust", "threshold", "0"], "1 or more"),
         (["trust", "add", "KEYS/nothing.pub"], "does not exist"),
-        (["trust", "add", "KEYS/bob.pub", "--name", "alice"], "a different key is already trusted as 'alice'; choose another --name"),
+        (
+            ["trust", "add", "KEYS/bob.pub", "--name", "alice"],
+            "a different key is already trusted as 'alice'; choose another --name",
+        ),
         (["trust", "add", "KEYS/bob.pub", "--name", "bob smith"], "trust name 'bob smith': use letters, digits"),
     ],
 )
@@ -197,7 +200,9 @@ def test_store_api_for_serve(cli, signed_bundle, store, tmp_path, keys):
         s.find("tiny@9")
 
 
-def test_serve_threshold_can_raise_the_one_an_installed_bundle_is_held_to_but_a_lower_one_is_refused(cli, signed_bundle, store, tmp_path):
+def test_serve_threshold_can_raise_the_one_an_installed_bundle_is_held_to_but_a_lower_one_is_refused(
+    cli, signed_bundle, store, tmp_path
+):
     install(cli, signed_bundle, store, tmp_path)
     s = Store(store)
     installed = s.find("tiny")

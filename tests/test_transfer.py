@@ -21,18 +21,18 @@ import pytest
 from builders import write_gguf
 from transfer_helpers import audit_records, flip_byte, sovpack, staged_bundles, store_snapshot, write_big_safetensors
 
-from sovpack.archive import MAX_HEADER_BYTES
-from sovpack.bundle import read_metadata
+from sovpack.bundle.directory import read_metadata
+from sovpack.bundle.signature import MAX_SIGNATURE_BYTES
+from sovpack.bundle.trust import load_trust
+from sovpack.bundle.verify import verify_bundle
+from sovpack.common.hashing import ShardDigests, digest_file
+from sovpack.common.progress import Progress
 from sovpack.errors import Refused, UsageError
-from sovpack.exporter import export_volumes
-from sovpack.hashing import ShardDigests, digest_file
-from sovpack.installer import import_bundle
-from sovpack.progress import Progress
-from sovpack.signature import MAX_SIGNATURE_BYTES
-from sovpack.store import Store
-from sovpack.trust import load_trust
-from sovpack.verify import verify_bundle
-from sovpack.volumes import parse_volume_size
+from sovpack.store.store import Store
+from sovpack.transfer.archive import MAX_HEADER_BYTES
+from sovpack.transfer.export import export_volumes
+from sovpack.transfer.import_ import import_bundle
+from sovpack.transfer.index import parse_volume_size
 
 
 @pytest.fixture
@@ -164,8 +164,15 @@ def test_export_replaces_the_volumes_of_an_interrupted_export_and_nothing_else(c
 
 def test_export_to_a_destination_that_fills_up_leaves_nothing(signed_bundle, tmp_path):
     limit = 6000  # RLIMIT_FSIZE: writing past it fails with EFBIG, as a full medium fails with ENOSPC
-    result = sovpack("export", signed_bundle, "--to", tmp_path / "out", "--volume-size", "8K",
-                     preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
+    result = sovpack(
+        "export",
+        signed_bundle,
+        "--to",
+        tmp_path / "out",
+        "--volume-size",
+        "8K",
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
     assert result.returncode == 3, result.stderr
     assert b"tiny-v3.001" in result.stderr and b"full" in result.stderr
     assert list((tmp_path / "out").iterdir()) == []
@@ -226,21 +233,25 @@ def test_files_a_delta_export_left_out_are_verified_from_the_store(cli, signed_b
 
 
 def test_stream_through_a_pipe_as_for_a_data_diode(signed_bundle, store, tmp_path):
-    sender = subprocess.Popen([sys.executable, "-m", "sovpack", "export", signed_bundle, "--to", "-"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    sender = subprocess.Popen(
+        [sys.executable, "-m", "sovpack", "export", signed_bundle, "--to", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     receiver = sovpack("import", "-", "--store", store, stdin=sender.stdout)
     sender.stdout.close()
     assert sender.wait() == 0 and receiver.returncode == 0, receiver.stderr
     assert b"INSTALLED tiny v3" in receiver.stdout
     assert b"exported tiny v3" in sender.stderr.read()
-    assert (store / "bundles" / "tiny" / "3" / "model.safetensors").read_bytes() == (signed_bundle / "model.safetensors").read_bytes()
+    assert (store / "bundles" / "tiny" / "3" / "model.safetensors").read_bytes() == (
+        signed_bundle / "model.safetensors"
+    ).read_bytes()
     assert list((store / "tmp").iterdir()) == []
 
 
 def test_a_receiver_that_closes_the_stream_early_is_named(cli, model_dir, tmp_path, keys):
     bundle = bundle_with_big_file(cli, model_dir, tmp_path, keys, 4 * 1024 * 1024)  # more than a pipe holds
-    sender = subprocess.Popen([sys.executable, "-m", "sovpack", "export", bundle, "--to", "-"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    sender = subprocess.Popen(
+        [sys.executable, "-m", "sovpack", "export", bundle, "--to", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     sender.stdout.read(1000)
     sender.stdout.close()
     assert sender.wait() == 3
@@ -400,8 +411,11 @@ def test_forged_index_signature(cli, signed_bundle, store, tmp_path, keys):
 def test_model_signing_verifies_a_signed_export(cli, signed_bundle, tmp_path, keys):
     out = export(cli, signed_bundle, tmp_path / "out", "--key", keys / "alice.key")
     tool = Path(sys.executable).parent / "model_signing"
-    result = subprocess.run([tool, "verify", "key", out, "--signature", out / "tiny-v3.index.sig", "--public_key", keys / "alice.pub"],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [tool, "verify", "key", out, "--signature", out / "tiny-v3.index.sig", "--public_key", keys / "alice.pub"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -453,7 +467,9 @@ def test_expired_bundle(model_dir, tmp_path, keys, cli):
     export_volumes(bundle, tmp_path / "out", volume_size=8192)
     store = Store(tmp_path / "store")
     with pytest.raises(Refused, match="expired on"):
-        import_bundle(str(tmp_path / "out"), store, load_trust([keys / "alice.pub"]), now=datetime.now(timezone.utc) + timedelta(days=2))
+        import_bundle(
+            str(tmp_path / "out"), store, load_trust([keys / "alice.pub"]), now=datetime.now(timezone.utc) + timedelta(days=2)
+        )
     assert not store.bundles_dir.exists() and store.installed() == []
     assert audit_records(store.root)[-1]["outcome"] == "refused"
 
@@ -471,7 +487,9 @@ def test_downgrade_is_refused_with_both_versions(cli, signed_bundle, store, tmp_
     v2 = export(cli, new_version(cli, tmp_path, model_dir, keys, 2, extra_gguf=False), tmp_path / "v2")
     before = store_snapshot(store)
     result = cli("import", v2, "--store", store)
-    assert result.code == 1 and "tiny v2" in result.err and "not newer than v3" in result.err and "--allow-downgrade" in result.err
+    assert (
+        result.code == 1 and "tiny v2" in result.err and "not newer than v3" in result.err and "--allow-downgrade" in result.err
+    )
     assert store_snapshot(store) == before
     allowed = cli("import", v2, "--store", store, "--allow-downgrade")
     assert allowed.code == 0 and (store / "bundles" / "tiny" / "2").is_dir()
@@ -494,7 +512,9 @@ def test_store_on_a_full_disk(cli, model_dir, store, tmp_path, keys):
     out = export(cli, tmp_path / "bigbundle", tmp_path / "out", "--volume-size", "100K")
     before = store_snapshot(store)
     limit = 128 * 1024  # RLIMIT_FSIZE in the importing process: its writes beyond fail (EFBIG) as on a full disk
-    result = sovpack("import", out, "--store", store, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    result = sovpack(
+        "import", out, "--store", store, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    )
     assert result.returncode == 3, result.stderr
     assert b"weights-2.safetensors" in result.stderr and b"full" in result.stderr
     assert store_snapshot(store) == before and staged_bundles(store) == []
@@ -514,7 +534,15 @@ def test_delta_export_leaves_out_what_the_store_holds(cli, signed_bundle, store,
     delta = export(cli, v4, tmp_path / "v4-delta", "--since", v3_out / "tiny-v3.index.json")
     index = json.loads((delta / "tiny-v4.index.json").read_text())
     left_out = {f["path"] for f in index["left_out"]}
-    assert left_out == {"model.safetensors", "gguf/tiny-F32.gguf", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "LICENSE"}
+    assert left_out == {
+        "model.safetensors",
+        "gguf/tiny-F32.gguf",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "LICENSE",
+    }
     assert index["since"]["version"] == 3
     assert index["archive"]["size"] < json.loads((full / "tiny-v4.index.json").read_text())["archive"]["size"]
     result = cli("import", delta, "--store", store)
@@ -652,7 +680,9 @@ def test_an_index_signed_by_an_untrusted_key_is_imported_with_a_warning(cli, sig
     out = export(cli, signed_bundle, tmp_path / "out", "--key", keys / "mallory.key")
     result = cli("import", out, "--store", store, "--trust", keys / "alice.pub")
     assert result.code == 0, result.err
-    assert "warning: index signed by key" in result.out and "not in the trust set (signature not checked)" in result.out  # the bundle's own signers still decide
+    assert (
+        "warning: index signed by key" in result.out and "not in the trust set (signature not checked)" in result.out
+    )  # the bundle's own signers still decide
 
 
 # a real small disk (tmpfs), where this machine allows mounting one
@@ -728,8 +758,9 @@ def unprivileged() -> dict:
     """Arguments for `sovpack` so that a file with mode 000 is unreadable to it, as it is to any operator but root."""
     if os.geteuid() != 0:
         return {}
-    probe = subprocess.run([sys.executable, "-c", "open('/proc/self/status')"], preexec_fn=drop_file_mode_override,
-                           capture_output=True)  # fmt: skip
+    probe = subprocess.run(
+        [sys.executable, "-c", "open('/proc/self/status')"], preexec_fn=drop_file_mode_override, capture_output=True
+    )
     if probe.returncode != 0:
         pytest.skip("cannot drop CAP_DAC_OVERRIDE here, and root reads a file whatever its mode")
     return {"preexec_fn": drop_file_mode_override}
@@ -773,18 +804,30 @@ def edit_index(index: Path, change) -> None:
 @pytest.mark.parametrize(
     "damage,message",
     [
-        (lambda i: i.write_text('{"format": "sovpack-export", '),
-         "tiny-v3.index.json is not a sovpack export index (invalid JSON"),
-        (lambda i: edit_index(i, lambda d: d.update(format_version=2)),
-         "tiny-v3.index.json: format 'sovpack-export' version 2 is not"),
-        (lambda i: edit_index(i, lambda d: d["volumes"][1].update(file="tiny-v3.007")),
-         "tiny-v3.index.json: volume 2 is named 'tiny-v3.007', expected 'tiny-v3.002'"),
-        (lambda i: edit_index(i, lambda d: d["archive"].update(size=d["archive"]["size"] + 1)),
-         "tiny-v3.index.json: the archive size"),
-        (lambda i: edit_index(i, lambda d: d["volumes"][0].update(sha256="0" * 63)),
-         "tiny-v3.index.json: field 'volumes[0].sha256' is not a SHA-256 hex digest"),
-        (lambda i: i.rename(i.with_name("tiny-v4.index.json")),
-         "tiny-v4.index.json describes tiny v3, whose index is named tiny-v3.index.json"),
+        (
+            lambda i: i.write_text('{"format": "sovpack-export", '),
+            "tiny-v3.index.json is not a sovpack export index (invalid JSON",
+        ),
+        (
+            lambda i: edit_index(i, lambda d: d.update(format_version=2)),
+            "tiny-v3.index.json: format 'sovpack-export' version 2 is not",
+        ),
+        (
+            lambda i: edit_index(i, lambda d: d["volumes"][1].update(file="tiny-v3.007")),
+            "tiny-v3.index.json: volume 2 is named 'tiny-v3.007', expected 'tiny-v3.002'",
+        ),
+        (
+            lambda i: edit_index(i, lambda d: d["archive"].update(size=d["archive"]["size"] + 1)),
+            "tiny-v3.index.json: the archive size",
+        ),
+        (
+            lambda i: edit_index(i, lambda d: d["volumes"][0].update(sha256="0" * 63)),
+            "tiny-v3.index.json: field 'volumes[0].sha256' is not a SHA-256 hex digest",
+        ),
+        (
+            lambda i: i.rename(i.with_name("tiny-v4.index.json")),
+            "tiny-v4.index.json describes tiny v3, whose index is named tiny-v3.index.json",
+        ),
     ],
     ids=["invalid-json", "format-version", "volume-name", "archive-size", "digest", "renamed"],
 )
@@ -811,8 +854,9 @@ class ShrinkWhenWriting(Progress):
 
 def test_a_file_that_shrinks_while_it_is_exported_stops_the_export(signed_bundle, tmp_path):
     with pytest.raises(Refused, match=r"^model.safetensors shrank while it was being exported \(10 of \d+ bytes\)") as refused:
-        export_volumes(signed_bundle, tmp_path / "out", volume_size=8192,
-                       progress=ShrinkWhenWriting(signed_bundle / "model.safetensors"))  # fmt: skip
+        export_volumes(
+            signed_bundle, tmp_path / "out", volume_size=8192, progress=ShrinkWhenWriting(signed_bundle / "model.safetensors")
+        )
     assert refused.value.exit_code == 1 and list((tmp_path / "out").iterdir()) == []
 
 
@@ -824,8 +868,9 @@ def stream_import(store: Path, stream: bytes) -> subprocess.CompletedProcess:
 
 def test_a_member_that_appears_twice_is_refused(signed_bundle, store):
     metadata, config = (signed_bundle / "sovpack.json").read_bytes(), (signed_bundle / "config.json").read_bytes()
-    stream = tar_stream([member("tiny-v3/sovpack.json", metadata), member("tiny-v3/config.json", config),
-                         member("tiny-v3/config.json", config)])  # fmt: skip
+    stream = tar_stream(
+        [member("tiny-v3/sovpack.json", metadata), member("tiny-v3/config.json", config), member("tiny-v3/config.json", config)]
+    )
     result = stream_import(store, stream)
     assert result.returncode == 1 and b"tiny-v3/config.json appears twice in the stream" in result.stderr
 
@@ -835,8 +880,11 @@ def test_a_member_that_appears_twice_is_refused(signed_bundle, store):
     [
         ("tiny-v3/signatures/notes.txt", 5, "tiny-v3/signatures/notes.txt in the stream does not belong in signatures/"),
         ("tiny-v3/signatures/deep/a.sig", 5, "tiny-v3/signatures/deep/a.sig in the stream does not belong in signatures/"),
-        ("tiny-v3/signatures/big.sig", MAX_SIGNATURE_BYTES + 1,
-         f"tiny-v3/signatures/big.sig in the stream is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature"),
+        (
+            "tiny-v3/signatures/big.sig",
+            MAX_SIGNATURE_BYTES + 1,
+            f"tiny-v3/signatures/big.sig in the stream is larger than {MAX_SIGNATURE_BYTES} bytes; not a signature",
+        ),
     ],
 )
 def test_what_does_not_belong_in_signatures_is_refused_before_it_is_read(signed_bundle, store, name, size, message):

@@ -17,8 +17,15 @@ MiB = 1 << 20
 
 def sovpack(*args, stdin=None, input: bytes | None = None, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     """`python -m sovpack ARGS` as a separate process."""
-    return subprocess.run([sys.executable, "-m", "sovpack", *map(str, args)], stdin=stdin, input=input,
-                          capture_output=True, env=env, cwd=ROOT, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "sovpack", *map(str, args)],
+        stdin=stdin,
+        input=input,
+        capture_output=True,
+        env=env,
+        cwd=ROOT,
+        **kwargs,
+    )
 
 
 def store_snapshot(store: Path) -> dict:

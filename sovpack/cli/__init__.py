@@ -40,7 +40,14 @@ def _root(
 
 # Each module registers its commands on `app`; this order is the order of `sovpack --help`:
 # the trip from the Hub to the server.
-COMMAND_MODULES = ("bundle_commands", "fetch_commands", "quantize_commands", "transfer_commands", "store_commands", "serve_commands")
+COMMAND_MODULES = (
+    "bundle_commands",
+    "fetch_commands",
+    "quantize_commands",
+    "transfer_commands",
+    "store_commands",
+    "serve_commands",
+)
 for _module in COMMAND_MODULES:
     importlib.import_module(f"sovpack.cli.{_module}")
 

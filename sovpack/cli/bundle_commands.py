@@ -31,13 +31,18 @@ def keygen(
     name: str = typer.Argument(..., help="Key name: writes NAME.key (private, mode 0600) and NAME.pub."),
     dir: Path = typer.Option(Path("."), "--dir", help="Directory to write the key files into."),
     curve: str = typer.Option("p384", "--curve", help="p384 (default) or p256."),
-    password_file: Optional[Path] = typer.Option(None, "--password-file", help="Encrypt the private key with the password in this file."),
+    password_file: Optional[Path] = typer.Option(
+        None, "--password-file", help="Encrypt the private key with the password in this file."
+    ),
 ) -> None:
     """Create an ECDSA signing key pair as PEM files. Never overwrites an existing key."""
-    from sovpack.keys import generate_key_pair
+    from sovpack.bundle.keys import generate_key_pair
 
     key = generate_key_pair(name, dir, curve.lower(), read_password(password_file))
-    console.print(f"key id {key.key_id}\nprivate key {key.private_path} (keep it secret)\npublic key  {key.public_path} (give it to verifiers)")
+    console.print(
+        f"key id {key.key_id}\nprivate key {key.private_path} (keep it "
+        f"secret)\npublic key  {key.public_path} (give it to verifiers)"
+    )
 
 
 @app.command()
@@ -51,8 +56,8 @@ def pack(
     """Turn a local model directory into an unsigned bundle (files copied or hard-linked)."""
     from datetime import datetime, timezone
 
-    from sovpack.metadata import parse_expiry
-    from sovpack.pack import pack as pack_bundle
+    from sovpack.bundle.metadata import parse_expiry
+    from sovpack.bundle.pack import pack as pack_bundle
 
     now = datetime.now(timezone.utc)
     metadata, skipped = pack_bundle(src, out, name, version=version, expires=parse_expiry(expires, now), now=now)
@@ -71,8 +76,8 @@ def sign(
     password_file: Optional[Path] = typer.Option(None, "--password-file", help="File holding the private key's password."),
 ) -> None:
     """Check the bundle's files against its inventory, then add this key's signature."""
-    from sovpack.keys import load_private_key, private_key_is_encrypted
-    from sovpack.sign import sign_bundle
+    from sovpack.bundle.keys import load_private_key, private_key_is_encrypted
+    from sovpack.bundle.sign import sign_bundle
 
     password = read_password(password_file)
     if password is None and private_key_is_encrypted(key) and sys.stdin.isatty():
@@ -93,8 +98,8 @@ def verify(
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report instead of a table."),
 ) -> None:
     """Check signatures, threshold, metadata, inventory, digests, formats and expiry, in that order."""
-    from sovpack.store import Store, verify_target
-    from sovpack.trust import load_trust
+    from sovpack.bundle.trust import load_trust
+    from sovpack.store.store import Store, verify_target
 
     policy = load_trust(trust, threshold or 1) if trust else None
     report = verify_target(bundle, Store(store), policy, threshold)
@@ -123,7 +128,10 @@ def render_verify_report(report) -> None:
     console.print(table)
     for s in report.signatures:
         who = f"{s.signer.name} ({s.key_id})" if s.signer else f"key {s.key_id}"
-        verdict = {"valid": "[green]valid, trusted[/]", "stale": "[yellow]trusted, but signs another version of sovpack.json[/]"}.get(s.status, "[yellow]not in the trust set[/]")
+        verdict = {
+            "valid": "[green]valid, trusted[/]",
+            "stale": "[yellow]trusted, but signs another version of sovpack.json[/]",
+        }.get(s.status, "[yellow]not in the trust set[/]")
         console.print(f"  {escape(s.file)}: {escape(who)} {verdict}")
     if report.ok:
         console.print(f"[bold green]VERIFIED[/] {escape(title)}")
@@ -137,7 +145,7 @@ def inspect(
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON document."),
 ) -> None:
     """Show what a bundle holds (files, formats, sources, signatures) without keys or hashing."""
-    from sovpack.describe import describe_bundle
+    from sovpack.bundle.describe import describe_bundle
 
     doc = describe_bundle(bundle)
     if json_output:
@@ -151,17 +159,31 @@ def render_description(doc: dict) -> None:
     from rich.table import Table
 
     expiry = doc["expires"] or "never"
-    console.print(f"[bold]{escape(doc['name'])}[/] v{doc['version']}  created {doc['created']}  expires {expiry}  ({human_size(doc['total_size'])})")
+    console.print(
+        f"[bold]{escape(doc['name'])}[/] v{doc['version']}  created "
+        f"{doc['created']}  expires {expiry}  ({human_size(doc['total_size'])})"
+    )
     table = Table(show_header=True)
     for column in ("file", "size", "role", "format", "details", "source"):
         table.add_column(column, overflow="fold")
     for f in doc["files"]:
-        table.add_row(escape(f["path"]), human_size(f["size"]), f["role"], f["format"], escape(_details(f.get("details"))), escape(_source(f.get("source"))))
+        table.add_row(
+            escape(f["path"]),
+            human_size(f["size"]),
+            f["role"],
+            f["format"],
+            escape(_details(f.get("details"))),
+            escape(_source(f.get("source"))),
+        )
     console.print(table)
     if not doc["signatures"]:
         console.print("signatures: none (unsigned)")
     for s in doc["signatures"]:
-        state = "covers this metadata" if s["covers_metadata"] else f"[yellow]does not cover this metadata[/] {escape(s['problem'] or '')}"
+        state = (
+            "covers this metadata"
+            if s["covers_metadata"]
+            else f"[yellow]does not cover this metadata[/] {escape(s['problem'] or '')}"
+        )
         console.print(f"signature {escape(s['file'])}: key {s['key_id']} {state}")
 
 
@@ -169,9 +191,15 @@ def _details(details: dict | None) -> str:
     if not details:
         return ""
     if "file_type" in details:
-        mix = ", ".join(f"{count} {name}" for name, count in sorted((details.get("tensor_types") or {}).items(), key=lambda kv: -kv[1]))
-        parts = [details.get("architecture") or "?", details.get("file_type") or "type unknown", f"({mix})" if mix else "",
-                 f"ctx {details.get('context_length')}"]  # fmt: skip
+        mix = ", ".join(
+            f"{count} {name}" for name, count in sorted((details.get("tensor_types") or {}).items(), key=lambda kv: -kv[1])
+        )
+        parts = [
+            details.get("architecture") or "?",
+            details.get("file_type") or "type unknown",
+            f"({mix})" if mix else "",
+            f"ctx {details.get('context_length')}",
+        ]
         if details.get("chat_template_sha256"):
             parts.append(f"template {details['chat_template_sha256'][:12]}")
         return " ".join(str(p) for p in parts if p)
@@ -186,6 +214,8 @@ def _source(source: dict | None) -> str:
         return f"{source.get('repo')}@{str(source.get('commit'))[:12]}"
     if source.get("type") == "quantized":
         built_with = " ".join(str(v) for v in (source.get("llama_cpp_version"), source.get("llama_cpp_commit")) if v)
-        return (f"quantized to {source.get('quantization')} from {source.get('input')} "
-                f"(sha256 {str(source.get('input_sha256'))[:12]}) by llama.cpp {built_with or 'of unknown version'}")  # fmt: skip
+        return (
+            f"quantized to {source.get('quantization')} from {source.get('input')} "
+            f"(sha256 {str(source.get('input_sha256'))[:12]}) by llama.cpp {built_with or 'of unknown version'}"
+        )
     return source.get("type", "")

@@ -46,15 +46,17 @@ def fetch(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Resolve and list what would be downloaded (files, sizes, commits); download nothing."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no listing; errors only (with --dry-run, only the totals line)."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress and no listing; errors only (with --dry-run, only the totals line)."
+    ),
 ) -> None:
     """Download a model from the Hugging Face Hub at a pinned commit, check every byte, and write an unsigned bundle.
 
     Tokens for gated or private repositories come from HF_TOKEN. Re-running an interrupted fetch continues
     where it stopped. Details: docs/fetch.md.
     """
-    from sovpack.fetch import fetch as run_fetch
-    from sovpack.fetch_spec import load_spec, request_from_args, with_overrides
+    from sovpack.fetch.download import fetch as run_fetch
+    from sovpack.fetch.spec import load_spec, request_from_args, with_overrides
 
     if spec is not None:
         if repo or include or exclude or gguf:
@@ -77,7 +79,7 @@ def fetch(
         warn_if_expired(result.metadata)
 
 
-class FetchView:  # implements sovpack.fetch.FetchEvents
+class FetchView:  # implements sovpack.fetch.download.FetchEvents
     """Renders fetch events: rich progress bars on a terminal, plain lines in pipes, nothing with --quiet."""
 
     def __init__(self, *, quiet: bool, dry_run: bool):

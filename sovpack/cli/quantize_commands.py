@@ -18,14 +18,30 @@ TYPES_HELP = "Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, Q4_0
 @app.command()
 def quantize(
     bundle: Path = typer.Argument(..., help="Bundle directory holding the F32/F16/BF16 GGUF to quantize."),
-    types: list[str] = typer.Option(..., "--type", metavar="TYPE", help=f"Quantization type, as llama.cpp names it (case-insensitive); "
-                                    f"repeat for several: {TYPES_HELP}."),  # fmt: skip
-    source: Optional[str] = typer.Option(None, "--source", metavar="FILE_IN_BUNDLE", help="GGUF to quantize, as a path inside the bundle (default: "
-                                         "the bundle's only F32/F16/BF16 GGUF; for a split GGUF, its first part)."),  # fmt: skip
-    threads: Optional[int] = typer.Option(None, "--threads", metavar="N", help="CPU threads for llama.cpp (default: all cores available)."),
+    types: list[str] = typer.Option(
+        ...,
+        "--type",
+        metavar="TYPE",
+        help=f"Quantization type, as llama.cpp names it (case-insensitive); repeat for several: {TYPES_HELP}.",
+    ),
+    source: Optional[str] = typer.Option(
+        None,
+        "--source",
+        metavar="FILE_IN_BUNDLE",
+        help="GGUF to quantize, as a path inside the bundle (default: "
+        "the bundle's only F32/F16/BF16 GGUF; for a split GGUF, its first part).",
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", metavar="N", help="CPU threads for llama.cpp (default: all cores available)."
+    ),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow an already quantized source (loses quality)."),
-    version: Optional[int] = typer.Option(None, "--version", metavar="N", help="Set the bundle version to N (not lower than the current one). "
-                                          "Default: unchanged for an unsigned bundle, one up for a signed one."),  # fmt: skip
+    version: Optional[int] = typer.Option(
+        None,
+        "--version",
+        metavar="N",
+        help="Set the bundle version to N (not lower than the current one). "
+        "Default: unchanged for an unsigned bundle, one up for a signed one.",
+    ),
 ) -> None:
     """Quantize a GGUF of the bundle with llama.cpp and add the result to the bundle's inventory.
 
@@ -33,11 +49,18 @@ def quantize(
     bytes against the inventory first, records the input digest, type, llama.cpp version and
     options for every output, and adds all outputs or none. The bundle must be signed again.
     """
-    from sovpack.quantize import quantize_bundle
+    from sovpack.quantize.build import quantize_bundle
 
     with _progress_display() as on_progress:
-        result = quantize_bundle(bundle, types, source=source, threads=threads, allow_requantize=allow_requantize,
-                                 version=version, on_progress=on_progress)  # fmt: skip
+        result = quantize_bundle(
+            bundle,
+            types,
+            source=source,
+            threads=threads,
+            allow_requantize=allow_requantize,
+            version=version,
+            on_progress=on_progress,
+        )
     _report(bundle, result)
 
 
@@ -51,18 +74,25 @@ def _report(bundle: Path, result) -> None:
     say(f"source {escape(src.entry.path)} ({src.file_type or 'unknown type'}, {human_size(src.size)}) matches the inventory")
     for entry in result.outputs:
         qtype = entry.source["quantization"]
-        say(f"quantized to {qtype}: {escape(entry.path)} ({human_size(entry.size)}, sha256 {entry.sha256}) in {result.seconds[qtype]:.1f} s")
+        say(
+            f"quantized to {qtype}: {escape(entry.path)} ({human_size(entry.size)}, "
+            f"sha256 {entry.sha256}) in {result.seconds[qtype]:.1f} s"
+        )
     built_with = result.outputs[0].source
-    say(f"llama.cpp {built_with.get('llama_cpp_version')} (commit {built_with.get('llama_cpp_commit')}), "
-        f"llama-cpp-python {built_with.get('llama_cpp_python_version')}")  # fmt: skip
+    say(
+        f"llama.cpp {built_with.get('llama_cpp_version')} (commit {built_with.get('llama_cpp_commit')}), "
+        f"llama-cpp-python {built_with.get('llama_cpp_python_version')}"
+    )
     m = result.metadata
     version = f"v{result.previous_version} -> v{m.version}" if m.version != result.previous_version else f"v{m.version}"
     say(f"{escape(m.name)} {version}: sovpack.json rewritten with {len(result.outputs)} new file(s)")
     for sig in result.stale_signatures:
         say(f"[yellow]warning:[/] {escape(sig)} no longer covers this bundle (sovpack.json changed); its signer must sign again")
     if result.stale_signatures and m.version > result.previous_version:
-        say(f"version raised because signed v{result.previous_version} may already have been exported "
-            f"(pass --version {result.previous_version} to keep it)")  # fmt: skip
+        say(
+            f"version raised because signed v{result.previous_version} may already have been exported "
+            f"(pass --version {result.previous_version} to keep it)"
+        )
     say(f"next: sovpack sign {escape(str(bundle))} --key KEYFILE")
 
 
@@ -75,7 +105,13 @@ def _progress_display():
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     labels = {"checking": "checking {} against the inventory", "quantizing": "quantizing {}", "hashing": "hashing {}"}
-    columns = (SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.fields[count]}"), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        TextColumn("{task.fields[count]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("starting", total=None, count="")
 
@@ -85,7 +121,12 @@ def _progress_display():
                 count = f"tensor {event.done}/{event.total}"
             elif event.stage == "checking" and event.total:
                 count = f"{human_size(event.done)} / {human_size(event.total)}"
-            progress.update(task, description=labels[event.stage].format(event.subject), completed=event.done,
-                            total=event.total or None, count=count)  # fmt: skip
+            progress.update(
+                task,
+                description=labels[event.stage].format(event.subject),
+                completed=event.done,
+                total=event.total or None,
+                count=count,
+            )
 
         yield on_progress

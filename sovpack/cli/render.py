@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from sovpack.sizes import human_size  # noqa: F401  (re-exported for the commands)
+from sovpack.common.sizes import human_size  # noqa: F401  (re-exported for the commands)
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -26,7 +26,9 @@ def warn_if_expired(metadata) -> None:
     """A bundle written already expired is almost always a typo in --expires."""
     from datetime import datetime, timezone
 
-    from sovpack.metadata import format_time
+    from sovpack.bundle.metadata import format_time
 
     if metadata.is_expired(datetime.now(timezone.utc)):
-        console.print(f"[yellow]warning:[/] this bundle expired on {format_time(metadata.expires)}: verify and import will refuse it")
+        console.print(
+            f"[yellow]warning:[/] this bundle expired on {format_time(metadata.expires)}: verify and import will refuse it"
+        )

@@ -14,27 +14,55 @@ from sovpack.cli.options import STORE_HELP, TRUST_HELP
 @app.command()
 def serve(
     target: str = typer.Argument(..., metavar="NAME_OR_BUNDLE", help="Installed bundle NAME\\[@VERSION], or a bundle directory."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="GGUF to serve: quantization type (Q4_K_M), or its path or file name in the bundle."),
+    variant: Optional[str] = typer.Option(
+        None, "--variant", help="GGUF to serve: quantization type (Q4_K_M), or its path or file name in the bundle."
+    ),
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
     trust: List[Path] = typer.Option([], "--trust", help=TRUST_HELP),
-    threshold: Optional[int] = typer.Option(None, "--threshold", help="Distinct trusted signers required. With --trust: default 1. Without: replaces the store's threshold for a bundle directory; for an installed NAME it can only raise the threshold the bundle was imported under (a lower value is refused, exit 2)."),
+    threshold: Optional[int] = typer.Option(
+        None,
+        "--threshold",
+        help=(
+            "Distinct trusted signers required. With --trust: default 1. Without: replaces the store's threshold "
+            "for a bundle directory; for an installed NAME it can only raise the threshold the bundle was imported "
+            "under (a lower value is refused, exit 2)."
+        ),
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --api-key-file."),
     port: int = typer.Option(8080, "--port", help="TCP port (0: any free port)."),
-    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="API keys, one per line (# comments); clients send `Authorization: Bearer KEY`."),
+    api_key_file: Optional[Path] = typer.Option(
+        None, "--api-key-file", help="API keys, one per line (# comments); clients send `Authorization: Bearer KEY`."
+    ),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="TLS certificate chain (PEM); with --tls-key."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="TLS private key (PEM)."),
-    n_gpu_layers: str = typer.Option("auto", "--n-gpu-layers", help="auto (all layers when llama.cpp has GPU offload), N, or -1 for all."),
+    n_gpu_layers: str = typer.Option(
+        "auto", "--n-gpu-layers", help="auto (all layers when llama.cpp has GPU offload), N, or -1 for all."
+    ),
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="Context tokens per slot (default min(4096, the model's))."),
     parallel: int = typer.Option(1, "--parallel", help="Generation slots: requests answered at the same time."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per slot (default: (cores - 1) / --parallel, at least 1)."),
-    cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allowed browser origin, e.g. https://chat.example.mil; repeat. None by default."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Largest max_tokens a request may ask for (default: the context size)."),
-    max_request_size: str = typer.Option("1M", "--max-request-size", help="Largest request body (413 beyond it): bytes, or 1M, 256K, 2MiB."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="CPU threads per slot (default: (cores - 1) / --parallel, at least 1)."
+    ),
+    cors_origin: List[str] = typer.Option(
+        [], "--cors-origin", help="Allowed browser origin, e.g. https://chat.example.mil; repeat. None by default."
+    ),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", help="Largest max_tokens a request may ask for (default: the context size)."
+    ),
+    max_request_size: str = typer.Option(
+        "1M", "--max-request-size", help="Largest request body (413 beyond it): bytes, or 1M, 256K, 2MiB."
+    ),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait for a slot; more get 503 with Retry-After."),
-    shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", help="Seconds in-flight requests get to finish on SIGTERM/SIGINT."),
-    access_log: Optional[Path] = typer.Option(None, "--access-log", help="JSON-lines access log (default STORE/logs/access.jsonl)."),
+    shutdown_timeout: float = typer.Option(
+        30.0, "--shutdown-timeout", help="Seconds in-flight requests get to finish on SIGTERM/SIGINT."
+    ),
+    access_log: Optional[Path] = typer.Option(
+        None, "--access-log", help="JSON-lines access log (default STORE/logs/access.jsonl)."
+    ),
     log_prompts: bool = typer.Option(False, "--log-prompts", help="Also write prompts and messages to the access log."),
-    full_verify: bool = typer.Option(False, "--full-verify", help="Re-hash the GGUF even when a recorded full check vouches for it."),
+    full_verify: bool = typer.Option(
+        False, "--full-verify", help="Re-hash the GGUF even when a recorded full check vouches for it."
+    ),
 ) -> None:
     """Verify a bundle, then serve its GGUF over an OpenAI-compatible HTTP API (llama.cpp).
 
@@ -43,17 +71,34 @@ def serve(
     use, missing `serve` extra, audit or access log not writable, llama.cpp cannot load the verified file); 130
     SIGTERM or Ctrl-C during verification, before serving.
     """
+    from sovpack.common.sizes import parse_size
     from sovpack.server.options import ServeOptions, parse_gpu_layers
     from sovpack.server.runner import serve as run_server
-    from sovpack.sizes import parse_size
 
     options = ServeOptions(
-        target=target, variant=variant, store=store, trust=tuple(trust), threshold=threshold, host=host, port=port,
-        api_key_file=api_key_file, tls_cert=tls_cert, tls_key=tls_key, n_gpu_layers=parse_gpu_layers(n_gpu_layers), ctx_size=ctx_size,
-        parallel=parallel, threads=threads, cors_origins=tuple(cors_origin), max_tokens=max_tokens,
-        max_request_bytes=parse_size(max_request_size, "--max-request-size"), max_queue=max_queue, shutdown_timeout=shutdown_timeout,
-        access_log=access_log, log_prompts=log_prompts, full_verify=full_verify,
-    )  # fmt: skip
+        target=target,
+        variant=variant,
+        store=store,
+        trust=tuple(trust),
+        threshold=threshold,
+        host=host,
+        port=port,
+        api_key_file=api_key_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        n_gpu_layers=parse_gpu_layers(n_gpu_layers),
+        ctx_size=ctx_size,
+        parallel=parallel,
+        threads=threads,
+        cors_origins=tuple(cors_origin),
+        max_tokens=max_tokens,
+        max_request_bytes=parse_size(max_request_size, "--max-request-size"),
+        max_queue=max_queue,
+        shutdown_timeout=shutdown_timeout,
+        access_log=access_log,
+        log_prompts=log_prompts,
+        full_verify=full_verify,
+    )
     raise typer.Exit(run_server(options, _say))
 
 

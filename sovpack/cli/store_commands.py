@@ -19,7 +19,7 @@ app.add_typer(audit_app, name="audit")
 
 
 def _store(store: Optional[Path]):
-    from sovpack.store import Store
+    from sovpack.store.store import Store
 
     return Store(store)
 
@@ -33,7 +33,7 @@ def list_command(
     from rich.markup import escape
     from rich.table import Table
 
-    from sovpack.store import installed_summary
+    from sovpack.store.store import installed_summary
 
     target = _store(store)
     rows = [installed_summary(target, b) for b in target.installed()]
@@ -50,8 +50,15 @@ def list_command(
         signers = escape(", ".join(r["signers"])) or "?"
         if r["problem"]:
             signers += f" [red]{escape(r['problem'])}[/]"
-        table.add_row(escape(r["name"]), str(r["version"]), human_size(r["size"] or 0), signers,
-                      r["expires"] or "never", ", ".join(r["gguf_variants"]) or "-", r["imported"] or "?")  # fmt: skip
+        table.add_row(
+            escape(r["name"]),
+            str(r["version"]),
+            human_size(r["size"] or 0),
+            signers,
+            r["expires"] or "never",
+            ", ".join(r["gguf_variants"]) or "-",
+            r["imported"] or "?",
+        )
     console.print(table)
 
 
@@ -63,7 +70,10 @@ def remove(
     """Remove an installed bundle. The rollback high-water mark stays; unshared files are deleted."""
     target = _store(store)
     removed = target.remove(spec)
-    console.print(f"removed {removed.name} v{removed.version}; the store still refuses versions up to v{target.highest_version(removed.name)} of {removed.name}")
+    console.print(
+        f"removed {removed.name} v{removed.version}; the store still refuses "
+        f"versions up to v{target.highest_version(removed.name)} of {removed.name}"
+    )
 
 
 @trust_app.command("add")
@@ -86,8 +96,12 @@ def trust_list(
     target = _store(store)
     keys = target.trusted_keys()
     if json_output:
-        print_json({"threshold": target.threshold, "keys": [{"name": k.name, "key_id": k.key_id, "hint": k.hint,
-                                                             "curve": k.public_key.curve.name} for k in keys]})  # fmt: skip
+        print_json(
+            {
+                "threshold": target.threshold,
+                "keys": [{"name": k.name, "key_id": k.key_id, "hint": k.hint, "curve": k.public_key.curve.name} for k in keys],
+            }
+        )
         return
     for k in keys:
         console.print(f"{k.name}  key id {k.key_id}  {k.public_key.curve.name}")
@@ -115,7 +129,10 @@ def trust_threshold(
     count = len(target.trusted_keys())
     console.print(f"threshold set to {threshold} ({count} key(s) trusted)")
     if threshold > count:
-        console.print(f"[yellow]warning:[/] {threshold} signatures are required but only {count} key(s) are trusted: add keys with `sovpack trust add`")
+        console.print(
+            f"[yellow]warning:[/] {threshold} signatures are required but only "
+            f"{count} key(s) are trusted: add keys with `sovpack trust add`"
+        )
 
 
 @audit_app.command("verify")

@@ -11,8 +11,8 @@ import typer
 from sovpack.cli import app
 from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP
 from sovpack.cli.render import console, err_console, human_size, print_json
+from sovpack.common.progress import Progress
 from sovpack.errors import UsageError
-from sovpack.progress import Progress
 
 
 class TerminalProgress(Progress):
@@ -26,8 +26,15 @@ class TerminalProgress(Progress):
             from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
             from rich.progress import Progress as Bars
 
-            self.bars = Bars(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                             TimeRemainingColumn(), console=err_console, transient=True)  # fmt: skip
+            self.bars = Bars(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
 
     def __enter__(self) -> "TerminalProgress":
         if self.bars:
@@ -60,7 +67,7 @@ class TerminalProgress(Progress):
 
 
 def _policy(trust: Optional[list[Path]], threshold: Optional[int], store, *, required: bool = True):
-    from sovpack.trust import load_trust
+    from sovpack.bundle.trust import load_trust
 
     if trust:
         return load_trust(trust, threshold or 1)
@@ -72,21 +79,39 @@ def _policy(trust: Optional[list[Path]], threshold: Optional[int], store, *, req
 @app.command()
 def export(
     bundle: Path = typer.Argument(..., help="Signed bundle directory."),
-    to: str = typer.Option(..., "--to", help="Directory for the volumes and their index, or - for one stream on standard output (data diode)."),
-    volume_size: Optional[str] = typer.Option(None, "--volume-size", help="Largest volume: 700M, 4G, 4.7G (decimal, as media are labelled) or 4095MiB (binary). Default 4095MiB, which fits FAT32."),
+    to: str = typer.Option(
+        ..., "--to", help="Directory for the volumes and their index, or - for one stream on standard output (data diode)."
+    ),
+    volume_size: Optional[str] = typer.Option(
+        None,
+        "--volume-size",
+        help=(
+            "Largest volume: 700M, 4G, 4.7G (decimal, as media are labelled) "
+            "or 4095MiB (binary). Default 4095MiB, which fits FAT32."
+        ),
+    ),
     key: Optional[Path] = typer.Option(None, "--key", help="Also sign the index (and so every volume) with this private key."),
     password_file: Optional[Path] = typer.Option(None, "--password-file", help="File holding the --key password."),
-    since: Optional[Path] = typer.Option(None, "--since", help="Leave out files the secure side already holds: the index of an earlier export (or the directory holding it), or the earlier bundle."),
+    since: Optional[Path] = typer.Option(
+        None,
+        "--since",
+        help=(
+            "Leave out files the secure side already holds: the index of an "
+            "earlier export (or the directory holding it), or the earlier bundle."
+        ),
+    ),
 ) -> None:
     """Write a signed bundle as volumes for media (FAT32-sized by default), with an index; or as one stream."""
-    from sovpack.exporter import export_stream, export_volumes
-    from sovpack.volumes import DEFAULT_VOLUME_SIZE, parse_volume_size
+    from sovpack.transfer.export import export_stream, export_volumes
+    from sovpack.transfer.index import DEFAULT_VOLUME_SIZE, parse_volume_size
 
     if to == "-":
         if key or volume_size:
             raise UsageError("--key and --volume-size apply to volumes; a stream (--to -) has neither index nor volumes")
         if sys.stdout.isatty():
-            raise UsageError("--to - writes the bundle to standard output, which is a terminal: redirect it to a file, pipe or diode")
+            raise UsageError(
+                "--to - writes the bundle to standard output, which is a terminal: redirect it to a file, pipe or diode"
+            )
         with TerminalProgress(err_console) as progress:
             result = export_stream(bundle, sys.stdout.buffer, since=since, progress=progress)
         _render_export(result, err_console)
@@ -99,8 +124,8 @@ def export(
 
 
 def _load_key(key: Path, password_file: Optional[Path]):
+    from sovpack.bundle.keys import load_private_key, private_key_is_encrypted
     from sovpack.cli.bundle_commands import read_password
-    from sovpack.keys import load_private_key, private_key_is_encrypted
 
     password = read_password(password_file)
     if password is None and private_key_is_encrypted(key) and sys.stdin.isatty():
@@ -132,8 +157,9 @@ def check_volumes_command(
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report."),
 ) -> None:
     """Check every volume on its own against the index: OK, damaged or missing. Nothing is written."""
-    from sovpack.store import Store
-    from sovpack.volumes import check_volumes, find_index
+    from sovpack.store.store import Store
+    from sovpack.transfer.index import find_index
+    from sovpack.transfer.volume_check import check_volumes
 
     policy = _policy(trust, None, Store(store), required=False)
     with TerminalProgress(err_console if json_output else console, volume_lines=not json_output) as progress:
@@ -172,17 +198,21 @@ def _render_volume_summary(report) -> None:
 
 @app.command("import")
 def import_command(
-    source: str = typer.Argument(..., help="Directory holding the volumes and their index, the index file, or - for a stream on standard input."),
+    source: str = typer.Argument(
+        ..., help="Directory holding the volumes and their index, the index file, or - for a stream on standard input."
+    ),
     trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP),
     threshold: Optional[int] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
-    allow_downgrade: bool = typer.Option(False, "--allow-downgrade", help="Install a version not newer than the highest ever installed."),
+    allow_downgrade: bool = typer.Option(
+        False, "--allow-downgrade", help="Install a version not newer than the highest ever installed."
+    ),
 ) -> None:
     """Check the volumes, reassemble and fully verify the bundle, then install it into the store atomically."""
     from rich.markup import escape
 
-    from sovpack.installer import import_bundle
-    from sovpack.store import Store
+    from sovpack.store.store import Store
+    from sovpack.transfer.import_ import import_bundle
 
     target = Store(store)
     policy = _policy(trust, threshold, target)
@@ -198,6 +228,11 @@ def import_command(
     if result.reassembled_before:
         origin = "reassembled in an earlier run, verified again"
     else:
-        origin = f"{result.written} file(s) from the media" + (f", {result.linked} already held by the store" if result.linked else "")
-    console.print(f"[bold green]INSTALLED[/] {escape(b.name)} v{b.version} ({human_size(b.record.get('size', 0))}, {origin}), "
-                  f"accepted by {escape(signers)} -> {escape(str(b.path))}", soft_wrap=True)  # fmt: skip
+        origin = f"{result.written} file(s) from the media" + (
+            f", {result.linked} already held by the store" if result.linked else ""
+        )
+    console.print(
+        f"[bold green]INSTALLED[/] {escape(b.name)} v{b.version} ({human_size(b.record.get('size', 0))}, {origin}), "
+        f"accepted by {escape(signers)} -> {escape(str(b.path))}",
+        soft_wrap=True,
+    )

@@ -12,9 +12,17 @@ from sovpack.formats.safetensors import inspect_safetensors
 ROLES = ("weights", "weights-index", "config", "tokenizer", "chat-template", "license", "documentation", "other")
 
 _TOKENIZER_FILES = {
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "tekken.json",
-}  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "tekken.json",
+}
 _CONFIG_FILES = {"config.json", "generation_config.json", "params.json", "preprocessor_config.json"}
 
 
@@ -23,8 +31,15 @@ def classify(path: str) -> tuple[str, str]:
     name = PurePosixPath(path).name
     lower = name.lower()
     suffix = PurePosixPath(lower).suffix
-    fmt = {".safetensors": "safetensors", ".gguf": "gguf", ".json": "json", ".jinja": "jinja",
-           ".md": "text", ".txt": "text", ".model": "sentencepiece"}.get(suffix, "other")  # fmt: skip
+    fmt = {
+        ".safetensors": "safetensors",
+        ".gguf": "gguf",
+        ".json": "json",
+        ".jinja": "jinja",
+        ".md": "text",
+        ".txt": "text",
+        ".model": "sentencepiece",
+    }.get(suffix, "other")
     if fmt in ("safetensors", "gguf"):
         role = "weights"
     elif lower.endswith(".safetensors.index.json"):
@@ -47,8 +62,11 @@ def classify(path: str) -> tuple[str, str]:
 def refuse_pickle(path: Path, name: str) -> None:
     reason = pickle_reason(path)
     if reason:
-        raise FormatError(name, f"refused as pickle-based weights: {reason}. Pickles can run arbitrary code when "
-                          "loaded; convert the model to safetensors (or GGUF) first")  # fmt: skip
+        raise FormatError(
+            name,
+            f"refused as pickle-based weights: {reason}. Pickles can run arbitrary code when "
+            "loaded; convert the model to safetensors (or GGUF) first",
+        )
 
 
 def inspect_file(path: Path, name: str, fmt: str) -> dict | None:

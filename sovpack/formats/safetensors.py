@@ -19,11 +19,23 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself
 MAX_RANK = 16
 
 DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -43,7 +55,9 @@ def _read_header(path: Path, file_size: int) -> tuple[dict, int]:
         if header_len > MAX_HEADER_BYTES:
             raise FormatError(path, f"safetensors header claims {header_len} bytes, over the {MAX_HEADER_BYTES} byte limit")
         if 8 + header_len > file_size:
-            raise FormatError(path, f"safetensors header claims {header_len} bytes but the file has only {file_size - 8} after the length field")
+            raise FormatError(
+                path, f"safetensors header claims {header_len} bytes but the file has only {file_size - 8} after the length field"
+            )
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
@@ -75,7 +89,9 @@ def _tensor_extent(path: Path, name: str, info: object) -> tuple[int, int, str, 
     elements = math.prod(shape)
     if end < begin or end - begin != elements * DTYPE_BYTES[dtype]:
         raise FormatError(
-            path, f"{where}: data_offsets {offsets} span {end - begin} bytes but shape {shape} of {dtype} needs {elements * DTYPE_BYTES[dtype]}"
+            path,
+            f"{where}: data_offsets {offsets} span {end - begin} bytes but "
+            f"shape {shape} of {dtype} needs {elements * DTYPE_BYTES[dtype]}",
         )
     return begin, end, dtype, elements
 
@@ -101,9 +117,7 @@ def inspect_safetensors(path: Path) -> dict:
         position = end
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
     if data_start + position != file_size:
-        raise FormatError(
-            path, f"file length {file_size} disagrees with the header: tensors end at byte {data_start + position}"
-        )
+        raise FormatError(path, f"file length {file_size} disagrees with the header: tensors end at byte {data_start + position}")
     return {
         "tensor_count": len(extents),
         "dtypes": dict(sorted(dtypes.items())),

@@ -25,7 +25,9 @@ class RequestRecord:
     path: str
     client: str | None
     started: float = field(default_factory=time.monotonic, repr=False)
-    time: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+    time: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     key_id: str | None = None
     status: int | None = None

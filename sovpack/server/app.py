@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from sovpack.metadata import format_time
+from sovpack.bundle.metadata import format_time
 from sovpack.server.engine import embedding_work, llama_work
 from sovpack.server.errors import ApiError, ClientGone, error_body
 from sovpack.server.middleware import AccessRecordMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
@@ -40,9 +40,12 @@ def create_app(state: ServerState):
     app = ApiKeyMiddleware(app, state.keys)
     if state.cors_origins:
         app = CORSMiddleware(
-            app, allow_origins=list(state.cors_origins), allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"], allow_credentials=False,
-        )  # fmt: skip
+            app,
+            allow_origins=list(state.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            allow_credentials=False,
+        )
     return AccessRecordMiddleware(app, state)
 
 
@@ -91,8 +94,9 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
                 400,
                 f"{state.model.model_id} is a text generation model and does not provide embeddings; "
                 "serve an embedding model (BERT-style GGUF) for /v1/embeddings",
-                param="model", code="embeddings_not_supported",
-            )  # fmt: skip
+                param="model",
+                code="embeddings_not_supported",
+            )
         return await generate(request, state, embedding_work(kwargs), stream=False, include_usage=False, body=body)
 
 
@@ -125,7 +129,9 @@ def _note(request: Request, state: ServerState, body, prompt) -> None:
 
 def _require_generative(state: ServerState) -> None:
     if state.engine.embeddings:
-        raise ApiError(400, f"{state.model.model_id} is an embedding model; use /v1/embeddings", param="model", code="model_not_generative")
+        raise ApiError(
+            400, f"{state.model.model_id} is an embedding model; use /v1/embeddings", param="model", code="model_not_generative"
+        )
 
 
 def _add_error_handlers(api: FastAPI) -> None:
@@ -146,7 +152,9 @@ def _add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         kind = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", kind), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            error_body(str(exc.detail), "invalid_request_error", kind), status_code=exc.status_code, headers=exc.headers
+        )
 
     @api.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
@@ -161,8 +169,11 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"the request body is not valid JSON: {detail}", code="invalid_json")
     param = _param(first)
     if param is None:
-        return ApiError(400, f"the request body must be a JSON object (send Content-Type: application/json): {first.get('msg')}",
-                        code="invalid_body")  # fmt: skip
+        return ApiError(
+            400,
+            f"the request body must be a JSON object (send Content-Type: application/json): {first.get('msg')}",
+            code="invalid_body",
+        )
     # a union (a message can be one of several types) reports once per alternative: say them together
     problems = list(dict.fromkeys(e.get("msg") for e in errors if _param(e) == param))
     found = first.get("input")

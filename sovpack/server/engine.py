@@ -32,7 +32,16 @@ from sovpack.server.slots import SlotPool
 from sovpack.server.template import chat_handler
 from sovpack.server.verification import VerifiedModel
 
-EMBEDDING_ARCHITECTURES = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "t5encoder", "modern-bert", "neo-bert"}
+EMBEDDING_ARCHITECTURES = {
+    "bert",
+    "nomic-bert",
+    "nomic-bert-moe",
+    "jina-bert-v2",
+    "jina-bert-v3",
+    "t5encoder",
+    "modern-bert",
+    "neo-bert",
+}
 
 
 class CountingLlama(llama_cpp.Llama):

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sovpack.bundle import write_atomically
-from sovpack.metadata import format_time
+from sovpack.bundle.directory import write_atomically
+from sovpack.bundle.metadata import format_time
 
 RECORD_FILE = Path("serve") / "verified.json"
 
@@ -50,8 +50,12 @@ class Fingerprint:
     def same_file(self, other: Fingerprint) -> bool:
         """Also the same ctime: not even a hard link added, a chmod, or a write with mtime set back."""
         return (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns) == (
-            other.dev, other.ino, other.size, other.mtime_ns, other.ctime_ns,
-        )  # fmt: skip
+            other.dev,
+            other.ino,
+            other.size,
+            other.mtime_ns,
+            other.ctime_ns,
+        )
 
 
 def describe_change(before: Fingerprint, after: Fingerprint) -> str:

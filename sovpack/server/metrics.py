@@ -38,7 +38,7 @@ class Histogram:
 
     def lines(self, name: str, labels: str = "") -> list[str]:
         sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(BUCKETS, self.counts)]
+        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(BUCKETS, self.counts, strict=True)]
         out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.total}')
         braces = f"{{{labels}}}" if labels else ""
         return out + [f"{name}_sum{braces} {self.sum:.6f}", f"{name}_count{braces} {self.total}"]
@@ -90,21 +90,35 @@ class Metrics:
             lines = [
                 "# TYPE sovpack_requests_total counter",
                 *(f'sovpack_requests_total{{path="{_esc(p)}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())),
-                "# TYPE sovpack_prompt_tokens_total counter", f"sovpack_prompt_tokens_total {self.prompt_tokens}",
-                "# TYPE sovpack_completion_tokens_total counter", f"sovpack_completion_tokens_total {self.completion_tokens}",
-                "# TYPE sovpack_queue_rejections_total counter", f"sovpack_queue_rejections_total {self.rejections}",
-                "# TYPE sovpack_client_disconnects_total counter", f"sovpack_client_disconnects_total {self.disconnects}",
+                "# TYPE sovpack_prompt_tokens_total counter",
+                f"sovpack_prompt_tokens_total {self.prompt_tokens}",
+                "# TYPE sovpack_completion_tokens_total counter",
+                f"sovpack_completion_tokens_total {self.completion_tokens}",
+                "# TYPE sovpack_queue_rejections_total counter",
+                f"sovpack_queue_rejections_total {self.rejections}",
+                "# TYPE sovpack_client_disconnects_total counter",
+                f"sovpack_client_disconnects_total {self.disconnects}",
                 "# TYPE sovpack_request_duration_seconds histogram",
-                *(line for p, h in sorted(self.durations.items()) for line in h.lines("sovpack_request_duration_seconds", f'path="{_esc(p)}"')),
-                "# TYPE sovpack_time_to_first_token_seconds histogram", *self.ttft.lines("sovpack_time_to_first_token_seconds"),
-                "# TYPE sovpack_queue_wait_seconds histogram", *self.queue_wait.lines("sovpack_queue_wait_seconds"),
-            ]  # fmt: skip
+                *(
+                    line
+                    for p, h in sorted(self.durations.items())
+                    for line in h.lines("sovpack_request_duration_seconds", f'path="{_esc(p)}"')
+                ),
+                "# TYPE sovpack_time_to_first_token_seconds histogram",
+                *self.ttft.lines("sovpack_time_to_first_token_seconds"),
+                "# TYPE sovpack_queue_wait_seconds histogram",
+                *self.queue_wait.lines("sovpack_queue_wait_seconds"),
+            ]
         lines += [
-            "# TYPE sovpack_queue_depth gauge", f"sovpack_queue_depth {gauges.queue_depth}",
-            "# TYPE sovpack_slots_busy gauge", f"sovpack_slots_busy {gauges.slots_busy}",
-            "# TYPE sovpack_slots_total gauge", f"sovpack_slots_total {gauges.slots_total}",
-            "# TYPE sovpack_ready gauge", f"sovpack_ready {int(gauges.ready)}",
-        ]  # fmt: skip
+            "# TYPE sovpack_queue_depth gauge",
+            f"sovpack_queue_depth {gauges.queue_depth}",
+            "# TYPE sovpack_slots_busy gauge",
+            f"sovpack_slots_busy {gauges.slots_busy}",
+            "# TYPE sovpack_slots_total gauge",
+            f"sovpack_slots_total {gauges.slots_total}",
+            "# TYPE sovpack_ready gauge",
+            f"sovpack_ready {int(gauges.ready)}",
+        ]
         return "\n".join(lines) + "\n"
 
 

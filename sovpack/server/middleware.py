@@ -121,7 +121,9 @@ class BodyLimitMiddleware:
             received += len(message.get("body", b""))
             more = message.get("more_body", False)
         size = f"{declared} bytes" if declared else f"more than {self.limit} bytes"
-        error = ApiError(413, f"the request body is {size}; this server accepts at most {self.limit} bytes", code="request_too_large")
+        error = ApiError(
+            413, f"the request body is {size}; this server accepts at most {self.limit} bytes", code="request_too_large"
+        )
         _note_error(scope, error)
         await send_error(send, error)
 
@@ -144,4 +146,3 @@ def _replay(body: bytes, receive, disconnected: bool):
 
 def _note_error(scope, error: ApiError) -> None:
     record_of(scope).error = error.code
-

@@ -58,7 +58,11 @@ def chat_kwargs(body: ChatRequest, limits: Limits) -> dict:
     _check_one("n", body.n)
     if not body.messages:
         raise ApiError(400, "messages is required: give at least one message", param="messages", code="missing_messages")
-    wanted, param = (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens")
+    wanted, param = (
+        (body.max_completion_tokens, "max_completion_tokens")
+        if body.max_completion_tokens is not None
+        else (body.max_tokens, "max_tokens")
+    )
     kwargs = body.model_dump(exclude=_CHAT_EXCLUDE)
     kwargs["max_tokens"] = check_max_tokens(wanted, limits, param)
     kwargs["model"] = limits.model_id
@@ -101,7 +105,12 @@ def check_max_tokens(value: int | None, limits: Limits, param: str) -> int:
     if value is None:
         return limits.max_tokens
     if not 1 <= value <= limits.max_tokens:
-        raise ApiError(400, f"{param} must be from 1 to {limits.max_tokens} on this server, got {value}", param=param, code="invalid_max_tokens")
+        raise ApiError(
+            400,
+            f"{param} must be from 1 to {limits.max_tokens} on this server, got {value}",
+            param=param,
+            code="invalid_max_tokens",
+        )
     return value
 
 

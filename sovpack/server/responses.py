@@ -30,8 +30,13 @@ async def generate(request: Request, state, work: Work, *, stream: bool, include
     try:
         generation = await until_disconnected(request, state.engine.submit(work))
     except QueueFull as e:
-        raise ApiError(503, f"{e}; retry in {e.retry_after} s", type="server_error", code="queue_full",
-                       headers={"Retry-After": str(e.retry_after)}) from None  # fmt: skip
+        raise ApiError(
+            503,
+            f"{e}; retry in {e.retry_after} s",
+            type="server_error",
+            code="queue_full",
+            headers={"Retry-After": str(e.retry_after)},
+        ) from None
     record.queue_ms = round((time.monotonic() - queued) * 1000, 1)
     kind, value = await until_disconnected(request, generation.next(), on_gone=generation.cancel)
     if kind == "error":
@@ -74,7 +79,9 @@ async def _disconnect(request: Request) -> None:
 
 
 class EventStream(StreamingResponse):
-    def __init__(self, generation: Generation, first: dict, record: RequestRecord, include_usage: bool, stopping: Callable[[], bool]):
+    def __init__(
+        self, generation: Generation, first: dict, record: RequestRecord, include_usage: bool, stopping: Callable[[], bool]
+    ):
         self.generation, self.record, self.include_usage, self.stopping = generation, record, include_usage, stopping
         self.finished = False
         super().__init__(
@@ -138,5 +145,9 @@ def _usage_chunk(last: dict, prompt_tokens: int, completion_tokens: int) -> dict
         "created": last.get("created"),
         "model": last.get("model"),
         "choices": [],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }

@@ -30,7 +30,7 @@ from pathlib import Path
 from sovpack.errors import Failure, Interrupted, Refused, SovpackError, UsageError
 from sovpack.server.options import DEFAULT_CTX, ServeOptions, check_options, default_threads
 from sovpack.server.security import ApiKeys, check_bind, check_cors_origins, check_tls, is_loopback
-from sovpack.store import Store
+from sovpack.store.store import Store
 
 ACCESS_LOG = Path("logs") / "access.jsonl"
 
@@ -144,7 +144,9 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
     state = ServerState(
         model=model,
         engine=Engine(model, settings),
-        limits=Limits(model.model_id, frozenset({f"{model.model_id}@{model.metadata.version}"}), options.max_tokens or settings.ctx_size),
+        limits=Limits(
+            model.model_id, frozenset({f"{model.model_id}@{model.metadata.version}"}), options.max_tokens or settings.ctx_size
+        ),
         keys=keys,
         access_log=access_log,
         log_prompts=options.log_prompts,
@@ -183,19 +185,25 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
 
 
 def _engine_settings(options: ServeOptions, model, layers: int):
-    from sovpack.hashing import cpu_count
+    from sovpack.common.hashing import cpu_count
     from sovpack.server.engine import EngineSettings
 
     trained = (model.choice.entry.details or {}).get("context_length")
     ctx = options.ctx_size or min(DEFAULT_CTX, trained if isinstance(trained, int) and trained > 0 else DEFAULT_CTX)
     threads = options.threads or default_threads(options.parallel, cpu_count())
-    return EngineSettings(ctx_size=ctx, parallel=options.parallel, threads=threads, n_gpu_layers=layers, max_queue=options.max_queue)
+    return EngineSettings(
+        ctx_size=ctx, parallel=options.parallel, threads=threads, n_gpu_layers=layers, max_queue=options.max_queue
+    )
 
 
 def _start_lines(model, settings, backend: str, keys, access_path: Path, options: ServeOptions) -> list[str]:
     m, entry = model.metadata, model.choice.entry
-    digests = "every byte hashed" if model.digests == "full" else "unchanged since a recorded full check (--full-verify to re-hash)"
-    template = f"chat template sha256 {model.chat_template_sha256}" if model.chat_template else "no chat template (completions only)"
+    digests = (
+        "every byte hashed" if model.digests == "full" else "unchanged since a recorded full check (--full-verify to re-hash)"
+    )
+    template = (
+        f"chat template sha256 {model.chat_template_sha256}" if model.chat_template else "no chat template (completions only)"
+    )
     auth = f"{len(keys.ids)} API key(s) from {keys.source}" if keys else "no API key (loopback only)"
     return [
         f"verified {m.name} v{m.version}: signed by {', '.join(model.signers)}; {entry.path} ({model.choice.quantization}, "
@@ -293,7 +301,9 @@ class Auditor:
         try:
             self.store.audit.append(event, target=self.options.target, pid=os.getpid(), **fields)
         except OSError as e:
-            raise Failure(f"cannot write the audit log {self.store.audit.path}: {e.strerror}; refusing to serve unaudited") from None
+            raise Failure(
+                f"cannot write the audit log {self.store.audit.path}: {e.strerror}; refusing to serve unaudited"
+            ) from None
 
     def refused(self, error: SovpackError, **fields) -> None:
         step = getattr(error, "step", None)
@@ -303,14 +313,28 @@ class Auditor:
     def start(self, model, settings, backend: str, url: str, loopback_only: bool, keys, access_path: Path) -> None:
         m, entry = model.metadata, model.choice.entry
         self._append(
-            "serve-start", bundle=str(model.target.bundle.resolve()), name=m.name, version=m.version, file=entry.path,
-            sha256=entry.sha256, chat_template_sha256=model.chat_template_sha256, signers=model.signers,
-            threshold=model.target.policy.threshold, trust=model.target.trust_source, digests=model.digests,
-            url=url, loopback_only=loopback_only, api_keys=list(keys.ids) if keys else [],
-            tls=bool(self.options.tls_cert), parallel=settings.parallel, ctx_size=settings.ctx_size,
-            n_gpu_layers=settings.n_gpu_layers, backend=backend, access_log=str(access_path.resolve()),
+            "serve-start",
+            bundle=str(model.target.bundle.resolve()),
+            name=m.name,
+            version=m.version,
+            file=entry.path,
+            sha256=entry.sha256,
+            chat_template_sha256=model.chat_template_sha256,
+            signers=model.signers,
+            threshold=model.target.policy.threshold,
+            trust=model.target.trust_source,
+            digests=model.digests,
+            url=url,
+            loopback_only=loopback_only,
+            api_keys=list(keys.ids) if keys else [],
+            tls=bool(self.options.tls_cert),
+            parallel=settings.parallel,
+            ctx_size=settings.ctx_size,
+            n_gpu_layers=settings.n_gpu_layers,
+            backend=backend,
+            access_log=str(access_path.resolve()),
             log_prompts=self.options.log_prompts,
-        )  # fmt: skip
+        )
 
     def stop(self, state, stop_signal: str | None, uptime: float) -> None:
         reason = f"signal {stop_signal}" if stop_signal else ("failure" if state.failure else "shutdown")
@@ -318,7 +342,11 @@ class Auditor:
             self.refused(state.failure, bundle=str(state.model.target.bundle.resolve()))
         with contextlib.suppress(Failure):
             self._append(
-                "serve-stop", reason=reason, error=str(state.failure) if state.failure else None,
-                uptime_seconds=round(uptime, 1), requests=state.metrics.total_requests,
-                prompt_tokens=state.metrics.prompt_tokens, completion_tokens=state.metrics.completion_tokens,
-            )  # fmt: skip
+                "serve-stop",
+                reason=reason,
+                error=str(state.failure) if state.failure else None,
+                uptime_seconds=round(uptime, 1),
+                requests=state.metrics.total_requests,
+                prompt_tokens=state.metrics.prompt_tokens,
+                completion_tokens=state.metrics.completion_tokens,
+            )

@@ -58,7 +58,7 @@ class ApiKeys:
         """The key id of a valid key, or None. Takes the same time whichever key matches."""
         candidate = hashlib.sha256((presented or "").encode()).digest()
         found = None
-        for digest, ident in zip(self.digests, self.ids):
+        for digest, ident in zip(self.digests, self.ids, strict=True):
             if hmac.compare_digest(candidate, digest) and presented:
                 found = ident
         return found
@@ -107,7 +107,9 @@ def check_tls(cert: Path | None, key: Path | None) -> None:
 def check_cors_origins(origins: tuple[str, ...]) -> None:
     for origin in origins:
         if "*" in origin:
-            raise UsageError(f"--cors-origin {origin!r}: wildcards are not allowed; list each origin, like https://chat.example.mil")
+            raise UsageError(
+                f"--cors-origin {origin!r}: wildcards are not allowed; list each origin, like https://chat.example.mil"
+            )
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
             raise UsageError(f"--cors-origin {origin!r}: give a scheme and host, like https://chat.example.mil:8443")

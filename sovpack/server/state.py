@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from sovpack.bundle.verify import check_expiry
 from sovpack.errors import Failure, Refused, SovpackError
 from sovpack.server.access_log import AccessLog
 from sovpack.server.engine import Engine
@@ -22,7 +23,6 @@ from sovpack.server.metrics import Gauges, Metrics
 from sovpack.server.requests import Limits
 from sovpack.server.security import ApiKeys
 from sovpack.server.verification import VerifiedModel
-from sovpack.verify import check_expiry
 
 
 @dataclass
@@ -76,7 +76,9 @@ class ServerState:
             self._check_expiry()
         except Refused as e:
             self.fail(e)
-            raise ApiError(503, f"the server stopped serving this model: {e}", type="server_error", code="integrity_check_failed") from None
+            raise ApiError(
+                503, f"the server stopped serving this model: {e}", type="server_error", code="integrity_check_failed"
+            ) from None
         if moved and self._recheck is None:
             self._recheck = asyncio.create_task(self._recheck_files(moved))
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovpack.bundle import require_bundle_dir
-from sovpack.store import InstalledBundle, Store, is_bundle_path
-from sovpack.trust import TrustPolicy, load_trust
+from sovpack.bundle.directory import require_bundle_dir
+from sovpack.bundle.trust import TrustPolicy, load_trust
+from sovpack.store.store import InstalledBundle, Store, is_bundle_path
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from sovpack.bundle.metadata import BundleMetadata, FileEntry
 from sovpack.errors import UsageError
 from sovpack.formats.gguf import SPLIT_NAME
-from sovpack.metadata import BundleMetadata, FileEntry
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _parts(metadata: BundleMetadata, first: FileEntry, split: re.Match | None) -
     count = int(split["count"])
     names = [f"{split['stem']}-{i:05d}-of-{split['count']}.gguf" for i in range(1, count + 1)]
     parts = [metadata.file(str(parent / n) if str(parent) != "." else n) for n in names]
-    missing = [n for n, p in zip(names, parts) if p is None]
+    missing = [n for n, p in zip(names, parts, strict=True) if p is None]
     if missing:
         raise UsageError(f"{first.path} is part 1 of {count} but the bundle lacks {', '.join(missing)}")
     return tuple(parts)

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sovpack.bundle import read_metadata
+from sovpack.bundle.directory import read_metadata
+from sovpack.bundle.metadata import BundleMetadata
+from sovpack.bundle.verify import StepFailed, VerifyReport, check_digests, verify_bundle
+from sovpack.common.hashing import sha256_bytes
 from sovpack.errors import FormatError, Refused, UsageError
 from sovpack.formats.gguf import read_chat_template
-from sovpack.hashing import sha256_bytes
-from sovpack.metadata import BundleMetadata
 from sovpack.server.fingerprint import Fingerprint, VerificationRecords, describe_change
 from sovpack.server.target import ServeTarget
 from sovpack.server.variant import GgufChoice, choose_gguf
-from sovpack.verify import StepFailed, VerifyReport, check_digests, verify_bundle
 
 
 @dataclass(frozen=True)
@@ -149,9 +149,13 @@ def _checked_template(root: Path, choice: GgufChoice) -> str | None:
     try:
         template = read_chat_template(root / choice.entry.path)
     except FormatError as e:  # the header was valid moments ago: the file changed under us
-        raise StepFailed("formats", f"{choice.entry.path}: cannot read its chat template: {e.detail}", choice.entry.path) from None
+        raise StepFailed(
+            "formats", f"{choice.entry.path}: cannot read its chat template: {e.detail}", choice.entry.path
+        ) from None
     except OSError as e:
-        raise StepFailed("formats", f"{choice.entry.path}: cannot read its chat template: {e.strerror}", choice.entry.path) from None
+        raise StepFailed(
+            "formats", f"{choice.entry.path}: cannot read its chat template: {e.strerror}", choice.entry.path
+        ) from None
     actual = sha256_bytes(template.encode()) if template is not None else None
     if actual != signed:
         raise StepFailed(
@@ -169,4 +173,6 @@ def _remember(records: VerificationRecords, model: VerifiedModel, skipped: set[P
         try:
             records.remember(hashed)
         except OSError as e:  # the fast path is an optimisation: serve anyway, and say it is off
-            say(f"warning: cannot record this full check in {records.path} ({e.strerror}); the next start hashes every byte again")
+            say(
+                f"warning: cannot record this full check in {records.path} ({e.strerror}); the next start hashes every byte again"
+            )

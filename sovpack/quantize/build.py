@@ -34,24 +34,36 @@ from importlib.util import find_spec
 from pathlib import Path, PurePosixPath
 
 from sovpack import __version__
-from sovpack.bundle import fsync_dir, read_metadata, require_bundle_dir, scan_tree, write_atomically, write_metadata
+from sovpack.bundle.directory import fsync_dir, read_metadata, require_bundle_dir, scan_tree, write_atomically, write_metadata
+from sovpack.bundle.metadata import BundleMetadata, FileEntry, check_inventory_paths
+from sovpack.bundle.pack import file_entry
+from sovpack.bundle.verify import check_digests, check_inventory
+from sovpack.common.hashing import cpu_count, digest_file, sha256_file
+from sovpack.common.pipeline import fsync_path
+from sovpack.common.sizes import human_size
 from sovpack.errors import Failure, Refused, UsageError
 from sovpack.formats import inspect_file
 from sovpack.formats.gguf import FILE_TYPES, SPLIT_NAME, UNQUANTIZED_FILE_TYPES
-from sovpack.hashing import cpu_count, digest_file, sha256_file
-from sovpack.llama_quantizer import QuantizerRun, run_llama_quantize
-from sovpack.metadata import BundleMetadata, FileEntry, check_inventory_paths
-from sovpack.pack import file_entry
-from sovpack.pipeline import fsync_path
-from sovpack.sizes import human_size
-from sovpack.verify import check_digests, check_inventory
+from sovpack.quantize.llama import QuantizerRun, run_llama_quantize
 
 # The types offered: llama.cpp's quantize-tool names for types that need no importance
 # matrix (an imatrix is a further input whose provenance would also need recording).
 QUANT_TYPES = (
-    "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
-    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
-)  # fmt: skip
+    "Q8_0",
+    "Q6_K",
+    "Q5_K_M",
+    "Q5_K_S",
+    "Q5_1",
+    "Q5_0",
+    "Q4_K_M",
+    "Q4_K_S",
+    "Q4_1",
+    "Q4_0",
+    "Q3_K_L",
+    "Q3_K_M",
+    "Q3_K_S",
+    "Q2_K",
+)
 LLAMA_FTYPES = {name: ftype for ftype, name in FILE_TYPES.items() if name in QUANT_TYPES}  # llama_ftype enum values
 
 # Disk-space estimate: no type above uses more than Q8_0's 8.5 bits per weight for any
@@ -107,8 +119,10 @@ def parse_types(names: list[str]) -> list[str]:
         canonical = name.strip().upper()
         if canonical not in QUANT_TYPES:
             hint = " (IQ types need an importance matrix, which sovpack does not take)" if canonical.startswith("IQ") else ""
-            raise UsageError(f"--type {name!r} is not a quantization type sovpack offers{hint}; "
-                             f"valid types (case-insensitive): {', '.join(QUANT_TYPES)}")
+            raise UsageError(
+                f"--type {name!r} is not a quantization type sovpack offers{hint}; "
+                f"valid types (case-insensitive): {', '.join(QUANT_TYPES)}"
+            )
         if canonical not in chosen:
             chosen.append(canonical)
     return chosen
@@ -161,13 +175,18 @@ def choose_source(metadata: BundleMetadata, source: str | None) -> SourceModel:
     if len(candidates) == 1:
         return _source_model(metadata, candidates[0])
     if candidates:
-        raise UsageError(f"the bundle holds {len(candidates)} F32/F16/BF16 GGUF files ({_describe(candidates)}); "
-                         "choose one with --source")
+        raise UsageError(
+            f"the bundle holds {len(candidates)} F32/F16/BF16 GGUF files ({_describe(candidates)}); choose one with --source"
+        )
     if not ggufs:
-        raise UsageError("the bundle holds no GGUF file to quantize; add the publisher's F16, BF16 or F32 GGUF to it first "
-                         "(sovpack fetch --gguf, or pack a directory that holds it)")  # fmt: skip
-    raise UsageError(f"the bundle holds no F32, F16 or BF16 GGUF to quantize from (it has {_describe(ggufs)}); "
-                     "to quantize an already quantized file anyway, pass --source FILE --allow-requantize")  # fmt: skip
+        raise UsageError(
+            "the bundle holds no GGUF file to quantize; add the publisher's F16, BF16 or F32 GGUF to it first "
+            "(sovpack fetch --gguf, or pack a directory that holds it)"
+        )
+    raise UsageError(
+        f"the bundle holds no F32, F16 or BF16 GGUF to quantize from (it has {_describe(ggufs)}); "
+        "to quantize an already quantized file anyway, pass --source FILE --allow-requantize"
+    )
 
 
 def _named_source(metadata: BundleMetadata, source: str) -> SourceModel:
@@ -177,8 +196,10 @@ def _named_source(metadata: BundleMetadata, source: str) -> SourceModel:
         have = f"its GGUF files are {_describe(listed)}" if listed else "it holds no GGUF file"
         raise UsageError(f"--source {source}: no such file in the bundle's inventory ({have}); give the path inside the bundle")
     if entry.format != "gguf":
-        raise UsageError(f"--source {source} is not a GGUF file (the inventory records its format as {entry.format}); "
-                         "quantize reads GGUF files")
+        raise UsageError(
+            f"--source {source} is not a GGUF file (the inventory records its format as {entry.format}); "
+            "quantize reads GGUF files"
+        )
     number, count = _split(entry)
     if number != 0:
         raise UsageError(f"--source {source} is part {number + 1} of a GGUF split into {count} files; give its first part")
@@ -191,8 +212,10 @@ def _source_model(metadata: BundleMetadata, entry: FileEntry) -> SourceModel:
         return SourceModel(entry, (entry,), gguf_file_type(entry))
     match = SPLIT_NAME.match(entry.path)
     if not match or int(match["part"]) != 1 or int(match["count"]) != count:
-        raise Refused(f"{entry.path} is the first of {count} split GGUF parts, but its name does not end in -00001-of-{count:05d}.gguf, "
-                      "so llama.cpp cannot find the other parts")  # fmt: skip
+        raise Refused(
+            f"{entry.path} is the first of {count} split GGUF parts, but its name does not end in -00001-of-{count:05d}.gguf, "
+            "so llama.cpp cannot find the other parts"
+        )
     names = [f"{match['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
     missing = [n for n in names if metadata.file(n) is None]
     if missing:
@@ -292,8 +315,10 @@ def _plan_outputs(root: Path, metadata: BundleMetadata, source: SourceModel, typ
     targets = [(qtype, output_path_for(source.entry.path, qtype)) for qtype in types]
     for qtype, rel in targets:
         if metadata.file(rel) is not None or (root / rel).exists():  # an unlisted directory passes check_inventory
-            raise UsageError(f"{rel} is already in the bundle; sovpack will not replace a file of the inventory "
-                             f"(to rebuild {qtype}, start from a bundle without it)")  # fmt: skip
+            raise UsageError(
+                f"{rel} is already in the bundle; sovpack will not replace a file of the inventory "
+                f"(to rebuild {qtype}, start from a bundle without it)"
+            )
     check_inventory_paths([f.path for f in metadata.files] + [rel for _, rel in targets])
     return targets
 
@@ -342,23 +367,34 @@ class _Builder:
         """Every output, from a source whose file identity must still be `identity` (as its bytes were checked) at the end."""
         built = [self.build(qtype, rel) for qtype, rel in targets]
         if _file_identity(self.root, self.source) != identity:
-            raise Refused(f"{self.source.entry.path} changed on disk while it was being quantized; nothing was added to the bundle")
+            raise Refused(
+                f"{self.source.entry.path} changed on disk while it was being quantized; nothing was added to the bundle"
+            )
         return built
 
     def build(self, qtype: str, rel: str) -> BuiltFile:
         started = time.monotonic()
         partial = self.work.partial_path(rel)
         self._report("quantizing", rel)
-        run = run_llama_quantize(self.root / self.source.entry.path, partial, qtype, ftype=LLAMA_FTYPES[qtype], threads=self.threads,
-                                 allow_requantize=self.allow_requantize, name=self.source.entry.path,
-                                 on_tensor=lambda done, total: self._report("quantizing", rel, done, total))  # fmt: skip
+        run = run_llama_quantize(
+            self.root / self.source.entry.path,
+            partial,
+            qtype,
+            ftype=LLAMA_FTYPES[qtype],
+            threads=self.threads,
+            allow_requantize=self.allow_requantize,
+            name=self.source.entry.path,
+            on_tensor=lambda done, total: self._report("quantizing", rel, done, total),
+        )
         fsync_path(partial)
         self._report("hashing", rel)
         digest = digest_file(partial, self.metadata.shard_size)
         entry = file_entry(partial, rel, digest, _provenance(self.source, qtype, run))
         written = (entry.details or {}).get("file_type")
         if written != qtype:
-            raise Failure(f"llama.cpp wrote {rel} with file type {written}, not the {qtype} asked for; nothing was added to the bundle")
+            raise Failure(
+                f"llama.cpp wrote {rel} with file type {written}, not the {qtype} asked for; nothing was added to the bundle"
+            )
         self.seconds[qtype] = time.monotonic() - started
         return BuiltFile(entry, partial)
 
@@ -386,8 +422,10 @@ def _provenance(source: SourceModel, qtype: str, run: QuantizerRun) -> dict:
 
 def require_llama_cpp() -> None:
     if find_spec("llama_cpp") is None:
-        raise Failure("quantize needs llama-cpp-python, which is not installed here: install sovpack's llama extra "
-                      "(pip install 'sovpack[llama]'; it compiles llama.cpp, about 5 minutes)")  # fmt: skip
+        raise Failure(
+            "quantize needs llama-cpp-python, which is not installed here: install sovpack's llama extra "
+            "(pip install 'sovpack[llama]'; it compiles llama.cpp, about 5 minutes)"
+        )
 
 
 # --- the work directory beside the bundle -------------------------------------------------
@@ -413,8 +451,10 @@ class WorkDir:
         except OSError as e:
             raise Failure(f"cannot create the work directory {self.path} beside the bundle: {e.strerror}") from None
         if os.stat(self.path).st_dev != os.stat(self.root).st_dev:
-            raise Failure(f"{self.path} is on another filesystem than the bundle {self.root} (is the bundle a mount point?); "
-                          "quantize needs to rename its outputs into the bundle, so move the bundle into a plain directory")  # fmt: skip
+            raise Failure(
+                f"{self.path} is on another filesystem than the bundle {self.root} (is the bundle a mount point?); "
+                "quantize needs to rename its outputs into the bundle, so move the bundle into a plain directory"
+            )
         self._lock()
         try:
             self._recover()
@@ -443,8 +483,9 @@ class WorkDir:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise Failure(f"another sovpack quantize is running on {self.root} (it holds {lock_path}); "
-                              "wait for it to finish") from None
+                raise Failure(
+                    f"another sovpack quantize is running on {self.root} (it holds {lock_path}); wait for it to finish"
+                ) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
             except FileNotFoundError:
@@ -469,8 +510,10 @@ class WorkDir:
         try:
             outputs = json.loads(journal.read_text())["outputs"]
         except (ValueError, KeyError, TypeError):
-            raise Failure(f"cannot read {journal}, left by an interrupted quantize of {self.root}: check that every file "
-                          f"of the bundle is listed in its sovpack.json, then delete {self.path}") from None  # fmt: skip
+            raise Failure(
+                f"cannot read {journal}, left by an interrupted quantize of {self.root}: check that every file "
+                f"of the bundle is listed in its sovpack.json, then delete {self.path}"
+            ) from None
         for item in outputs:
             target = self.root / item["path"]
             if item["path"] in listed or not target.is_file() or target.stat().st_size != item["size"]:
@@ -486,8 +529,10 @@ class WorkDir:
         st = os.statvfs(self.path)
         free = st.f_bavail * st.f_frsize
         if free < needed + (1 << 20):  # and room for the new sovpack.json
-            raise Failure(f"not enough free disk space to quantize {source}: the output(s) may need up to {human_size(needed)} on the "
-                          f"filesystem holding {self.root}, which has {human_size(free)} free; nothing was changed")  # fmt: skip
+            raise Failure(
+                f"not enough free disk space to quantize {source}: the output(s) may need up to {human_size(needed)} on the "
+                f"filesystem holding {self.root}, which has {human_size(free)} free; nothing was changed"
+            )
 
     def commit(self, built: list[BuiltFile], metadata: BundleMetadata) -> None:
         """Move the outputs in and rewrite sovpack.json; the journal lets the next run undo a half-done commit."""

@@ -1,7 +1,7 @@
 """Byte streams of volumes: one stream written as numbered volume files, and volumes read back as one stream.
 
 Both read each byte once into a ring of reused buffers and hand it to the threads that hash
-or write it (pipeline.py), so memory stays flat (a few 4 MiB buffers) whatever the size of
+or write it (common/pipeline.py), so memory stays flat (a few 4 MiB buffers) whatever the size of
 the bundle.
 """
 
@@ -15,13 +15,13 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from sovpack.common.pipeline import DISK_FULL, BufferRing, DirectFile, Lane, wait_all
+from sovpack.common.progress import Progress
 from sovpack.errors import Failure, Refused
-from sovpack.pipeline import DISK_FULL, BufferRing, DirectFile, Lane, wait_all
-from sovpack.progress import Progress
-from sovpack.volumes import ExportIndex, VolumeEntry, volume_name
+from sovpack.transfer.index import ExportIndex, VolumeEntry, volume_name
 
 if TYPE_CHECKING:
-    from sovpack.volume_stream import StreamedVolumeCheck
+    from sovpack.transfer.stream_check import StreamedVolumeCheck
 
 Tap = Callable[[memoryview], "Future | None"]  # another consumer of each chunk copied (export: the shard check)
 
@@ -184,12 +184,17 @@ class StreamWriter:
 class ConcatenatedReader:
     """The volumes (or a pipe) read as one stream, forward only, knowing which volume each byte is in.
 
-    With a `checker` (volume_stream.py), every byte read from the volumes goes to it, bytes
+    With a `checker` (stream_check.py), every byte read from the volumes goes to it, bytes
     skipped by seeking included: reading the stream once is what checks every volume.
     """
 
-    def __init__(self, parts: list[Path] | None = None, stream: BinaryIO | None = None, progress: Progress | None = None,
-                 checker: StreamedVolumeCheck | None = None):  # fmt: skip
+    def __init__(
+        self,
+        parts: list[Path] | None = None,
+        stream: BinaryIO | None = None,
+        progress: Progress | None = None,
+        checker: StreamedVolumeCheck | None = None,
+    ):
         self.parts = list(parts or [])
         self.stream = stream
         self.progress = progress or Progress()
@@ -201,8 +206,9 @@ class ConcatenatedReader:
         self.max_read: int | None = None  # cap on read(): tarfile reads whole headers into memory
 
     @classmethod
-    def of_volumes(cls, directory: Path, index: ExportIndex, progress: Progress | None = None,
-                   checker: StreamedVolumeCheck | None = None) -> "ConcatenatedReader":  # fmt: skip
+    def of_volumes(
+        cls, directory: Path, index: ExportIndex, progress: Progress | None = None, checker: StreamedVolumeCheck | None = None
+    ) -> "ConcatenatedReader":
         return cls([directory / v.file for v in index.volumes], progress=progress, checker=checker)
 
     @property

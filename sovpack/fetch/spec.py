@@ -28,9 +28,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from sovpack.bundle.metadata import check_name, parse_expiry
 from sovpack.errors import UsageError
-from sovpack.hub import COMMIT_RE, check_repo_id
-from sovpack.metadata import check_name, parse_expiry
+from sovpack.fetch.hub import COMMIT_RE, check_repo_id
 
 SPEC_VERSION = 1
 DEFAULT_REVISION = "main"

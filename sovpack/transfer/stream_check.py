@@ -14,9 +14,10 @@ import hashlib
 from concurrent.futures import Future
 from pathlib import Path
 
-from sovpack.pipeline import Lane
-from sovpack.progress import Progress
-from sovpack.volumes import CheckJournal, ExportIndex, VolumeStatus, status_without_reading, unreadable, verdict
+from sovpack.common.pipeline import Lane
+from sovpack.common.progress import Progress
+from sovpack.transfer.index import ExportIndex
+from sovpack.transfer.volume_check import CheckJournal, VolumeStatus, status_without_reading, unreadable, verdict
 
 
 class StreamedVolumeCheck:

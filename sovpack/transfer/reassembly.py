@@ -19,12 +19,12 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sovpack.common.hashing import ShardDigests, ShardHasher
+from sovpack.common.pipeline import DISK_FULL, BufferRing, DirectFile, Lane, fsync_path, wait_all
 from sovpack.errors import Failure
-from sovpack.hashing import ShardDigests, ShardHasher
-from sovpack.pipeline import DISK_FULL, BufferRing, DirectFile, Lane, fsync_path, wait_all
 
 if TYPE_CHECKING:
-    from sovpack.volume_io import ConcatenatedReader
+    from sovpack.transfer.media import ConcatenatedReader
 
 
 class StagedFiles:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sovpack.bundle.keys import key_hint, load_public_key
 from sovpack.errors import UsageError
-from sovpack.keys import key_hint, load_public_key
 
 
 @dataclass(frozen=True)

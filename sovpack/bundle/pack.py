@@ -16,12 +16,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sovpack import __version__
-from sovpack.bundle import write_metadata
+from sovpack.bundle.directory import write_metadata
+from sovpack.bundle.metadata import RESERVED_NAMES, BundleMetadata, FileEntry, check_inventory_paths, check_name
+from sovpack.common.hashing import SHARD_SIZE, FileDigest, cpu_count, digest_file
+from sovpack.common.safepath import unsafe_reason
 from sovpack.errors import Failure, Refused, UsageError
 from sovpack.formats import classify, inspect_file, refuse_pickle
-from sovpack.hashing import SHARD_SIZE, FileDigest, cpu_count, digest_file
-from sovpack.metadata import RESERVED_NAMES, BundleMetadata, FileEntry, check_inventory_paths, check_name
-from sovpack.safepath import unsafe_reason
 
 GIT_METADATA = (".git", ".gitattributes", ".gitignore", ".github")
 

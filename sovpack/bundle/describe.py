@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sovpack.bundle import read_metadata_bytes, require_bundle_dir, scan_tree
+from sovpack.bundle.directory import read_metadata_bytes, require_bundle_dir, scan_tree
+from sovpack.bundle.metadata import format_time, parse_metadata
+from sovpack.bundle.signature import parse_statement, read_signature_file
+from sovpack.common.hashing import sha256_bytes
 from sovpack.errors import Refused
-from sovpack.hashing import sha256_bytes
-from sovpack.metadata import format_time, parse_metadata
-from sovpack.signature import parse_statement, read_signature_file
 
 
 def describe_bundle(root: Path) -> dict:

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from sovpack.common.hashing import FileDigest, shard_count
+from sovpack.common.jsonfields import HEX64, JsonFields
+from sovpack.common.safepath import case_collisions, check_safe_path
 from sovpack.errors import Refused, UsageError
-from sovpack.hashing import FileDigest, shard_count
-from sovpack.jsonfields import HEX64, JsonFields
-from sovpack.safepath import case_collisions, check_safe_path
 
 FORMAT = "sovpack-bundle"
 FORMAT_VERSION = 1
@@ -40,9 +40,13 @@ class FileEntry:
 
     def to_json(self) -> dict:
         data: dict[str, Any] = {
-            "path": self.path, "size": self.size, "sha256": self.sha256, "shards": list(self.shards),
-            "role": self.role, "format": self.format,
-        }  # fmt: skip
+            "path": self.path,
+            "size": self.size,
+            "sha256": self.sha256,
+            "shards": list(self.shards),
+            "role": self.role,
+            "format": self.format,
+        }
         if self.details is not None:
             data["details"] = self.details
         if self.source is not None:
@@ -106,23 +110,31 @@ def parse_time(value: str, where: str) -> datetime:
 def check_name(name: str, error: type[Exception] = Refused) -> str:
     """A bundle name read from a bundle is refused (Refused); one typed by a user is a usage error."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise error(f"bundle name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise error(
+            f"bundle name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return name
 
 
 def _parse_file(data: object, index: int, shard_size: int) -> FileEntry:
-    f = JsonFields(data, METADATA_FILE, f"files[{index}]", {"path", "size", "sha256", "shards", "role", "format", "details", "source"})
+    f = JsonFields(
+        data, METADATA_FILE, f"files[{index}]", {"path", "size", "sha256", "shards", "role", "format", "details", "source"}
+    )
     path = check_safe_path(f.get("path", str), "file path in " + METADATA_FILE)
     size, sha256, shards = f.get("size", int), f.get("sha256", str), f.get("shards", list)
     if size < 0 or not HEX64.match(sha256) or not all(isinstance(s, str) and HEX64.match(s) for s in shards):
         raise Refused(f"{METADATA_FILE}: entry for {path} has an invalid size or digest")
     if len(shards) != shard_count(size, shard_size):
-        raise Refused(f"{METADATA_FILE}: entry for {path} lists {len(shards)} shard digests, expected {shard_count(size, shard_size)} for {size} bytes")
+        raise Refused(
+            f"{METADATA_FILE}: entry for {path} lists {len(shards)} shard "
+            f"digests, expected {shard_count(size, shard_size)} for {size} bytes"
+        )
     source = f.get("source", dict, optional=True)
     if source is not None and not isinstance(source.get("type"), str):
         raise Refused(f"{METADATA_FILE}: entry for {path} has a source without a 'type'")
-    return FileEntry(path, size, sha256, tuple(shards), f.get("role", str), f.get("format", str),
-                     f.get("details", dict, optional=True), source)  # fmt: skip
+    return FileEntry(
+        path, size, sha256, tuple(shards), f.get("role", str), f.get("format", str), f.get("details", dict, optional=True), source
+    )
 
 
 def parse_metadata(raw: bytes) -> BundleMetadata:
@@ -131,13 +143,30 @@ def parse_metadata(raw: bytes) -> BundleMetadata:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise Refused(f"{METADATA_FILE} is not valid JSON: {e}") from None
-    top = JsonFields(data, METADATA_FILE, "", {
-        "format", "format_version", "name", "version", "created", "expires", "created_by", "shard_size", "sources", "files",
-    })  # fmt: skip
+    top = JsonFields(
+        data,
+        METADATA_FILE,
+        "",
+        {
+            "format",
+            "format_version",
+            "name",
+            "version",
+            "created",
+            "expires",
+            "created_by",
+            "shard_size",
+            "sources",
+            "files",
+        },
+    )
     if top.get("format", str) != FORMAT:
         raise Refused(f"{METADATA_FILE}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
     if top.get("format_version", int) != FORMAT_VERSION:
-        raise Refused(f"{METADATA_FILE}: format_version {data['format_version']} is not supported by this sovpack (it reads version {FORMAT_VERSION})")
+        raise Refused(
+            f"{METADATA_FILE}: format_version {data['format_version']} is not "
+            f"supported by this sovpack (it reads version {FORMAT_VERSION})"
+        )
     version, shard_size = top.get("version", int), top.get("shard_size", int)
     if version < 1 or shard_size < 1 << 20 or shard_size & (shard_size - 1):
         raise Refused(f"{METADATA_FILE}: version must be >= 1 and shard_size a power of two >= 1 MiB")

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sovpack.common.hashing import sha256_file
+from sovpack.common.sizes import human_size
 from sovpack.errors import Failure, Refused
-from sovpack.hashing import sha256_file
-from sovpack.sizes import human_size
 
 _CHILD_MARK = "\x1esovpack-quantize "
 _PROGRESS_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
@@ -47,12 +47,26 @@ def run_llama_quantize(
     name: str | None = None,
 ) -> QuantizerRun:
     """Run llama_model_quantize(source -> output) in a child process; raise with llama.cpp's reason on failure."""
-    request = {"input": str(source), "output": str(output), "type": qtype, "ftype": ftype, "threads": threads,
-               "allow_requantize": allow_requantize, "parent_pid": os.getpid()}  # fmt: skip
-    package_root = str(Path(__file__).resolve().parent.parent)
-    code = "import sys; sys.path.insert(0, sys.argv[1]); from sovpack.llama_quantizer import _child_main; sys.exit(_child_main(sys.argv[2]))"
-    process = subprocess.Popen([sys.executable, "-c", code, package_root, json.dumps(request)],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    request = {
+        "input": str(source),
+        "output": str(output),
+        "type": qtype,
+        "ftype": ftype,
+        "threads": threads,
+        "allow_requantize": allow_requantize,
+        "parent_pid": os.getpid(),
+    }
+    package_root = str(Path(__file__).resolve().parents[2])
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from sovpack.quantize.llama "
+        "import _child_main; sys.exit(_child_main(sys.argv[2]))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, package_root, json.dumps(request)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     log = _ChildLog(on_tensor)
     try:
         for raw in process.stdout:
@@ -93,16 +107,20 @@ class _ChildLog:
         done = self.events.get("done")
         if done is None or returncode != 0:
             cause = f"was killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with status {returncode}"
-            raise Failure(f"llama.cpp's quantizer {cause} while quantizing {name} to {qtype}; nothing was added to the bundle. "
-                          f"Its last output: {self._last_lines()}")  # fmt: skip
+            raise Failure(
+                f"llama.cpp's quantizer {cause} while quantizing {name} to {qtype}; nothing was added to the bundle. "
+                f"Its last output: {self._last_lines()}"
+            )
         if done["rc"] != 0:
             raise self._failure(output, qtype, name)
         start = self.events["start"]
         return QuantizerRun({**start["versions"], "llama_cpp_libraries": library_digests(start["libraries"])}, start["options"])
 
     def _failure(self, output: Path, qtype: str, name: str) -> Exception:
-        reason = next((line.split("failed to quantize: ", 1)[1] for line in reversed(self.tail) if "failed to quantize: " in line),
-                      self._last_lines())  # fmt: skip
+        reason = next(
+            (line.split("failed to quantize: ", 1)[1] for line in reversed(self.tail) if "failed to quantize: " in line),
+            self._last_lines(),
+        )
         if not any(hint in reason for hint in _IO_FAILURE):
             return Refused(f"llama.cpp refused to quantize {name} to {qtype}: {reason}; nothing was added to the bundle")
         write_error = _write_error(output)
@@ -152,11 +170,15 @@ def _write_error_message(error: OSError, output: Path, qtype: str, name: str) ->
     where = output.parent.parent
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         st = os.statvfs(output.parent)
-        return (f"the disk filled up while writing the {qtype} output of {name} ({error.strerror}; the filesystem holding {where} "
-                f"has {human_size(st.f_bavail * st.f_frsize)} free); nothing was added to the bundle: free some space, run again")  # fmt: skip
+        return (
+            f"the disk filled up while writing the {qtype} output of {name} ({error.strerror}; the filesystem holding {where} "
+            f"has {human_size(st.f_bavail * st.f_frsize)} free); nothing was added to the bundle: free some space, run again"
+        )
     if error.errno == errno.EFBIG:
-        return (f"the {qtype} output of {name} grew past a file-size limit ({error.strerror}: ulimit -f, or the largest file the "
-                f"filesystem holding {where} can store); nothing was added to the bundle")  # fmt: skip
+        return (
+            f"the {qtype} output of {name} grew past a file-size limit ({error.strerror}: ulimit -f, or the largest file the "
+            f"filesystem holding {where} can store); nothing was added to the bundle"
+        )
     return f"writing the {qtype} output of {name} failed: {error.strerror}; nothing was added to the bundle"
 
 
@@ -172,12 +194,17 @@ def _child_main(request_json: str) -> int:
     try:
         import llama_cpp
     except (ImportError, OSError) as e:
-        _emit("error", message=f"cannot load llama-cpp-python ({e}); reinstall sovpack's llama extra: pip install 'sovpack[llama]'")
+        _emit(
+            "error", message=f"cannot load llama-cpp-python ({e}); reinstall sovpack's llama extra: pip install 'sovpack[llama]'"
+        )
         return 3
     qtype, ftype = request["type"], request["ftype"]
     if getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None) != ftype:
-        _emit("error", message=f"llama-cpp-python {llama_cpp.__version__} does not define {qtype} as llama_ftype {ftype}; "
-                               "this sovpack does not support that llama-cpp-python")  # fmt: skip
+        _emit(
+            "error",
+            message=f"llama-cpp-python {llama_cpp.__version__} does not define {qtype} as llama_ftype {ftype}; "
+            "this sovpack does not support that llama-cpp-python",
+        )
         return 3
     params = llama_cpp.llama_model_quantize_default_params()
     defaults = llama_cpp.llama_model_quantize_default_params()
@@ -212,10 +239,20 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _options(params, defaults) -> dict:
-    options = {name: getattr(params, name) for name in (
-        "ftype", "nthread", "allow_requantize", "quantize_output_tensor", "only_copy", "pure", "keep_split",
-        "output_tensor_type", "token_embedding_type",
-    )}  # fmt: skip
+    options = {
+        name: getattr(params, name)
+        for name in (
+            "ftype",
+            "nthread",
+            "allow_requantize",
+            "quantize_output_tensor",
+            "only_copy",
+            "pure",
+            "keep_split",
+            "output_tensor_type",
+            "token_embedding_type",
+        )
+    }
     for name in ("output_tensor_type", "token_embedding_type"):
         if options[name] == getattr(defaults, name):
             options[name] = None  # llama.cpp's own choice for the ftype
@@ -254,5 +291,10 @@ def _loaded_libraries() -> list[str] | None:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    return sorted({line.split(None, 5)[5] for line in maps.splitlines()
-                   if len(line.split(None, 5)) == 6 and re.search(r"/lib(llama|ggml)[^/]*\.so", line)})  # fmt: skip
+    return sorted(
+        {
+            line.split(None, 5)[5]
+            for line in maps.splitlines()
+            if len(line.split(None, 5)) == 6 and re.search(r"/lib(llama|ggml)[^/]*\.so", line)
+        }
+    )

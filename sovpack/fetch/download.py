@@ -27,15 +27,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sovpack import __version__
-from sovpack.bundle import write_atomically
+from sovpack.bundle.directory import write_atomically
+from sovpack.bundle.metadata import BundleMetadata, FileEntry, check_name, parse_expiry
+from sovpack.bundle.pack import StagedBundle, file_entry
+from sovpack.common.hashing import SHARD_SIZE, FileDigest
+from sovpack.common.sizes import human_size
 from sovpack.errors import Failure, UsageError
-from sovpack.fetch_plan import WORK_DIR, Plan, make_plan
-from sovpack.fetch_spec import FetchRequest
-from sovpack.hashing import SHARD_SIZE, FileDigest
-from sovpack.hub import Hub, RemoteFile
-from sovpack.metadata import BundleMetadata, FileEntry, check_name, parse_expiry
-from sovpack.pack import StagedBundle, file_entry
-from sovpack.sizes import human_size
+from sovpack.fetch.hub import Hub, RemoteFile
+from sovpack.fetch.plan import WORK_DIR, Plan, make_plan
+from sovpack.fetch.spec import FetchRequest
 
 STATE_FORMAT = "sovpack-fetch-state"
 STATE_VERSION = 1
@@ -103,7 +103,11 @@ def fetch(
         raise UsageError(f"{out} already exists; choose a new --out directory")
     hub = Hub(endpoint)
     plan = make_plan(request, hub)
-    status = staged_status(StagedBundle.staging_dir(out), plan) if out is not None else {f.path: FileStatus("download") for f in plan.files}
+    status = (
+        staged_status(StagedBundle.staging_dir(out), plan)
+        if out is not None
+        else {f.path: FileStatus("download") for f in plan.files}
+    )
     result = FetchResult(plan, status, out=out)
     events.planned(plan, status)
     if dry_run:
@@ -231,9 +235,14 @@ class _Complete:
 
     def to_json(self) -> dict:
         return {
-            "repo": self.repo, "commit": self.commit, "expected": list(self.expected), "size": self.digest.size,
-            "sha256": self.digest.sha256, "shards": list(self.digest.shards), "mtime_ns": self.mtime_ns,
-        }  # fmt: skip
+            "repo": self.repo,
+            "commit": self.commit,
+            "expected": list(self.expected),
+            "size": self.digest.size,
+            "sha256": self.digest.sha256,
+            "shards": list(self.digest.shards),
+            "mtime_ns": self.mtime_ns,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> _Complete:

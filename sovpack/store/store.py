@@ -33,14 +33,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovpack.audit import AuditLog
-from sovpack.bundle import fsync_dir, require_bundle_dir, write_atomically
+from sovpack.bundle.directory import fsync_dir, require_bundle_dir, write_atomically
+from sovpack.bundle.keys import public_pem
+from sovpack.bundle.metadata import METADATA_FILE, NAME_PATTERN, BundleMetadata, check_name, format_time, parse_metadata
+from sovpack.bundle.trust import TrustedKey, TrustPolicy, trusted_key_from_file
+from sovpack.bundle.verify import VerifyReport, verify_bundle
 from sovpack.errors import Refused, UsageError
-from sovpack.keys import public_pem
-from sovpack.metadata import METADATA_FILE, NAME_PATTERN, BundleMetadata, check_name, format_time, parse_metadata
-from sovpack.staging import files_under
-from sovpack.trust import TrustedKey, TrustPolicy, trusted_key_from_file
-from sovpack.verify import VerifyReport, verify_bundle
+from sovpack.store.audit import AuditLog
+from sovpack.transfer.reassembly import files_under
 
 STORE_ENV = "SOVPACK_HOME"
 _VERSION_DIR = re.compile(r"^[1-9][0-9]{0,17}$")
@@ -126,8 +126,10 @@ class Store:
         if not keys:
             raise UsageError(f"the store at {self.root} trusts no keys yet: run `sovpack trust add KEY.pub` or pass --trust")
         if threshold is None and self.threshold > len(keys):
-            raise UsageError(f"the store's threshold ({self.policy_path}) is {self.threshold} but it trusts only {len(keys)} "
-                             "key(s): add keys with `sovpack trust add` or lower it with `sovpack trust threshold K`")  # fmt: skip
+            raise UsageError(
+                f"the store's threshold ({self.policy_path}) is {self.threshold} but it trusts only {len(keys)} "
+                "key(s): add keys with `sovpack trust add` or lower it with `sovpack trust threshold K`"
+            )
         return TrustPolicy(tuple(keys), threshold or self.threshold)
 
     def policy_for(self, installed: InstalledBundle, threshold: int | None = None) -> TrustPolicy:
@@ -177,7 +179,9 @@ class Store:
         for n in names:
             directory = self.bundles_dir / n
             if directory.is_dir():
-                found += [(n, v) for v in sorted((int(p.name) for p in directory.iterdir() if _VERSION_DIR.match(p.name)), reverse=True)]
+                found += [
+                    (n, v) for v in sorted((int(p.name) for p in directory.iterdir() if _VERSION_DIR.match(p.name)), reverse=True)
+                ]
         return found
 
     def _read_record(self, name: str, version: int) -> dict:
@@ -281,7 +285,9 @@ class Store:
         target = self.bundle_path(name, version)
         with self.lock():
             if target.exists():
-                raise Refused(f"{name} v{version} is already installed in {self.root}; remove it first (`sovpack remove {name}@{version}`)")
+                raise Refused(
+                    f"{name} v{version} is already installed in {self.root}; remove it first (`sovpack remove {name}@{version}`)"
+                )
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging, target)
             fsync_dir(target.parent)
@@ -327,8 +333,9 @@ class Store:
             self.record_path(bundle.name, bundle.version).unlink(missing_ok=True)
             _remove_empty(bundle.path.parent)
             self.sweep_removals()
-        self.audit.append("remove", name=bundle.name, version=bundle.version,
-                          metadata_sha256=bundle.record.get("metadata_sha256"))  # fmt: skip
+        self.audit.append(
+            "remove", name=bundle.name, version=bundle.version, metadata_sha256=bundle.record.get("metadata_sha256")
+        )
         return bundle
 
     def sweep_removals(self) -> int:
@@ -384,7 +391,9 @@ def installed_summary(store: Store, bundle: InstalledBundle) -> dict:
         "imported": record.get("imported"),
         "created": metadata and format_time(metadata.created),
         "expires": metadata and metadata.expires and format_time(metadata.expires),
-        "gguf_variants": sorted({(f.details or {}).get("file_type") or "unknown" for f in metadata.files if f.format == "gguf"}) if metadata else [],
+        "gguf_variants": sorted({(f.details or {}).get("file_type") or "unknown" for f in metadata.files if f.format == "gguf"})
+        if metadata
+        else [],
         "metadata_sha256": record.get("metadata_sha256"),
         "problem": problem if problem else (None if record else "no import record: run the import again to complete it"),
     }
@@ -419,6 +428,12 @@ def verify_target(spec: str, store: Store, policy: TrustPolicy | None, threshold
     installed = store.find(spec)
     report = verify_bundle(installed.path, policy or store.trust_policy(threshold))
     failure = {"step": report.failure.step, "reason": str(report.failure)} if report.failure else {}
-    store.audit.append("verify", name=installed.name, version=installed.version, ok=report.ok,
-                       signers=[k.name for k in report.signers], **failure)  # fmt: skip
+    store.audit.append(
+        "verify",
+        name=installed.name,
+        version=installed.version,
+        ok=report.ok,
+        signers=[k.name for k in report.signers],
+        **failure,
+    )
     return report

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sovpack.bundle import write_atomically
+from sovpack.bundle.directory import write_atomically
+from sovpack.bundle.metadata import format_time
+from sovpack.common.hashing import sha256_bytes
 from sovpack.errors import Refused
-from sovpack.hashing import sha256_bytes
-from sovpack.metadata import format_time
 
 GENESIS = "0" * 64
 
@@ -121,15 +121,19 @@ class AuditLog:
             return
         witness = self._read_witness()
         if witness is None:
-            raise Refused(f"{self.witness}, the audit log's head witness, is damaged: the log cannot be checked for lines "
-                          f"cut from its end")  # fmt: skip
+            raise Refused(
+                f"{self.witness}, the audit log's head witness, is damaged: the log cannot be checked for lines cut from its end"
+            )
         count, head = witness
         if count > len(lines):
-            raise Refused(f"{self.path} holds {len(lines)} records but had {count} ({self.witness}): lines were deleted "
-                          f"from its end, or an older copy of the log was put back")  # fmt: skip
+            raise Refused(
+                f"{self.path} holds {len(lines)} records but had {count} ({self.witness}): lines were deleted "
+                f"from its end, or an older copy of the log was put back"
+            )
         if count and sha256_bytes(lines[count - 1]) != head:
-            raise Refused(f"{self.path}: line {count} is not the one {self.witness} recorded: the log was replaced from that "
-                          f"line on")  # fmt: skip
+            raise Refused(
+                f"{self.path}: line {count} is not the one {self.witness} recorded: the log was replaced from that line on"
+            )
 
 
 def _tail_lines(f) -> list[bytes]:

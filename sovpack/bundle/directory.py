@@ -8,9 +8,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sovpack.bundle.metadata import MAX_METADATA_BYTES, METADATA_FILE, SIGNATURES_DIR, BundleMetadata, parse_metadata
+from sovpack.common.safepath import unsafe_reason
 from sovpack.errors import Failure, Refused, UsageError
-from sovpack.metadata import MAX_METADATA_BYTES, METADATA_FILE, SIGNATURES_DIR, BundleMetadata, parse_metadata
-from sovpack.safepath import unsafe_reason
 
 SIGNATURE_SUFFIX = ".sig"
 

@@ -35,9 +35,9 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from sovpack import __version__
+from sovpack.common.hashing import READ_SIZE, Digester, FileDigest
+from sovpack.common.pipeline import Lane, wait_all
 from sovpack.errors import Failure, Refused, SovpackError, UsageError
-from sovpack.hashing import READ_SIZE, Digester, FileDigest
-from sovpack.pipeline import Lane, wait_all
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -271,16 +271,22 @@ class Hub:
         try:
             yield
         except GatedRepoError as e:
-            raise Failure(f"{what}: access to {repo} on {self.endpoint} was denied (HTTP {_status(e)}); the repository is "
-                          f"gated or private and a token with access is needed: {token_hint}") from None  # fmt: skip
+            raise Failure(
+                f"{what}: access to {repo} on {self.endpoint} was denied (HTTP {_status(e)}); the repository is "
+                f"gated or private and a token with access is needed: {token_hint}"
+            ) from None
         except RepositoryNotFoundError as e:
             if _status(e) == 403:
                 raise Failure(f"{what}: access to {repo} on {self.endpoint} was denied (HTTP 403): {token_hint}") from None
-            raise UsageError(f"repository {repo} was not found on {self.endpoint} (HTTP {_status(e)}); check the name, "
-                             f"or if it is private or gated, {token_hint}") from None  # fmt: skip
+            raise UsageError(
+                f"repository {repo} was not found on {self.endpoint} (HTTP {_status(e)}); check the name, "
+                f"or if it is private or gated, {token_hint}"
+            ) from None
         except RevisionNotFoundError:
-            raise UsageError(f"revision {revision!r} was not found in {repo} on {self.endpoint}: give a branch, "
-                             "a tag or a full 40-hex commit of that repository") from None  # fmt: skip
+            raise UsageError(
+                f"revision {revision!r} was not found in {repo} on {self.endpoint}: give a branch, "
+                "a tag or a full 40-hex commit of that repository"
+            ) from None
         except RemoteEntryNotFoundError:
             raise Failure(f"{self.endpoint} listed {what} at {revision} but does not serve it (HTTP 404)") from None
         except HfHubHTTPError as e:

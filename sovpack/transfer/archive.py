@@ -23,13 +23,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
-from sovpack.bundle import is_signature_path
+from sovpack.bundle.directory import is_signature_path
+from sovpack.bundle.metadata import MAX_METADATA_BYTES, METADATA_FILE, SIGNATURES_DIR, BundleMetadata, FileEntry, parse_metadata
+from sovpack.bundle.signature import MAX_SIGNATURE_BYTES
+from sovpack.common.safepath import unsafe_reason
 from sovpack.errors import Failure, Refused
-from sovpack.metadata import MAX_METADATA_BYTES, METADATA_FILE, SIGNATURES_DIR, BundleMetadata, FileEntry, parse_metadata
-from sovpack.safepath import unsafe_reason
-from sovpack.signature import MAX_SIGNATURE_BYTES
-from sovpack.staging import StagedFiles
-from sovpack.volume_io import ConcatenatedReader
+from sovpack.transfer.media import ConcatenatedReader
+from sovpack.transfer.reassembly import StagedFiles
 
 TAR_FORMAT = tarfile.PAX_FORMAT
 MAX_SIGNATURE_FILES = 256
@@ -185,8 +185,13 @@ class _Extraction:
         if member.isdir():
             return
         if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-            kind = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
-                    tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a pipe"}.get(member.type, "not a regular file")  # fmt: skip
+            kind = {
+                tarfile.SYMTYPE: "a symbolic link",
+                tarfile.LNKTYPE: "a hard link",
+                tarfile.CHRTYPE: "a device",
+                tarfile.BLKTYPE: "a device",
+                tarfile.FIFOTYPE: "a pipe",
+            }.get(member.type, "not a regular file")
             raise Refused(f"{member.name} in {self.reader.where} is {kind}; bundles hold only regular files")
         if rel in self.seen:
             raise Refused(f"{member.name} appears twice in {self.reader.where}")
@@ -235,7 +240,9 @@ class _Extraction:
     def _add_file(self, member: tarfile.TarInfo, rel: str) -> None:
         entry = self.metadata.file(rel)
         if entry is None:
-            raise Refused(f"{member.name} in {self.reader.where} is not listed in the bundle's {METADATA_FILE}; refused before writing it")
+            raise Refused(
+                f"{member.name} in {self.reader.where} is not listed in the bundle's {METADATA_FILE}; refused before writing it"
+            )
         if member.size != entry.size:
             raise Refused(f"{member.name} in {self.reader.where} has {member.size} bytes, {METADATA_FILE} lists {entry.size}")
         if self._link_known(entry):
@@ -268,7 +275,9 @@ class _Extraction:
                 continue
             if not self._link_known(entry):
                 hint = missing_hint(entry) if missing_hint else ""
-                raise Refused(f"{entry.path} ({entry.size} bytes, sha256 {entry.sha256}) is listed in {METADATA_FILE} but is "
-                              f"neither in {self.reader.where} nor in the store{hint}")  # fmt: skip
+                raise Refused(
+                    f"{entry.path} ({entry.size} bytes, sha256 {entry.sha256}) is listed in {METADATA_FILE} but is "
+                    f"neither in {self.reader.where} nor in the store{hint}"
+                )
             self.result.linked += 1
         return self.result

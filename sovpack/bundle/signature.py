@@ -24,9 +24,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sovpack.bundle.keys import key_hint
+from sovpack.bundle.metadata import METADATA_FILE, SIGNATURES_DIR
 from sovpack.errors import Refused
-from sovpack.keys import key_hint
-from sovpack.metadata import METADATA_FILE, SIGNATURES_DIR
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 
 from sovpack.errors import Failure
-from sovpack.store import Store, remove_tree
-from sovpack.volumes import CheckJournal
+from sovpack.store.store import Store, remove_tree
+from sovpack.transfer.volume_check import CheckJournal
 
 # Journal key: true once the whole bundle is staged on disk (a re-run verifies and installs it);
 # absent otherwise (a re-run discards the staging directory and reads the volumes again).
@@ -38,8 +38,9 @@ class ImportJob:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _try_lock(self.directory / "lock")
         if self._lock_fd is None:
-            raise Failure(f"another sovpack import of this export is running (it holds {self.directory / 'lock'}); "
-                          "wait for it to finish")
+            raise Failure(
+                f"another sovpack import of this export is running (it holds {self.directory / 'lock'}); wait for it to finish"
+            )
         self.journal = CheckJournal(self.directory / "journal.json")
         return self
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sovpack.bundle import read_metadata_bytes, require_bundle_dir, scan_tree, signature_path, write_atomically
+from sovpack.bundle.directory import read_metadata_bytes, require_bundle_dir, scan_tree, signature_path, write_atomically
+from sovpack.bundle.keys import key_id
+from sovpack.bundle.metadata import METADATA_FILE, BundleMetadata, parse_metadata
+from sovpack.bundle.signature import build_statement, read_statement, sign_statement
+from sovpack.bundle.verify import check_digests, check_formats, check_inventory
+from sovpack.common.hashing import sha256_bytes
 from sovpack.errors import Refused
-from sovpack.hashing import sha256_bytes
-from sovpack.keys import key_id
-from sovpack.metadata import METADATA_FILE, BundleMetadata, parse_metadata
-from sovpack.signature import build_statement, read_statement, sign_statement
-from sovpack.verify import check_digests, check_formats, check_inventory
 
 
 @dataclass(frozen=True)
@@ -57,4 +57,3 @@ def _covers(path: Path, name: str, metadata_sha256: str) -> bool:
         return read_statement(path, name).covers(metadata_sha256)
     except Refused:
         return False
-

@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from sovpack.hashing import READ_SIZE
+from sovpack.common.hashing import READ_SIZE
 
 RING_BUFFERS = 6
 ALIGN = 4096  # O_DIRECT wants file offsets, lengths and memory aligned to the device's block (512 or 4096 bytes)

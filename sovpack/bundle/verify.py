@@ -12,13 +12,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sovpack.bundle import Tree, read_metadata_bytes, scan_tree
+from sovpack.bundle.directory import Tree, read_metadata_bytes, scan_tree
+from sovpack.bundle.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
+from sovpack.bundle.signature import SignatureFile, Statement, parse_statement, read_signature_file
+from sovpack.bundle.trust import TrustedKey, TrustPolicy
+from sovpack.common.hashing import (
+    ShardDigests,
+    ShardMismatch,
+    check_shards,
+    compare_shards,
+    digest_file,
+    sha256_bytes,
+    shard_jobs,
+)
 from sovpack.errors import Refused, SovpackError
 from sovpack.formats import inspect_file
-from sovpack.hashing import ShardDigests, ShardMismatch, check_shards, compare_shards, digest_file, sha256_bytes, shard_jobs
-from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
-from sovpack.signature import SignatureFile, Statement, parse_statement, read_signature_file
-from sovpack.trust import TrustedKey, TrustPolicy
 
 STEPS = ("signatures", "threshold", "metadata", "inventory", "digests", "formats", "expiry")
 
@@ -38,7 +46,12 @@ class SignatureResult:
     statement: Statement | None = None
 
     def to_json(self) -> dict:
-        return {"file": self.file, "key_id": self.key_id, "signer": self.signer.name if self.signer else None, "status": self.status}
+        return {
+            "file": self.file,
+            "key_id": self.key_id,
+            "signer": self.signer.name if self.signer else None,
+            "status": self.status,
+        }
 
 
 @dataclass
@@ -76,8 +89,13 @@ class VerifyReport:
             "threshold": self.threshold,
             "signatures": [s.to_json() for s in self.signatures],
             "checks": [{"step": step, "ok": True, "detail": detail} for step, detail in self.checks],
-            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "role": f.role, "format": f.format} for f in (m.files if m else [])],
-            "error": None if self.ok else {"step": self.failure.step, "message": str(self.failure), "subject": self.failure.subject},
+            "files": [
+                {"path": f.path, "size": f.size, "sha256": f.sha256, "role": f.role, "format": f.format}
+                for f in (m.files if m else [])
+            ],
+            "error": None
+            if self.ok
+            else {"step": self.failure.step, "message": str(self.failure), "subject": self.failure.subject},
         }
 
 
@@ -98,7 +116,9 @@ def check_signatures(root: Path, tree: Tree, policy: TrustPolicy, metadata_sha25
             statement = parse_statement(sig.payload, name)
         except Refused as e:
             raise StepFailed("signatures", str(e), name) from None
-        results.append(SignatureResult(name, sig.key_id, "valid" if statement.covers(metadata_sha256) else "stale", signer, statement))
+        results.append(
+            SignatureResult(name, sig.key_id, "valid" if statement.covers(metadata_sha256) else "stale", signer, statement)
+        )
     return results
 
 
@@ -124,7 +144,8 @@ def check_threshold(results: list[SignatureResult], policy: TrustPolicy, metadat
             reasons.append(
                 f"{r.file} ({r.signer.label}) does not cover this bundle: {METADATA_FILE} has SHA-256 {metadata_sha256} but the "
                 f"signature covers {r.statement.resources.get(METADATA_FILE) or 'no ' + METADATA_FILE} (statement for bundle "
-                f"'{r.statement.subject_name}'); the metadata was changed after signing or the signature belongs to another bundle"
+                f"'{r.statement.subject_name}'); the metadata was changed "
+                "after signing or the signature belongs to another bundle"
             )
     untrusted = [f"{r.file} (key {r.key_id})" for r in results if r.status == "untrusted"]
     if untrusted:
@@ -156,9 +177,13 @@ def check_inventory(metadata: BundleMetadata, tree: Tree, root: Path) -> None:
     if extra and missing:
         raise StepFailed("inventory", _renamed_message(root, metadata, extra, missing), extra[0])
     if extra:
-        raise StepFailed("inventory", f"{_list(extra)} not listed in the inventory (sovpack.json) ({len(extra)} extra file(s))", extra[0])
+        raise StepFailed(
+            "inventory", f"{_list(extra)} not listed in the inventory (sovpack.json) ({len(extra)} extra file(s))", extra[0]
+        )
     if missing:
-        raise StepFailed("inventory", f"{_list(missing)} listed in the inventory (sovpack.json) but missing from the bundle", missing[0])
+        raise StepFailed(
+            "inventory", f"{_list(missing)} listed in the inventory (sovpack.json) but missing from the bundle", missing[0]
+        )
 
 
 def _renamed_message(root: Path, metadata: BundleMetadata, extra: list[str], missing: list[str]) -> str:
@@ -203,10 +228,7 @@ def check_digests(
     check_sizes(root, entries)
     known = known_digests or {}
     jobs = [
-        job
-        for f in entries
-        if f.path not in known
-        for job in shard_jobs(f.path, root / f.path, f.digest, metadata.shard_size)
+        job for f in entries if f.path not in known for job in shard_jobs(f.path, root / f.path, f.digest, metadata.shard_size)
     ]
     mismatches = check_shards(jobs, on_progress=on_progress)
     for f in entries:
@@ -241,8 +263,12 @@ def check_formats(root: Path, metadata: BundleMetadata) -> int:
             inspected += 1
             recorded = (f.details or {}).get("chat_template_sha256")
             if recorded != details.get("chat_template_sha256"):
-                raise StepFailed("formats", f"{f.path}: chat template SHA-256 is {details.get('chat_template_sha256')}, "
-                                 f"{METADATA_FILE} records {recorded}", f.path)  # fmt: skip
+                raise StepFailed(
+                    "formats",
+                    f"{f.path}: chat template SHA-256 is {details.get('chat_template_sha256')}, "
+                    f"{METADATA_FILE} records {recorded}",
+                    f.path,
+                )
     return inspected
 
 

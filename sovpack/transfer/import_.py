@@ -5,9 +5,12 @@ Phases, each leaving the installed store untouched until the last one:
 1. read the index; stop if this very bundle is installed (nothing more is read), refuse early a
    version not newer than the store's high-water mark;
 2. check the index signature, if any; read the volumes once, in order, as one stream
-   (volume_stream.py): each volume's SHA-256 on one thread, and the bundle reassembled into tmp/import-<index digest>/bundle on the store's
+   (stream_check.py): each volume(
+       's SHA-256 on one thread, and the bundle reassembled '
+       'into tmp/import-<index digest>/bundle on the store'
+   )s
    file system, each file's shard digests computed on another thread from the bytes written
-   (staging.py); files the store already holds (same SHA-256, or left out of a delta export)
+   (reassembly.py); files the store already holds (same SHA-256, or left out of a delta export)
    are hard-linked from objects/ instead. Missing or cut volumes are known before reading. The
    verdict of every volume (OK / damaged / missing) is reported before anything is used: a bad
    volume refuses the import, naming every bad one. A journal of intact volumes spares a re-run
@@ -29,29 +32,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 
-from sovpack.archive import extract_archive
+from sovpack.bundle.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time
+from sovpack.bundle.trust import TrustPolicy
+from sovpack.bundle.verify import VerifyReport, verify_bundle
+from sovpack.common.hashing import ShardDigests, sha256_bytes
+from sovpack.common.pipeline import Lane
+from sovpack.common.progress import Progress
 from sovpack.errors import Failure, Refused, SovpackError
-from sovpack.hashing import ShardDigests, sha256_bytes
-from sovpack.import_job import ImportJob, sweep_staging
-from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time
-from sovpack.pipeline import Lane
-from sovpack.progress import Progress
-from sovpack.staging import StagedFiles, flush_tree
-from sovpack.store import InstalledBundle, Store
-from sovpack.trust import TrustPolicy
-from sovpack.verify import VerifyReport, verify_bundle
-from sovpack.volume_io import ConcatenatedReader
-from sovpack.volume_stream import StreamedVolumeCheck
-from sovpack.volumes import (
+from sovpack.store.store import InstalledBundle, Store
+from sovpack.transfer.archive import extract_archive
+from sovpack.transfer.import_workdir import ImportJob, sweep_staging
+from sovpack.transfer.index import (
     BundleIdentity,
     ExportIndex,
-    VolumeReport,
     check_index_signature,
-    check_index_volumes,
     find_index,
-    foreign_files,
     read_index,
 )
+from sovpack.transfer.media import ConcatenatedReader
+from sovpack.transfer.reassembly import StagedFiles, flush_tree
+from sovpack.transfer.stream_check import StreamedVolumeCheck
+from sovpack.transfer.volume_check import VolumeReport, check_index_volumes, foreign_files
 
 
 @dataclass
@@ -103,11 +104,17 @@ class _Importer:
     # -- the two kinds of source
 
     def from_volumes(self, path: Path) -> ImportResult:
-        index_path = find_index(path, "give the directory holding the volumes, their index file, or - for a stream on standard input")  # fmt: skip
+        index_path = find_index(
+            path, "give the directory holding the volumes, their index file, or - for a stream on standard input"
+        )
         self.source = {"kind": "volumes", "index": str(index_path.resolve())}
         index, raw_index = read_index(index_path)
         self.identity = index.bundle
-        self.source |= {"index_sha256": sha256_bytes(raw_index), "volumes": len(index.volumes), "left_out": [f.path for f in index.left_out]}
+        self.source |= {
+            "index_sha256": sha256_bytes(raw_index),
+            "volumes": len(index.volumes),
+            "left_out": [f.path for f in index.left_out],
+        }
         job_dir = self.store.tmp_dir / f"import-{self.source['index_sha256'][:16]}"
         try:
             self._check_version(index.bundle.name, index.bundle.version, index.bundle.metadata_sha256, claimed=True)
@@ -140,8 +147,9 @@ class _Importer:
                 job.start_staging()
                 files = StagedFiles(job.staging)
                 try:
-                    extracted = extract_archive(reader, files, find_object=self.store.find_object,
-                                                on_metadata=self._on_stream_metadata)  # fmt: skip
+                    extracted = extract_archive(
+                        reader, files, find_object=self.store.find_object, on_metadata=self._on_stream_metadata
+                    )
                     known = files.finish()
                 except _AlreadyInstalled as done:
                     files.abort()
@@ -211,10 +219,13 @@ class _Importer:
         """Extract the stream into staging; a refusal is returned, to be raised once every volume has been judged."""
         try:
             extracted = extract_archive(
-                reader, files, find_object=self.store.find_object, top=index.bundle.stem,
+                reader,
+                files,
+                find_object=self.store.find_object,
+                top=index.bundle.stem,
                 on_metadata=lambda metadata, raw: self._expect_identity(metadata, raw, index.bundle),
                 missing_hint=lambda entry: _left_out_hint(entry, index),
-            )  # fmt: skip
+            )
         except Refused as refusal:
             return refusal
         self.result.written, self.result.linked = extracted.written, extracted.linked
@@ -229,15 +240,19 @@ class _Importer:
     def _expect_identity(self, metadata: BundleMetadata, raw: bytes, expected: BundleIdentity) -> None:
         found = sha256_bytes(raw)
         if (metadata.name, metadata.version, found) != (expected.name, expected.version, expected.metadata_sha256):
-            raise Refused(f"the volumes hold {metadata.name} v{metadata.version} (sovpack.json sha256 {found}) but the index "
-                          f"describes {expected.label} (sha256 {expected.metadata_sha256}): volumes of two exports are mixed")  # fmt: skip
+            raise Refused(
+                f"the volumes hold {metadata.name} v{metadata.version} (sovpack.json sha256 {found}) but the index "
+                f"describes {expected.label} (sha256 {expected.metadata_sha256}): volumes of two exports are mixed"
+            )
 
     def _check_free_space(self, directory: Path, needed: int, label: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(directory).free
         if needed > free:
-            raise Failure(f"the store at {self.store.root} has {free} bytes free but importing {label} needs {needed} more; "
-                          "free some space (`sovpack remove`) or import into a larger --store")  # fmt: skip
+            raise Failure(
+                f"the store at {self.store.root} has {free} bytes free but importing {label} needs {needed} more; "
+                "free some space (`sovpack remove`) or import into a larger --store"
+            )
 
     def _check_version(self, name: str, version: int, metadata_sha256: str, *, claimed: bool) -> None:
         """Rollback protection; raises _AlreadyInstalled when this very bundle is installed."""
@@ -247,11 +262,15 @@ class _Importer:
         highest = self.store.highest_version(name)
         if version <= highest and not self.allow_downgrade:
             said = " (as its index says)" if claimed and self.source and self.source["kind"] == "volumes" else ""
-            raise Refused(f"{name} v{version}{said} is not newer than v{highest}, the highest version of {name} ever installed in "
-                          f"the store at {self.store.root}: refusing a rollback (pass --allow-downgrade to install it anyway)")  # fmt: skip
+            raise Refused(
+                f"{name} v{version}{said} is not newer than v{highest}, the highest version of {name} ever installed in "
+                f"the store at {self.store.root}: refusing a rollback (pass --allow-downgrade to install it anyway)"
+            )
         if same:
-            raise Refused(f"{name} v{version} is already installed with different contents; remove it first "
-                          f"(`sovpack remove {name}@{version}`) to replace it")  # fmt: skip
+            raise Refused(
+                f"{name} v{version} is already installed with different contents; remove it first "
+                f"(`sovpack remove {name}@{version}`) to replace it"
+            )
 
     def _verify_and_install(
         self, staging: Path, expected: BundleIdentity | None, known: dict[str, ShardDigests] | None
@@ -261,9 +280,15 @@ class _Importer:
         if not report.ok:
             raise Refused(f"{label} failed verification ({report.failure.step}): {report.failure}")
         metadata, metadata_sha256 = report.metadata, report.metadata_sha256
-        if expected and (metadata.name, metadata.version, metadata_sha256) != (expected.name, expected.version, expected.metadata_sha256):
-            raise Refused(f"the reassembled bundle is {metadata.name} v{metadata.version} (sha256 {metadata_sha256}), "
-                          f"not {expected.label} as the index says: volumes of two exports are mixed")  # fmt: skip
+        if expected and (metadata.name, metadata.version, metadata_sha256) != (
+            expected.name,
+            expected.version,
+            expected.metadata_sha256,
+        ):
+            raise Refused(
+                f"the reassembled bundle is {metadata.name} v{metadata.version} (sha256 {metadata_sha256}), "
+                f"not {expected.label} as the index says: volumes of two exports are mixed"
+            )
         try:
             self._check_version(metadata.name, metadata.version, metadata_sha256, claimed=False)
         except _AlreadyInstalled as done:
@@ -311,10 +336,16 @@ class _Importer:
         installed = self.store.complete_install(installed, record)
         self.result.outcome, self.result.installed = outcome, installed
         self._warn_untrusted_signers(installed)
-        self.store.audit.append("import", outcome="accepted" if outcome == "installed" else outcome, name=installed.name,
-                                version=installed.version, metadata_sha256=installed.record.get("metadata_sha256"),
-                                accepted_by=[a["name"] for a in installed.record.get("accepted_by", [])],
-                                threshold=installed.record.get("threshold"), source=self.source)  # fmt: skip
+        self.store.audit.append(
+            "import",
+            outcome="accepted" if outcome == "installed" else outcome,
+            name=installed.name,
+            version=installed.version,
+            metadata_sha256=installed.record.get("metadata_sha256"),
+            accepted_by=[a["name"] for a in installed.record.get("accepted_by", [])],
+            threshold=installed.record.get("threshold"),
+            source=self.source,
+        )
         return self.result
 
     def _already_installed(self, installed: InstalledBundle) -> ImportResult:
@@ -323,8 +354,10 @@ class _Importer:
         if not installed.record:
             report = verify_bundle(installed.path, self.policy, now=self.now)
             if not report.ok:
-                raise Refused(f"{installed.name} v{installed.version} is installed but has no import record, and verifying it "
-                              f"failed ({report.failure.step}): {report.failure}")  # fmt: skip
+                raise Refused(
+                    f"{installed.name} v{installed.version} is installed but has no import record, and verifying it "
+                    f"failed ({report.failure.step}): {report.failure}"
+                )
             self.result.report = report
             record = self._record(report)
         return self._complete(installed, record, "already-installed")
@@ -341,11 +374,20 @@ class _Importer:
     def audit_failure(self, error: SovpackError) -> None:
         if self.source is None and error.exit_code == 2:
             return  # the command was called wrongly before any media was read: not an import attempt
-        identity = {"name": self.identity.name, "version": self.identity.version,
-                    "metadata_sha256": self.identity.metadata_sha256} if self.identity else {}  # fmt: skip
+        identity = (
+            {"name": self.identity.name, "version": self.identity.version, "metadata_sha256": self.identity.metadata_sha256}
+            if self.identity
+            else {}
+        )
         try:
-            self.store.audit.append("import", outcome="refused" if error.exit_code == 1 else "failed", reason=str(error),
-                                    exit_code=error.exit_code, source=self.source, **identity)  # fmt: skip
+            self.store.audit.append(
+                "import",
+                outcome="refused" if error.exit_code == 1 else "failed",
+                reason=str(error),
+                exit_code=error.exit_code,
+                source=self.source,
+                **identity,
+            )
         except OSError:
             pass  # a full disk must not hide the original error
 
@@ -363,6 +405,8 @@ def _installed_metadata_sha256(installed: InstalledBundle) -> str | None:
 def _left_out_hint(entry: FileEntry, index: ExportIndex) -> str:
     if any(f.path == entry.path for f in index.left_out):
         since = index.since or {}
-        return (f": it was left out of this delta export (made --since {since.get('name')} v{since.get('version')}); "
-                f"import that export first, or export again without --since")  # fmt: skip
+        return (
+            f": it was left out of this delta export (made --since {since.get('name')} v{since.get('version')}); "
+            f"import that export first, or export again without --since"
+        )
     return ""

@@ -19,17 +19,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sovpack import __version__
-from sovpack.archive import ArchivePlan, plan_archive, write_archive
-from sovpack.bundle import read_metadata_bytes, require_bundle_dir, scan_tree, write_atomically
+from sovpack.bundle.directory import read_metadata_bytes, require_bundle_dir, scan_tree, write_atomically
+from sovpack.bundle.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
+from sovpack.bundle.signature import read_statement
+from sovpack.bundle.verify import check_digests, check_expiry, check_inventory, check_sizes, digest_failure
+from sovpack.common.hashing import ShardHasher, compare_shards
+from sovpack.common.pipeline import Lane
+from sovpack.common.progress import Progress
 from sovpack.errors import Failure, Refused, UsageError
-from sovpack.hashing import ShardHasher, compare_shards
-from sovpack.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
-from sovpack.pipeline import Lane
-from sovpack.progress import Progress
-from sovpack.signature import read_statement
-from sovpack.verify import check_digests, check_expiry, check_inventory, check_sizes, digest_failure
-from sovpack.volume_io import StreamWriter, VolumeWriter
-from sovpack.volumes import (
+from sovpack.transfer.archive import ArchivePlan, plan_archive, write_archive
+from sovpack.transfer.index import (
     DEFAULT_VOLUME_SIZE,
     BundleIdentity,
     ExportIndex,
@@ -42,6 +41,7 @@ from sovpack.volumes import (
     sign_index,
     volume_stem,
 )
+from sovpack.transfer.media import StreamWriter, VolumeWriter
 
 
 @dataclass
@@ -76,7 +76,11 @@ def check_exportable(root: Path, now: datetime | None = None) -> _Checked:
     tree = scan_tree(root)
     covering, stale = _signatures_covering(root, tree.signatures, identity.metadata_sha256)
     if not covering:
-        why = "it has no signature" if not tree.signatures else f"no signature covers its {METADATA_FILE} ({', '.join(stale)} are stale)"
+        why = (
+            "it has no signature"
+            if not tree.signatures
+            else f"no signature covers its {METADATA_FILE} ({', '.join(stale)} are stale)"
+        )
         raise Refused(f"refusing to export {root}: {why}; run `sovpack sign {root} --key KEYFILE` first")
     try:
         check_expiry(metadata, now or datetime.now(timezone.utc))
@@ -84,7 +88,10 @@ def check_exportable(root: Path, now: datetime | None = None) -> _Checked:
         check_sizes(root, metadata.files)
     except Refused as e:
         raise Refused(f"refusing to export {root}: {e}") from None
-    warnings = tuple(f"{s} does not cover this {METADATA_FILE} (signed before the bundle changed); it is exported but will not count" for s in stale)
+    warnings = tuple(
+        f"{s} does not cover this {METADATA_FILE} (signed before the bundle changed); it is exported but will not count"
+        for s in stale
+    )
     return _Checked(root, metadata, identity, tree.signatures, warnings)
 
 
@@ -105,7 +112,9 @@ def held_digests(since: Path) -> tuple[set[str], dict]:
         raw = read_metadata_bytes(since)
         metadata = parse_metadata(raw)
         return {f.sha256 for f in metadata.files}, BundleIdentity.of(metadata, raw).to_json() | {"from": "bundle"}
-    index, _ = read_index(find_index(since, "give --since the index file (*.index.json) of an earlier export, or the earlier bundle directory"))
+    index, _ = read_index(
+        find_index(since, "give --since the index file (*.index.json) of an earlier export, or the earlier bundle directory")
+    )
     return {f.sha256 for f in index.files}, index.bundle.to_json() | {"from": "index"}
 
 
@@ -225,8 +234,15 @@ def export_volumes(
         signature_path.unlink(missing_ok=True)
         raise
     check.close()
-    return ExportResult(checked.identity, index.archive_size, left_out, volumes, index_path,
-                        signature_path if private_key is not None else None, checked.warnings)  # fmt: skip
+    return ExportResult(
+        checked.identity,
+        index.archive_size,
+        left_out,
+        volumes,
+        index_path,
+        signature_path if private_key is not None else None,
+        checked.warnings,
+    )
 
 
 def _prepare_destination(to: Path, stem: str, archive_size: int, volume_size: int) -> None:
@@ -235,19 +251,24 @@ def _prepare_destination(to: Path, stem: str, archive_size: int, volume_size: in
     except OSError as e:
         raise Failure(f"cannot create the export directory {to}: {e.strerror}") from None
     if (to / index_name(stem)).exists():
-        raise UsageError(f"{to} already holds an export of {stem} ({index_name(stem)}); choose an empty directory or remove it first")
+        raise UsageError(
+            f"{to} already holds an export of {stem} ({index_name(stem)}); choose an empty directory or remove it first"
+        )
     for p in to.iterdir():  # volumes of an interrupted export into this directory (it has no index)
         if volume_stem(p.name) == stem and p.is_file():
             p.unlink()
     free = shutil.disk_usage(to).free
     if free < archive_size:
         count = -(-archive_size // volume_size)
-        raise Failure(f"{to} has {free} bytes free but the export of {stem} needs {archive_size} bytes ({count} volume(s) of "
-                      f"at most {volume_size} bytes); export to a larger disk and copy the volumes onto several media")  # fmt: skip
+        raise Failure(
+            f"{to} has {free} bytes free but the export of {stem} needs {archive_size} bytes ({count} volume(s) of "
+            f"at most {volume_size} bytes); export to a larger disk and copy the volumes onto several media"
+        )
 
 
-def export_stream(root: Path, stream: BinaryIO, *, since: Path | None = None, progress: Progress | None = None,
-                  now: datetime | None = None) -> ExportResult:  # fmt: skip
+def export_stream(
+    root: Path, stream: BinaryIO, *, since: Path | None = None, progress: Progress | None = None, now: datetime | None = None
+) -> ExportResult:
     """The same tar stream as the volumes, written to `stream` (a data diode, a pipe).
 
     A file found not to match its digests stops the stream where it is: the receiving import

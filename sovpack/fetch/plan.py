@@ -24,27 +24,44 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from sovpack.bundle.metadata import RESERVED_NAMES
+from sovpack.common.safepath import case_collisions, unsafe_reason
 from sovpack.errors import Refused, UsageError
-from sovpack.fetch_spec import FetchRequest, RepoSelection
+from sovpack.fetch.hub import Hub, RemoteFile, Snapshot
+from sovpack.fetch.spec import FetchRequest, RepoSelection
 from sovpack.formats.gguf import SPLIT_NAME
 from sovpack.formats.pickle import PICKLE_SUFFIXES
-from sovpack.hub import Hub, RemoteFile, Snapshot
-from sovpack.metadata import RESERVED_NAMES
-from sovpack.safepath import case_collisions, unsafe_reason
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 WORK_DIR = ".sovpack-fetch"  # fetch's own bookkeeping inside the staging directory
 
 DEFAULT_SELECTION = (
-    "*.safetensors", "*.safetensors.index.json",
-    "config.json", "generation_config.json", "params.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "tokenizer.model.v*", "spiece.model",
-    "tekken.json", "*.tiktoken",
-    "chat_template.json", "chat_template*.jinja",
-    "license*", "licence*", "notice*", "use_policy*", "copying*",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "params.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "tokenizer.model.v*",
+    "spiece.model",
+    "tekken.json",
+    "*.tiktoken",
+    "chat_template.json",
+    "chat_template*.jinja",
+    "license*",
+    "licence*",
+    "notice*",
+    "use_policy*",
+    "copying*",
     "readme.md",
-)  # fmt: skip
+)
 
 _CONSOLIDATED = re.compile(r"^consolidated(\.\d+)?\.safetensors$", re.IGNORECASE)
 
