@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -100,6 +96,26 @@ def signed_bundle(tmp_path, model_dir, keys, cli):
     assert cli("pack", model_dir, "--out", bundle, "--name", "tiny", "--version", "3").code == 0
     assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
     return bundle
+
+
+@pytest.fixture
+def store(tmp_path, cli, keys):
+    """A store that trusts alice."""
+    root = tmp_path / "store"
+    assert cli("trust", "add", keys / "alice.pub", "--store", root).code == 0
+    return root
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 512 KiB file system (tmpfs), for full-disk paths; mounting needs root, as in CI."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root); RLIMIT_FSIZE tests cover the write failures")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from transfer_helpers import audit_records
+from helpers import audit_records
 
 from sovpack.errors import Refused
 from sovpack.store.audit import AuditLog

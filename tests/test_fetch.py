@@ -8,11 +8,11 @@ import pickle
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from builders import write_gguf, write_safetensors
+from hubserver import HubServer, git_blob_id
 from huggingface_hub import constants
 
 import sovpack.fetch.hub
@@ -25,9 +25,6 @@ from sovpack.fetch.download import bundle_name
 from sovpack.fetch.hub import Hub, RemoteFile
 from sovpack.fetch.plan import matches, select_gguf_files, select_model_files
 from sovpack.fetch.spec import load_spec, parse_gguf_option, parse_repo_ref
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hubserver import HubServer, git_blob_id  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "org/tiny"

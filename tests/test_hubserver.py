@@ -8,7 +8,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from hubserver import HubServer, git_blob_id, lfs_pointer
 from huggingface_hub import (
     HfApi,
     constants,
@@ -31,10 +31,6 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.hf_api import RepoFile, RepoFolder
-
-# Under `--import-mode=importlib` (or with a tests/__init__.py) tests/ is not on sys.path by default.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hubserver import HubServer, git_blob_id, lfs_pointer
 
 REPO = "org/model"
 MIB = 1 << 20

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from builders import write_model_dir
-from transfer_helpers import MiB, sovpack, store_snapshot, write_big_safetensors
+from helpers import MiB, sovpack, store_snapshot, write_big_safetensors
 
 from sovpack.bundle.keys import generate_key_pair, load_private_key
 from sovpack.bundle.pack import pack

@@ -27,6 +27,7 @@ import httpx2 as httpx
 import openai
 import pytest
 from builders import write_sparse_gguf
+from helpers import flip_byte
 
 from sovpack.bundle.keys import generate_key_pair
 from sovpack.cli import main
@@ -166,14 +167,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,10 @@ from pathlib import Path
 
 import pytest
 from builders import write_gguf
-from transfer_helpers import audit_records, flip_byte, sovpack, store_snapshot
+from helpers import audit_records, flip_byte, sovpack, store_snapshot
 
 from sovpack.errors import Refused, UsageError
 from sovpack.store.store import Store
-
-
-@pytest.fixture
-def store(tmp_path, cli, keys):
-    root = tmp_path / "store"
-    assert cli("trust", "add", keys / "alice.pub", "--store", root).code == 0
-    return root
 
 
 def install(cli, bundle: Path, store: Path, tmp_path: Path, *extra) -> None:

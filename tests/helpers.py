@@ -1,4 +1,4 @@
-"""Helpers shared by the transfer, store and audit tests: real processes, real files."""
+"""Helpers shared by the tests: real processes, real files, and the export/import steps several tests take."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+
+from builders import write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -73,3 +75,31 @@ def write_big_safetensors(path: Path, size: int) -> Path:
 def audit_records(store: Path) -> list[dict]:
     log = store / "audit.log"
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def export(cli, bundle: Path, to: Path, *extra) -> Path:
+    result = cli("export", bundle, "--to", to, "--volume-size", "8K", *extra)
+    assert result.code == 0, result.err
+    return to
+
+
+def volumes(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix[1:].isdigit())
+
+
+def new_version(cli, tmp_path, model_dir, keys, version: int, *, extra_gguf: bool = True, name: str = "tiny") -> Path:
+    """The same model plus (by default) one more GGUF build, packed as VERSION and signed by alice."""
+    if extra_gguf:
+        write_gguf(model_dir / "gguf" / f"tiny-v{version}.gguf", n_tensors=3 + version)
+    bundle = tmp_path / f"bundle-v{version}"
+    assert cli("pack", model_dir, "--out", bundle, "--name", name, "--version", version).code == 0
+    assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
+    return bundle
+
+
+def bundle_with_big_file(cli, model_dir, tmp_path, keys, size: int) -> Path:
+    write_big_safetensors(model_dir / "weights-2.safetensors", size)
+    bundle = tmp_path / "bigbundle"
+    assert cli("pack", model_dir, "--out", bundle, "--name", "tiny", "--version", "5").code == 0
+    assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
+    return bundle
