@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from sovpack import pipeline
+from sovpack.common import pipeline
 from sovpack.common.hashing import MIB, Digester, ShardDigests, ShardHasher, compare_shards
 from sovpack.common.pipeline import ALIGN, BufferRing, DirectFile, Lane
 from sovpack.errors import Failure
