@@ -11,6 +11,7 @@ Modules, one concept each (docs/serve.md tells the whole story):
 - template: the chat formatter built from the verified chat template text
 - slots: the bounded FIFO queue in front of N generation slots
 - engine: llama-cpp-python contexts, one per slot, each run on its own thread
+- generation: what one request (a Job) generates on a loaded model
 - requests: OpenAI request bodies (llama-cpp-python's types) and sovpack's limits on them
 - errors: OpenAI-style error bodies
 - middleware: ASGI layers for auth, body size, access records

@@ -15,8 +15,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from sovpack.bundle.metadata import format_time
-from sovpack.server.engine import embedding_work, llama_work
 from sovpack.server.errors import ApiError, ClientGone, error_body
+from sovpack.server.generation import Job
 from sovpack.server.middleware import AccessRecordMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
 from sovpack.server.requests import (
     ChatRequest,
@@ -74,16 +74,18 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
         kwargs = chat_kwargs(body, state.limits)
         _note(request, state, body, body.messages)
         _require_generative(state)
-        work = llama_work(body, kwargs, chat=True)
-        return await generate(request, state, work, stream=body.stream, include_usage=include_usage(body), body=body)
+        return await generate(
+            request, state, Job("chat", body, kwargs), stream=body.stream, include_usage=include_usage(body), body=body
+        )
 
     @api.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
         kwargs = completion_kwargs(body, state.limits)
         _note(request, state, body, body.prompt)
         _require_generative(state)
-        work = llama_work(body, kwargs, chat=False)
-        return await generate(request, state, work, stream=body.stream, include_usage=include_usage(body), body=body)
+        return await generate(
+            request, state, Job("completion", body, kwargs), stream=body.stream, include_usage=include_usage(body), body=body
+        )
 
     @api.post("/v1/embeddings")
     async def embeddings(request: Request, body: EmbeddingRequest):
@@ -97,7 +99,7 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
                 param="model",
                 code="embeddings_not_supported",
             )
-        return await generate(request, state, embedding_work(kwargs), stream=False, include_usage=False, body=body)
+        return await generate(request, state, Job("embedding", body, kwargs), stream=False, include_usage=False, body=body)
 
 
 def model_card(state: ServerState) -> dict:

@@ -11,7 +11,7 @@ check ends the generation at the next token and the slot is handed back.
 What llama-cpp-python provides and is used as is: `Llama.create_chat_completion` and
 `create_completion` (OpenAI-shaped results and stream chunks), `create_embedding`, its
 chat formatter and handler machinery, and its server's request preparation
-(`prepare_request_resources`: logit_bias, grammar, min_tokens).
+(`prepare_request_resources`: logit_bias, grammar, min_tokens), called by generation.py.
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import llama_cpp
 from llama_cpp.llama import StoppingCriteriaList
-from llama_cpp.server.app import prepare_request_resources
 
 from sovpack.errors import Failure, Refused
+from sovpack.server.generation import Job, run
 from sovpack.server.slots import SlotPool
 from sovpack.server.template import chat_handler
 from sovpack.server.verification import VerifiedModel
@@ -103,9 +102,6 @@ class Generation:
         self.cancelled = True
 
 
-Work = Callable[[Slot], object]  # runs on the slot's thread; returns a result dict or an iterator of chunks
-
-
 class Engine:
     def __init__(self, model: VerifiedModel, settings: EngineSettings):
         self.model = model
@@ -146,19 +142,19 @@ class Engine:
 
     # running
 
-    async def submit(self, work: Work) -> Generation:
-        """Wait for a slot (FIFO; QueueFull when the line is full) and start `work` on it."""
+    async def submit(self, job: Job) -> Generation:
+        """Wait for a slot (FIFO; QueueFull when the line is full) and start `job` on it."""
         loop = asyncio.get_running_loop()
         slot = await self.pool.acquire()
         generation = Generation(loop)
         slot.job = generation
-        loop.run_in_executor(slot.executor, self._run, loop, slot, generation, work)
+        loop.run_in_executor(slot.executor, self._run, loop, slot, generation, job)
         return generation
 
-    def _run(self, loop, slot: Slot, generation: Generation, work: Work) -> None:
+    def _run(self, loop, slot: Slot, generation: Generation, job: Job) -> None:
         result = None
         try:
-            result = work(slot)
+            result = run(slot.llama, job, slot.stopping_criteria())
             if isinstance(result, dict):
                 generation.emit("result", result)
             else:
@@ -188,28 +184,6 @@ class Engine:
     @property
     def context_size(self) -> int:
         return self.slots[0].llama.n_ctx() if self.slots else self.settings.ctx_size
-
-
-# work for the three endpoints
-
-
-def llama_work(body, kwargs: dict, *, chat: bool) -> Work:
-    """A chat or a text completion, after llama-cpp-python's own request preparation."""
-
-    def work(slot: Slot):
-        llama = prepare_request_resources(body, lambda _model: slot.llama, body.model, kwargs)
-        if chat:  # the slot's stop check comes with the chat formatter (template.py)
-            return llama.create_chat_completion(**kwargs)
-        return llama.create_completion(**kwargs, stopping_criteria=slot.stopping_criteria())
-
-    return work
-
-
-def embedding_work(kwargs: dict) -> Work:
-    def work(slot: Slot):
-        return slot.llama.create_embedding(**kwargs)
-
-    return work
 
 
 def _no_chat_yet(**kwargs):

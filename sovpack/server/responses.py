@@ -18,17 +18,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from sovpack.server.access_log import RequestRecord
-from sovpack.server.engine import Generation, Work
+from sovpack.server.engine import Generation
 from sovpack.server.errors import ApiError, ClientGone, from_engine
+from sovpack.server.generation import Job
 from sovpack.server.slots import QueueFull
 
 
-async def generate(request: Request, state, work: Work, *, stream: bool, include_usage: bool, body) -> object:
+async def generate(request: Request, state, job: Job, *, stream: bool, include_usage: bool, body) -> object:
     record: RequestRecord = request.state.record
     state.ensure_serving()
     queued = time.monotonic()
     try:
-        generation = await until_disconnected(request, state.engine.submit(work))
+        generation = await until_disconnected(request, state.engine.submit(job))
     except QueueFull as e:
         raise ApiError(
             503,
