@@ -47,6 +47,7 @@ COMMAND_MODULES = (
     "transfer_commands",
     "store_commands",
     "serve_commands",
+    "runtime_commands",
 )
 for _module in COMMAND_MODULES:
     importlib.import_module(f"sovpack.cli.{_module}")

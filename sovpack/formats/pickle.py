@@ -24,6 +24,18 @@ def pickle_reason(path: Path) -> str | None:
 def _zip_holds_pickle(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.endswith(".pkl") for name in archive.namelist())
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
         return False
+    if _is_wheel(names):  # a Python package (the sovpack runtime): its own data files, not loadable as weights
+        return any(_torch_loads(name) for name in names)
+    return any(name.endswith(".pkl") for name in names)
+
+
+def _is_wheel(names: list[str]) -> bool:
+    return any(name.count("/") == 1 and name.endswith(".dist-info/WHEEL") for name in names)
+
+
+def _torch_loads(name: str) -> bool:
+    """Where torch.load looks for the pickle of a zip archive: data.pkl at the top or in the one top directory."""
+    return name == "data.pkl" or (name.count("/") == 1 and name.endswith("/data.pkl"))

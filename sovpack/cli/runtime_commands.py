@@ -1,0 +1,110 @@
+"""runtime build, install, rollback, list: sovpack itself across the gap (docs/runtime.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sovpack.cli import app
+from sovpack.cli.options import STORE_HELP
+from sovpack.cli.render import console, human_size
+
+runtime_app = typer.Typer(
+    help="sovpack itself across the gap: build the offline runtime, install it from the store, roll it back.",
+    no_args_is_help=True,
+)
+app.add_typer(runtime_app, name="runtime")
+
+PREFIX_HELP = (
+    "Where runtimes are installed (PREFIX/runtimes/V, PREFIX/current). "
+    "Default $SOVPACK_RUNTIME_PREFIX, else the prefix this sovpack runs from."
+)
+
+
+@runtime_app.command("build")
+def build(
+    out: Path = typer.Option(..., "--out", help="New bundle directory for the runtime (named sovpack-runtime)."),
+    version: int = typer.Option(1, "--version", help="Bundle version; each new runtime needs a higher one (rollback rule)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Also compile llama.cpp for a GPU: cuda (needs nvcc)."),
+    source: Optional[Path] = typer.Option(None, "--source", help="sovpack source checkout (default: the running one)."),
+) -> None:
+    """Collect sovpack and every dependency as wheels for this host, lock their SHA-256, pack them with the installer."""
+    from rich.markup import escape
+
+    from sovpack.errors import UsageError
+    from sovpack.runtime.build import build_runtime
+
+    if version < 1:
+        raise UsageError(f"--version must be 1 or more, got {version}")
+    built = build_runtime(out, version=version, source=source, gpu=gpu, log=lambda line: console.print(escape(line)))
+    console.print(
+        f"built {built.metadata.name} v{built.metadata.version}: {built.wheels} wheels, "
+        f"{human_size(built.metadata.size)} -> {escape(str(out))}"
+    )
+    console.print("for the paper that travels separately from the media:")
+    console.print(f"  runtime-lock.json   sha256 {built.lock_sha256}", soft_wrap=True)
+    console.print(f"  install-runtime.py  sha256 {built.installer_sha256}", soft_wrap=True)
+    console.print(
+        f"next: sovpack sign {escape(str(out))} --key OFFICER.key; sovpack export {escape(str(out))} --to MEDIA; "
+        f"cp {escape(str(out))}/install-runtime.py MEDIA/",
+        soft_wrap=True,
+    )
+
+
+@runtime_app.command("install")
+def install(
+    spec: str = typer.Argument(..., help="sovpack-runtime@VERSION (or sovpack-runtime: the highest) in the store."),
+    prefix: Optional[Path] = typer.Option(None, "--prefix", help=PREFIX_HELP),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """Verify an imported runtime under the store's trust and rules, install it beside the current one, switch to it."""
+    from rich.markup import escape
+
+    from sovpack.runtime.upgrade import install_from_store, runtime_prefix
+    from sovpack.store.store import Store
+
+    where = runtime_prefix(prefix)
+    result = install_from_store(Store(store), spec, where)
+    if result.outcome == "switched":
+        console.print(f"v{result.version} was installed already ({escape(str(result.path))}); it is current again")
+    else:
+        console.print(
+            f"[bold green]INSTALLED[/] sovpack-runtime v{result.version} ({result.sovpack_version}) at {escape(str(result.path))}"
+        )
+    console.print(
+        f"current: {escape(str(where.current_link))} -> runtimes/{result.version}"
+        + (f"; previous: v{result.previous} (`sovpack runtime rollback`)" if result.previous else "")
+    )
+
+
+@runtime_app.command("rollback")
+def rollback(
+    prefix: Optional[Path] = typer.Option(None, "--prefix", help=PREFIX_HELP),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP + " Its audit log records the rollback."),
+) -> None:
+    """Switch back to the previous runtime; the current one becomes the previous."""
+    from sovpack.runtime.upgrade import rollback as roll_back
+    from sovpack.runtime.upgrade import runtime_prefix
+    from sovpack.store.store import Store
+
+    current, previous = roll_back(Store(store), runtime_prefix(prefix))
+    console.print(f"rolled back from sovpack-runtime v{current} to v{previous}")
+
+
+@runtime_app.command("list")
+def list_runtimes(prefix: Optional[Path] = typer.Option(None, "--prefix", help=PREFIX_HELP)) -> None:
+    """The installed runtimes, which one is current and which previous."""
+    from rich.markup import escape
+
+    from sovpack.runtime.upgrade import runtime_prefix
+
+    where = runtime_prefix(prefix)
+    current, previous = where.current, where.previous
+    for version in where.installed():
+        record = where.record(version)
+        mark = " (current)" if version == current else " (previous)" if version == previous else ""
+        console.print(f"v{version}{mark}  sovpack {record.get('sovpack_version')}  installed {record.get('installed')}")
+    if not where.installed():
+        console.print(f"no runtime installed under {escape(str(where.root))}")
