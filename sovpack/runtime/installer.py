@@ -38,6 +38,8 @@ import sys
 import tarfile
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -179,18 +181,23 @@ def check_target(lock: Lock) -> None:
 # ---- unpacking volumes from the media
 
 
-def find_bundle(source: Path, tmp_root: Path) -> tuple[Path, Path | None]:
-    """The bundle directory SOURCE is, or the one its volumes unpack to (and the temporary directory holding it)."""
+@contextmanager
+def opened_source(source: Path, tmp_root: Path) -> Iterator[Path]:
+    """The bundle directory SOURCE is, or the one its volumes unpack to in TMP_ROOT (deleted afterwards)."""
     if (source / METADATA_FILE).is_file():
-        return source, None
+        yield source
+        return
     index = _find_index(source)
     tmp_root.mkdir(parents=True, exist_ok=True)
     unpacked = Path(tempfile.mkdtemp(prefix="unpack-", dir=tmp_root))
     try:
-        return unpack_volumes(index, unpacked), unpacked
-    except BaseException:
+        yield unpack_volumes(index, unpacked)
+    finally:
         shutil.rmtree(unpacked, ignore_errors=True)
-        raise
+        try:
+            tmp_root.rmdir()
+        except OSError:
+            pass  # another install is unpacking there
 
 
 def _find_index(source: Path) -> Path:
@@ -519,19 +526,21 @@ def _create_environment(verified: Verified, target: Path, python: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         shutil.rmtree(target)  # left by a killed install: it has no runtime.json
-    _run([python, "-m", "venv", "--without-pip", str(target)], "creating the virtual environment")
+    _run([python, "-m", "venv", "--without-pip", str(target)], "creating the virtual environment", target.parent)
     wheels_dir = verified.root / WHEELS_DIR
     pip = verified.root / verified.lock.pip_wheel / "pip"  # pip runs from its own (checked) wheel
     wheels = [str(verified.root / w.path) for w in verified.wheels if w.path != verified.lock.pip_wheel]
     install_args = ["install", "--no-index", "--no-cache-dir", "--disable-pip-version-check", "--quiet"]
-    _run([str(target / "bin" / "python"), str(pip), *install_args, "--find-links", str(wheels_dir), *wheels], "pip install")
+    _run(
+        [str(target / "bin" / "python"), str(pip), *install_args, "--find-links", str(wheels_dir), *wheels], "pip install", target
+    )
 
 
-def _run(cmd: list[str], what: str) -> str:
+def _run(cmd: list[str], what: str, cwd: Path) -> str:
     # the host's pip configuration (indexes, constraints, find-links) must not reach this install
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
     env |= {"PIP_CONFIG_FILE": os.devnull, "PYTHONNOUSERSITE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)  # `-m` would import from any cwd
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
         raise InstallError(f"{what} failed (exit {result.returncode}): {tail}")
@@ -539,7 +548,7 @@ def _run(cmd: list[str], what: str) -> str:
 
 
 def _installed_version(target: Path) -> str:
-    return _run([str(target / "bin" / "sovpack"), "--version"], "running the new sovpack").strip()
+    return _run([str(target / "bin" / "sovpack"), "--version"], "running the new sovpack", target).strip()
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -582,8 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"public key {key} does not exist")
         for leftover in prefix.sweep_incomplete():
             print(f"removed {leftover}, left by an install that did not finish")
-        root, unpacked = find_bundle(args.source, prefix.tmp)
-        try:
+        with opened_source(args.source, prefix.tmp) as root:
             verified = verify_runtime(root, args.public_key, args.lock_sha256)
             check_self(verified.lock)
             for anchor in verified.anchors:
@@ -592,10 +600,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"checked: {w.path} sha256 {w.sha256}")
             print(f"installing {RUNTIME_NAME} v{verified.lock.version} into {prefix.path(verified.lock.version)} ...", flush=True)
             result = install(verified, prefix, str(args.source.absolute()))
-        finally:
-            if unpacked:
-                shutil.rmtree(unpacked, ignore_errors=True)
-                _remove_if_empty(prefix.tmp)
     except InstallError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -615,13 +619,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"run it as {prefix.current_link}/bin/sovpack")
     return 0
-
-
-def _remove_if_empty(directory: Path) -> None:
-    try:
-        directory.rmdir()
-    except OSError:
-        pass
 
 
 def check_self(lock: Lock) -> None:
