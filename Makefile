@@ -1,4 +1,5 @@
 # make demo   - set everything up, then run the whole flow on the embedded default model
+# make demo-offline - the same trip with sovpack itself carried across: the secure side has no network (root)
 # make test   - set everything up, then run the whole test suite
 # make lint   - ruff: lint and format check
 # make bench  - run every benchmark in bench/ and regenerate docs/benchmarks.md
@@ -8,10 +9,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test lint format bench model clean
+.PHONY: demo demo-offline test lint format bench model clean
 
 demo: $(STAMP) $(MODEL)
 	$(BIN)/python scripts/demo.py
+
+demo-offline: $(STAMP) $(MODEL)
+	$(BIN)/python scripts/demo_offline.py
 
 test: $(STAMP) $(MODEL)
 	$(BIN)/python -m pytest
