@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sovpack.bundle.directory import require_bundle_dir
 from sovpack.bundle.trust import TrustPolicy, load_trust
+from sovpack.errors import Refused
 from sovpack.store.store import InstalledBundle, Store, is_bundle_path
 
 
@@ -46,5 +47,17 @@ def resolve_target(spec: str, store: Store, trust: tuple[Path, ...], threshold: 
     elif installed is None:
         policy = store.trust_policy(threshold)
     else:
-        policy = store.policy_for(installed, threshold)
+        policy = _policy_it_was_accepted_under(store, installed, threshold)
     return ServeTarget(bundle, policy, installed)
+
+
+def _policy_it_was_accepted_under(store: Store, installed: InstalledBundle, threshold: int | None) -> TrustPolicy:
+    """Store.policy_for, whose refusal (too few of the accepting keys trusted now) says how to serve it after all."""
+    _ = store.trusted_keys(), store.threshold  # a damaged key or policy file is refused here, with its own repair
+    try:
+        return store.policy_for(installed, threshold)
+    except Refused as e:
+        raise Refused(
+            f"{e}: trust its signers in this store with `sovpack trust add FILE` (an import with --trust FILE "
+            "trusts FILE for that import only), or serve it with --trust FILE"
+        ) from None
