@@ -85,7 +85,8 @@ def serve(
     """Verify a bundle, then serve its GGUF over an OpenAI-compatible HTTP API (llama.cpp).
 
     Exit codes: 1 the bundle failed verification or changed while served; 2 usage (including a
-    non-loopback --host without --api-key-file, a missing TLS file); 3 other failures (port in
+    non-loopback --host without --api-key-file, a missing TLS file, a store that does not exist:
+    serve audits in it); 3 other failures (port in
     use, missing `serve` extra, audit or access log not writable, llama.cpp cannot load the verified file); 130
     SIGTERM or Ctrl-C during verification, before serving.
     """
