@@ -15,7 +15,6 @@ checked: a half-written bundle is never published.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -27,9 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sovpack import __version__
-from sovpack.bundle.directory import write_atomically
 from sovpack.bundle.metadata import BundleMetadata, FileEntry, check_name, parse_expiry
 from sovpack.bundle.pack import StagedBundle, file_entry
+from sovpack.common.files import DISK_FULL, require_free_space, try_lock, write_atomically
 from sovpack.common.hashing import SHARD_SIZE, FileDigest
 from sovpack.common.sizes import human_size
 from sovpack.errors import Failure, UsageError
@@ -201,7 +200,7 @@ def _download_all(hub: Hub, staging: _Staging, todo: list[RemoteFile], status, e
 
 
 def _write_failure(error: OSError, what: str, root: Path) -> Failure:
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in DISK_FULL:
         return Failure(
             f"disk full while writing {what} into {root}: free some space and re-run the same command; "
             "what was downloaded so far is kept and the fetch continues from there"
@@ -211,15 +210,17 @@ def _write_failure(error: OSError, what: str, root: Path) -> Failure:
 
 
 def _check_free_space(out: Path, needed: int) -> None:
-    existing = next((p for p in (out.absolute(), *out.absolute().parents) if p.exists()), None)
-    if existing is None or needed <= 0:
+    if needed <= 0:
         return
-    free = shutil.disk_usage(existing).free
-    if needed + SPACE_MARGIN > free:
-        raise Failure(
-            f"not enough free space for this fetch in {existing}: it needs {human_size(needed)} more, "
-            f"{human_size(free)} is free. Free some space or choose another --out; nothing was downloaded"
-        )
+    require_free_space(
+        out,
+        needed + SPACE_MARGIN,
+        lambda free: (
+            f"not enough free space for this fetch on the file system holding {out}: it needs "
+            f"{human_size(needed)} more, {human_size(free)} is free. Free some space or choose another --out; "
+            "nothing was downloaded"
+        ),
+    )
 
 
 # ---------------------------------------------------------------------- staging state
@@ -326,24 +327,20 @@ class _Staging:
         self.state_path = self.work / "state.json"
         self.lock = threading.Lock()
         self.state = _State()
-        self._lock_file = None
+        self._lock_fd: int | None = None
 
     def __enter__(self) -> _Staging:
-        import fcntl
-
         self.partials.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.work / "lock", "w")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock_file.close()
-            raise Failure(f"another sovpack fetch is writing {self.root}; wait for it to finish") from None
+        self._lock_fd = try_lock(self.work / "lock")
+        if self._lock_fd is None:
+            raise Failure(f"another sovpack fetch is writing {self.root}; wait for it to finish")
         self.state = _State.read(self.state_path)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     @property
     def complete(self) -> dict[str, _Complete]:

@@ -19,7 +19,6 @@ Three decisions shape this module (docs/quantize.md explains them for users):
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -34,12 +33,12 @@ from importlib.util import find_spec
 from pathlib import Path, PurePosixPath
 
 from sovpack import __version__
-from sovpack.bundle.directory import fsync_dir, read_metadata, require_bundle_dir, scan_tree, write_atomically, write_metadata
+from sovpack.bundle.directory import read_metadata, require_bundle_dir, scan_tree, write_metadata
 from sovpack.bundle.metadata import BundleMetadata, FileEntry, check_inventory_paths
 from sovpack.bundle.pack import file_entry
 from sovpack.bundle.verify import check_digests, check_inventory
+from sovpack.common.files import fsync_dir, fsync_path, require_free_space, try_lock, write_atomically
 from sovpack.common.hashing import cpu_count, digest_file, sha256_file
-from sovpack.common.pipeline import fsync_path
 from sovpack.common.sizes import human_size
 from sovpack.errors import Failure, Refused, UsageError
 from sovpack.formats import inspect_file
@@ -478,14 +477,9 @@ class WorkDir:
     def _lock(self) -> None:
         lock_path = self.path / self.LOCK
         while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise Failure(
-                    f"another sovpack quantize is running on {self.root} (it holds {lock_path}); wait for it to finish"
-                ) from None
+            fd = try_lock(lock_path, 0o600)
+            if fd is None:
+                raise Failure(f"another sovpack quantize is running on {self.root} (it holds {lock_path}); wait for it to finish")
             try:
                 same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
             except FileNotFoundError:
@@ -526,13 +520,14 @@ class WorkDir:
         return self.path / (rel.replace("/", "%") + ".partial")
 
     def check_free_space(self, needed: int, source: str) -> None:
-        st = os.statvfs(self.path)
-        free = st.f_bavail * st.f_frsize
-        if free < needed + (1 << 20):  # and room for the new sovpack.json
-            raise Failure(
-                f"not enough free disk space to quantize {source}: the output(s) may need up to {human_size(needed)} on the "
-                f"filesystem holding {self.root}, which has {human_size(free)} free; nothing was changed"
-            )
+        require_free_space(
+            self.path,
+            needed + (1 << 20),  # and room for the new sovpack.json
+            lambda free: (
+                f"not enough free disk space to quantize {source}: the output(s) may need up to {human_size(needed)} "
+                f"on the filesystem holding {self.root}, which has {human_size(free)} free; nothing was changed"
+            ),
+        )
 
     def commit(self, built: list[BuiltFile], metadata: BundleMetadata) -> None:
         """Move the outputs in and rewrite sovpack.json; the journal lets the next run undo a half-done commit."""

@@ -21,11 +21,9 @@ them if the process was killed in between.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-import shutil
 import stat
 import uuid
 from collections.abc import Iterator
@@ -33,14 +31,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovpack.bundle.directory import fsync_dir, require_bundle_dir, write_atomically
+from sovpack.bundle.directory import require_bundle_dir
 from sovpack.bundle.keys import public_pem
 from sovpack.bundle.metadata import METADATA_FILE, NAME_PATTERN, BundleMetadata, check_name, format_time, parse_metadata
 from sovpack.bundle.trust import TrustedKey, TrustPolicy, trusted_key_from_file
 from sovpack.bundle.verify import VerifyReport, verify_bundle
+from sovpack.common.files import files_under, fsync_dir, locked, remove_tree, write_atomically
 from sovpack.errors import Refused, UsageError
 from sovpack.store.audit import AuditLog
-from sovpack.transfer.reassembly import files_under
 
 STORE_ENV = "SOVPACK_HOME"
 _VERSION_DIR = re.compile(r"^[1-9][0-9]{0,17}$")
@@ -259,12 +257,8 @@ class Store:
     def lock(self) -> Iterator[None]:
         """Exclusive among sovpack processes while bundles, records and objects change."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(self.root / ".lock"):
             yield
-        finally:
-            os.close(fd)
 
     def object_path(self, sha256: str) -> Path:
         return self.objects_dir / sha256[:2] / sha256
@@ -404,11 +398,6 @@ def _remove_empty(directory: Path) -> None:
         directory.rmdir()
     except OSError:
         pass
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a tree whose files are read-only (its directories are not)."""
-    shutil.rmtree(path, ignore_errors=not path.exists())
 
 
 def is_bundle_path(spec: str) -> bool:

@@ -25,7 +25,6 @@ Every outcome, accepted or refused, is appended to the audit log.
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,10 +34,11 @@ from typing import BinaryIO
 from sovpack.bundle.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time
 from sovpack.bundle.trust import TrustPolicy
 from sovpack.bundle.verify import VerifyReport, verify_bundle
+from sovpack.common.files import require_free_space
 from sovpack.common.hashing import ShardDigests, sha256_bytes
 from sovpack.common.pipeline import Lane
 from sovpack.common.progress import Progress
-from sovpack.errors import Failure, Refused, SovpackError
+from sovpack.errors import Refused, SovpackError
 from sovpack.store.store import InstalledBundle, Store
 from sovpack.transfer.archive import extract_archive
 from sovpack.transfer.import_workdir import ImportJob, sweep_staging
@@ -247,12 +247,14 @@ class _Importer:
 
     def _check_free_space(self, directory: Path, needed: int, label: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(directory).free
-        if needed > free:
-            raise Failure(
+        require_free_space(
+            directory,
+            needed,
+            lambda free: (
                 f"the store at {self.store.root} has {free} bytes free but importing {label} needs {needed} more; "
                 "free some space (`sovpack remove`) or import into a larger --store"
-            )
+            ),
+        )
 
     def _check_version(self, name: str, version: int, metadata_sha256: str, *, claimed: bool) -> None:
         """Rollback protection; raises _AlreadyInstalled when this very bundle is installed."""

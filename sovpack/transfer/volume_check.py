@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovpack.bundle.directory import write_atomically
 from sovpack.bundle.trust import TrustPolicy
+from sovpack.common.files import write_atomically
 from sovpack.common.hashing import READ_SIZE, cpu_count
 from sovpack.common.progress import Progress
 from sovpack.transfer.index import (
