@@ -180,7 +180,7 @@ def test_store_api_for_serve(cli, signed_bundle, store, tmp_path, keys):
     s = Store(store)
     installed = s.find("tiny")
     assert (installed.name, installed.version, installed.path) == ("tiny", 3, store / "bundles/tiny/3")
-    assert installed.record["accepted_by"][0]["name"] == "alice"
+    assert installed.record.accepted_by[0].name == "alice"
     assert s.installed()[0] == installed and s.find("tiny@3") == installed
     assert [k.name for k in s.policy_for(installed).keys] == ["alice"]
     assert s.trust_policy().threshold == 1

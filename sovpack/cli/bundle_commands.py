@@ -98,11 +98,12 @@ def verify(
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report instead of a table."),
 ) -> None:
     """Check signatures, threshold, metadata, inventory, digests, formats and expiry, in that order."""
-    from sovpack.bundle.trust import load_trust
-    from sovpack.store.store import Store, verify_target
+    from sovpack.store.store import Store
+    from sovpack.store.target import choose_policy, find_target, verify_target
 
-    policy = load_trust(trust, threshold or 1) if trust else None
-    report = verify_target(bundle, Store(store), policy, threshold)
+    target_store = Store(store)
+    target = find_target(bundle, target_store)
+    report = verify_target(target, target_store, choose_policy(target_store, trust or (), threshold))
     if json_output:
         print_json(report.to_json())
     else:

@@ -66,16 +66,6 @@ class TerminalProgress(Progress):
         self.out.print(f"  {escape(status.file)}  [{colour}]{label}[/]{detail}", soft_wrap=True)
 
 
-def _policy(trust: Optional[list[Path]], threshold: Optional[int], store, *, required: bool = True):
-    from sovpack.bundle.trust import load_trust
-
-    if trust:
-        return load_trust(trust, threshold or 1)
-    if not required and not store.trusted_keys():
-        return None
-    return store.trust_policy(threshold)
-
-
 @app.command()
 def export(
     bundle: Path = typer.Argument(..., help="Signed bundle directory."),
@@ -158,10 +148,11 @@ def check_volumes_command(
 ) -> None:
     """Check every volume on its own against the index: OK, damaged or missing. Nothing is written."""
     from sovpack.store.store import Store
+    from sovpack.store.target import choose_policy
     from sovpack.transfer.index import find_index
     from sovpack.transfer.volume_check import check_volumes
 
-    policy = _policy(trust, None, Store(store), required=False)
+    policy = choose_policy(Store(store), trust or (), None, required=False)
     with TerminalProgress(err_console if json_output else console, volume_lines=not json_output) as progress:
         report = check_volumes(find_index(directory), policy, progress=progress)
     if json_output:
@@ -212,16 +203,17 @@ def import_command(
     from rich.markup import escape
 
     from sovpack.store.store import Store
+    from sovpack.store.target import choose_policy
     from sovpack.transfer.import_ import import_bundle
 
     target = Store(store)
-    policy = _policy(trust, threshold, target)
+    policy = choose_policy(target, trust or (), threshold)
     with TerminalProgress(console) as progress:
         result = import_bundle(source, target, policy, allow_downgrade=allow_downgrade, stdin=sys.stdin.buffer, progress=progress)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     b = result.installed
-    signers = ", ".join(a["name"] for a in b.record.get("accepted_by", [])) or "?"
+    signers = ", ".join(b.record.signer_names) or "?"
     if result.outcome == "already-installed":
         console.print(f"{escape(b.name)} v{b.version} is already installed (same signed sovpack.json) at {escape(str(b.path))}")
         return
@@ -232,7 +224,7 @@ def import_command(
             f", {result.linked} already held by the store" if result.linked else ""
         )
     console.print(
-        f"[bold green]INSTALLED[/] {escape(b.name)} v{b.version} ({human_size(b.record.get('size', 0))}, {origin}), "
+        f"[bold green]INSTALLED[/] {escape(b.name)} v{b.version} ({human_size(b.record.size or 0)}, {origin}), "
         f"accepted by {escape(signers)} -> {escape(str(b.path))}",
         soft_wrap=True,
     )
