@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 
 from sovpack import __version__
 from sovpack.bundle.directory import read_metadata, require_bundle_dir, scan_tree, write_metadata
+from sovpack.bundle.gguf_parts import listed_parts, split_of
 from sovpack.bundle.metadata import BundleMetadata, FileEntry, check_inventory_paths
 from sovpack.bundle.pack import file_entry
 from sovpack.bundle.verify import check_digests, check_inventory
@@ -42,7 +43,7 @@ from sovpack.common.hashing import cpu_count, digest_file, sha256_file
 from sovpack.common.sizes import human_size
 from sovpack.errors import Failure, Refused, UsageError
 from sovpack.formats import inspect_file
-from sovpack.formats.gguf import FILE_TYPES, SPLIT_NAME, UNQUANTIZED_FILE_TYPES
+from sovpack.formats.gguf import FILE_TYPES, UNQUANTIZED_FILE_TYPES
 from sovpack.quantize.llama import QuantizerRun, run_llama_quantize
 
 # The types offered: llama.cpp's quantize-tool names for types that need no importance
@@ -130,9 +131,9 @@ def parse_types(names: list[str]) -> list[str]:
 def output_path_for(source_path: str, qtype: str) -> str:
     """`gguf/Model-F16.gguf` -> `gguf/Model-Q4_K_M.gguf`; a split's `-00001-of-00003` goes too."""
     path = PurePosixPath(source_path)
-    split = SPLIT_NAME.match(path.name)
+    split = split_of(path.name)
     if split:
-        stem = split["stem"]
+        stem = split.stem
     else:
         stem = path.name[:-5] if path.name.lower().endswith(".gguf") else path.stem
     stem = _TYPE_SUFFIX.sub("", stem) or "model"
@@ -209,17 +210,16 @@ def _source_model(metadata: BundleMetadata, entry: FileEntry) -> SourceModel:
     _, count = _split(entry)
     if count == 1:
         return SourceModel(entry, (entry,), gguf_file_type(entry))
-    match = SPLIT_NAME.match(entry.path)
-    if not match or int(match["part"]) != 1 or int(match["count"]) != count:
+    split = split_of(entry.path)
+    if not split or not split.is_first or split.count != count:
         raise Refused(
             f"{entry.path} is the first of {count} split GGUF parts, but its name does not end in -00001-of-{count:05d}.gguf, "
             "so llama.cpp cannot find the other parts"
         )
-    names = [f"{match['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
-    missing = [n for n in names if metadata.file(n) is None]
+    parts, missing = listed_parts(metadata, split)
     if missing:
         raise Refused(f"{entry.path} is split into {count} parts, but the bundle's inventory lacks {', '.join(missing)}")
-    return SourceModel(entry, tuple(metadata.file(n) for n in names), gguf_file_type(entry))
+    return SourceModel(entry, parts, gguf_file_type(entry))
 
 
 def _describe(entries: list[FileEntry]) -> str:
