@@ -10,6 +10,7 @@ import typer
 
 from sovpack.cli import app
 from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP
+from sovpack.cli.passwords import load_signing_key
 from sovpack.cli.render import console, err_console, human_size, print_json
 from sovpack.common.progress import Progress
 from sovpack.errors import UsageError
@@ -107,20 +108,10 @@ def export(
         _render_export(result, err_console)
         return
     size = parse_volume_size(volume_size) if volume_size else DEFAULT_VOLUME_SIZE
-    private_key = _load_key(key, password_file) if key else None
+    private_key = load_signing_key(key, password_file) if key else None
     with TerminalProgress(console) as progress:
         result = export_volumes(bundle, Path(to), volume_size=size, private_key=private_key, since=since, progress=progress)
     _render_export(result, console)
-
-
-def _load_key(key: Path, password_file: Optional[Path]):
-    from sovpack.bundle.keys import load_private_key, private_key_is_encrypted
-    from sovpack.cli.bundle_commands import read_password
-
-    password = read_password(password_file)
-    if password is None and private_key_is_encrypted(key) and sys.stdin.isatty():
-        password = typer.prompt(f"password for {key}", hide_input=True).encode()
-    return load_private_key(key, password)
 
 
 def _render_export(result, out) -> None:
