@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from sovpack.bundle.trust import TrustPolicy
 from sovpack.common.files import write_atomically
@@ -30,11 +31,13 @@ from sovpack.transfer.index import (
     volume_stem,
 )
 
+VolumeState = Literal["ok", "reused", "damaged", "missing"]  # reused: ok in an earlier run, unchanged since
+
 
 @dataclass(frozen=True)
 class VolumeStatus:
     file: str
-    state: str  # "ok", "reused" (ok in an earlier run, unchanged since), "damaged", "missing"
+    state: VolumeState
     detail: str = ""
 
     @property
