@@ -2,7 +2,7 @@
 
 - `write_atomically`: a file replaced whole or not at all, on disk when it returns
 - `fsync_dir`, `fsync_path`: a rename, a new file or a closed file made to survive a power loss
-- `locked`, `try_lock`, `lock_open_file`: flock locks among sovpack processes (the kernel
+- `locked`, `try_lock`, `HeldLock`, `lock_open_file`: flock locks among sovpack processes (the kernel
   releases them when a process dies, so a lock file left behind never blocks anyone)
 - `free_space`, `require_free_space`: room on the file system that would hold a path
 - `DISK_FULL`, `FILE_TOO_LARGE`, `out_of_room`: the one reading of a failed write's errno
@@ -114,6 +114,25 @@ def try_lock(path: Path, mode: int = 0o644) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+class HeldLock:
+    """The exclusive lock on the file `path`, taken without waiting by `with`: Failure(`busy`) when another process holds it."""
+
+    def __init__(self, path: Path, busy: str, mode: int = 0o644):
+        self.path, self.busy, self.mode = path, busy, mode
+        self._fd: int | None = None
+
+    def __enter__(self) -> HeldLock:
+        self._fd = try_lock(self.path, self.mode)
+        if self._fd is None:
+            raise Failure(self.busy)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # ---- free space

@@ -29,7 +29,7 @@ from typing import Literal
 from sovpack import __version__
 from sovpack.bundle.metadata import BundleMetadata, FileEntry, check_name, parse_expiry
 from sovpack.bundle.pack import StagedBundle, file_entry
-from sovpack.common.files import DISK_FULL, require_free_space, try_lock, write_atomically
+from sovpack.common.files import DISK_FULL, HeldLock, require_free_space, write_atomically
 from sovpack.common.hashing import SHARD_SIZE, FileDigest
 from sovpack.common.progress import Progress
 from sovpack.common.sizes import human_size
@@ -338,20 +338,16 @@ class _Staging:
         self.state_path = self.work / "state.json"
         self.lock = threading.Lock()
         self.state = _State()
-        self._lock_fd: int | None = None
+        self._lock = HeldLock(self.work / "lock", f"another sovpack fetch is writing {self.root}; wait for it to finish")
 
     def __enter__(self) -> _Staging:
         self.partials.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = try_lock(self.work / "lock")
-        if self._lock_fd is None:
-            raise Failure(f"another sovpack fetch is writing {self.root}; wait for it to finish")
+        self._lock.__enter__()
         self.state = _State.read(self.state_path)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.__exit__()
 
     @property
     def complete(self) -> dict[str, _Complete]:

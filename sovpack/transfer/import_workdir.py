@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sovpack.common.files import remove_tree, try_lock
-from sovpack.errors import Failure
+from sovpack.common.files import HeldLock, remove_tree, try_lock
 from sovpack.store.store import Store
 from sovpack.transfer.volume_check import CheckJournal
 
@@ -32,22 +31,17 @@ class ImportJob:
         self.directory = directory
         self.staging = directory / "bundle"
         self.journal: CheckJournal  # read in __enter__, once the lock is held
-        self._lock_fd: int | None = None
+        lock = directory / "lock"
+        self._lock = HeldLock(lock, f"another sovpack import of this export is running (it holds {lock}); wait for it to finish")
 
     def __enter__(self) -> "ImportJob":
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = try_lock(self.directory / "lock")
-        if self._lock_fd is None:
-            raise Failure(
-                f"another sovpack import of this export is running (it holds {self.directory / 'lock'}); wait for it to finish"
-            )
+        self._lock.__enter__()
         self.journal = CheckJournal(self.directory / "journal.json")
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.__exit__()
 
     @property
     def reassembled(self) -> bool:
