@@ -254,6 +254,18 @@ def test_a_damaged_import_record_is_named_and_can_be_rewritten(cli, signed_bundl
     assert json.loads(record.read_text())["metadata_sha256"] == signed
 
 
+def test_every_field_of_an_import_record_is_checked(cli, signed_bundle, store, tmp_path):
+    install(cli, signed_bundle, store, tmp_path)
+    record = store / "records" / "tiny" / "3.json"
+    good = json.loads(record.read_text())
+    for field, value in (("imported", 12), ("metadata_sha256", ["x"]), ("files", -1), ("source", "volumes")):
+        record.write_text(json.dumps(good | {field: value}))
+        damaged = cli("list", "--store", store)
+        assert damaged.code == 1 and str(record) in damaged.err and f"its '{field}'" in damaged.err, (field, damaged.err)
+    record.write_text(json.dumps(good))
+    assert cli("list", "--store", store).code == 0
+
+
 def test_a_damaged_rollback_state_is_named(cli, signed_bundle, store, tmp_path, model_dir, keys):
     install(cli, signed_bundle, store, tmp_path)
     versions = store / "state" / "versions.json"
