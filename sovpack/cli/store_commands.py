@@ -33,10 +33,10 @@ def list_command(
     from rich.markup import escape
     from rich.table import Table
 
-    from sovpack.store.store import installed_summary
+    from sovpack.store.listing import summarize
 
     target = _store(store)
-    rows = [installed_summary(target, b) for b in target.installed()]
+    rows = [summarize(target, b).to_json() for b in target.installed()]
     if json_output:
         print_json({"store": str(target.root), "bundles": rows})
         return

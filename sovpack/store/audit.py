@@ -10,15 +10,14 @@ the head digest that `verify_chain` returns is what an operator records elsewher
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sovpack.bundle.directory import write_atomically
 from sovpack.bundle.metadata import format_time
+from sovpack.common.files import lock_open_file, write_atomically
 from sovpack.common.hashing import sha256_bytes
 from sovpack.errors import Refused
 
@@ -40,7 +39,7 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
         with os.fdopen(fd, "r+b") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            lock_open_file(f.fileno())
             _end_cut_line(f)
             tail = _tail_lines(f)
             last = tail[-1] if tail else None
