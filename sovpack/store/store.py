@@ -9,6 +9,7 @@ Layout (documented in docs/store.md):
       records/NAME/VERSION.json    how each bundle was accepted (keys, threshold, when, from where)
       state/versions.json          highest version ever installed per name (rollback protection)
       state/audit-head.json        records in audit.log and the digest of its last line (audit.py)
+      state/syslog.json            {"target": "/dev/log" | "udp://HOST:PORT"}: a copy of each record (syslog.py)
       objects/sha256/AB/DIGEST     one inode per distinct content, hard-linked into bundles/ (dedup)
       tmp/                         imports being staged and removals, on the same file system
       audit.log                    hash-chained JSON lines
@@ -35,7 +36,8 @@ from sovpack.bundle.keys import public_pem
 from sovpack.bundle.metadata import METADATA_FILE, NAME_PATTERN, BundleMetadata, check_name, parse_metadata
 from sovpack.bundle.trust import TrustedKey, TrustPolicy, trusted_key_from_file
 from sovpack.common.files import files_under, fsync_dir, locked, remove_tree, write_atomically
-from sovpack.errors import Refused, UsageError
+from sovpack.errors import Failure, Refused, UsageError
+from sovpack.store import syslog
 from sovpack.store.audit import AuditLog
 from sovpack.store.record import ImportRecord, damaged, is_count, read_record, read_store_json
 
@@ -69,7 +71,8 @@ class Store:
         self.versions_path = self.root / "state" / "versions.json"
         self.objects_dir = self.root / "objects" / "sha256"
         self.tmp_dir = self.root / "tmp"
-        self.audit = AuditLog(self.root / "audit.log", self.root / "state" / "audit-head.json")
+        self.syslog_setting = self.root / "state" / "syslog.json"
+        self.audit = AuditLog(self.root / "audit.log", self.root / "state" / "audit-head.json", self.syslog_setting)
 
     # trust
 
@@ -87,16 +90,16 @@ class Store:
                 raise UsageError(f"key {key.key_id} is already trusted as {existing.name!r}")
             if existing.name == key.name:
                 raise UsageError(f"a different key is already trusted as {key.name!r}; choose another --name")
-        self.trust_keys_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.trust_keys_dir / f"{key.name}.pub", public_pem(key.public_key))
-        self.audit.append("trust-add", signer=key.name, key_id=key.key_id)
+        with self.audit.ahead_of("trust-add", signer=key.name, key_id=key.key_id):
+            self.trust_keys_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.trust_keys_dir / f"{key.name}.pub", public_pem(key.public_key))
         return key
 
     def remove_trusted_key(self, name_or_id: str) -> TrustedKey:
         for key in self.trusted_keys():
             if name_or_id in (key.name, key.key_id, key.hint):
-                (self.trust_keys_dir / f"{key.name}.pub").unlink()
-                self.audit.append("trust-remove", signer=key.name, key_id=key.key_id)
+                with self.audit.ahead_of("trust-remove", signer=key.name, key_id=key.key_id):
+                    (self.trust_keys_dir / f"{key.name}.pub").unlink()
                 return key
         raise UsageError(f"no trusted key named or with id {name_or_id!r} in {self.trust_keys_dir}")
 
@@ -111,12 +114,33 @@ class Store:
             raise damaged(self.policy_path, "its 'threshold' is not a whole number of at least 1", repair)
         return threshold
 
+    def set_syslog(self, target: str | None) -> None:
+        """Copy every audit record to `target` from now on (None: stop); the target must answer a probe first."""
+        if target is not None:
+            syslog.check_target(target)
+            probe = json.dumps({"event": "audit-syslog", "probe": True, "store": str(self.root)}).encode()
+            try:
+                syslog.send(target, syslog.message("audit-syslog", probe, None))
+            except OSError as e:
+                raise Failure(
+                    f"cannot send to the syslog target {target}: {e.strerror or e}; the setting was not changed"
+                ) from None
+        with self.audit.ahead_of("audit-syslog", target=target):
+            if target is None:
+                self.syslog_setting.unlink(missing_ok=True)
+            else:
+                self.syslog_setting.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(self.syslog_setting, json.dumps({"target": target}).encode())
+
+    def syslog_target(self) -> str | None:
+        return syslog.read_target(self.syslog_setting)
+
     def set_threshold(self, threshold: int) -> None:
         if threshold < 1:
             raise UsageError("the threshold must be 1 or more")
-        self.policy_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.policy_path, json.dumps({"threshold": threshold}).encode())
-        self.audit.append("trust-threshold", threshold=threshold)
+        with self.audit.ahead_of("trust-threshold", threshold=threshold):
+            self.policy_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.policy_path, json.dumps({"threshold": threshold}).encode())
 
     def trust_policy(self, threshold: int | None = None) -> TrustPolicy:
         keys = self.trusted_keys()
@@ -292,16 +316,16 @@ class Store:
             versions = ", ".join(str(b.version) for b in candidates)
             raise UsageError(f"{candidates[0].name} has {len(candidates)} versions installed ({versions}): give NAME@VERSION")
         bundle = candidates[0]
-        with self.lock():
+        recorded = bundle.record.metadata_sha256 if bundle.record else None
+        with self.lock(), self.audit.ahead_of("remove", name=bundle.name, version=bundle.version, metadata_sha256=recorded):
             self.record_version(bundle.name, bundle.version)  # removing never lowers the high-water mark
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             trash = self.tmp_dir / f"remove-{bundle.name}-{bundle.version}-{uuid.uuid4().hex[:8]}"
             os.rename(bundle.path, trash)
             self.record_path(bundle.name, bundle.version).unlink(missing_ok=True)
             _remove_empty(bundle.path.parent)
+        with self.lock():
             self.sweep_removals()
-        recorded = bundle.record.metadata_sha256 if bundle.record else None
-        self.audit.append("remove", name=bundle.name, version=bundle.version, metadata_sha256=recorded)
         return bundle
 
     def sweep_removals(self) -> int:

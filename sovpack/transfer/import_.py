@@ -293,10 +293,10 @@ class _Importer:
         if same is not None:  # another import installed it meanwhile
             return self._already_installed(same, staged, report)
         self.progress.phase("installing")
-        path = self.store.commit(staging, metadata.name, metadata.version)
-        installed = InstalledBundle(metadata.name, metadata.version, path, None)
         record = ImportRecord.accepted(report, self.policy.threshold, self.source)
-        return self._complete(installed, record, "installed", staged, report)
+        with self.store.audit.ahead_of("import", **self._audit_fields("installed", metadata.name, metadata.version, record)):
+            path = self.store.commit(staging, metadata.name, metadata.version)
+        return self._complete(InstalledBundle(metadata.name, metadata.version, path, None), record, "installed", staged, report)
 
     def _verify(self, staging: Path, size: int, known: dict[str, ShardDigests] | None) -> VerifyReport:
         """verify_bundle; files written by this run are not read again (their digests were computed as they were written)."""
@@ -328,6 +328,8 @@ class _Importer:
                     f"failed ({report.failure.step}): {report.failure}"
                 )
             record = ImportRecord.accepted(report, self.policy.threshold, self.source)
+        fields = self._audit_fields("already-installed", installed.name, installed.version, record or installed.record)
+        self.store.audit.append("import", **fields)  # ahead of what completes the earlier install
         return self._complete(installed, record, "already-installed", staged, report)
 
     def _complete(
@@ -338,22 +340,23 @@ class _Importer:
         staged: _Staged,
         report: VerifyReport | None,
     ) -> ImportResult:
-        """The steps after the commit (record, shared objects, high-water mark), the audit record, the result."""
+        """The steps after the commit (record, shared objects, high-water mark), and the result."""
         installed = self.store.complete_install(installed, record)
         warnings = _volume_warnings(staged.volumes) + self._untrusted_signer_warnings(installed)
-        self.store.audit.append(
-            "import",
-            outcome=_audit_outcome(outcome),
-            name=installed.name,
-            version=installed.version,
-            metadata_sha256=installed.record.metadata_sha256,
-            accepted_by=installed.record.signer_names,
-            threshold=installed.record.threshold,
-            source=self.source,
-        )
         return ImportResult(
             outcome, installed, report, staged.volumes, staged.written, staged.linked, staged.reassembled_before, tuple(warnings)
         )
+
+    def _audit_fields(self, outcome: ImportOutcome, name: str, version: int, record: ImportRecord) -> dict:
+        return {
+            "outcome": _audit_outcome(outcome),
+            "name": name,
+            "version": version,
+            "metadata_sha256": record.metadata_sha256,
+            "accepted_by": record.signer_names,
+            "threshold": record.threshold,
+            "source": self.source,
+        }
 
     def _untrusted_signer_warnings(self, installed: InstalledBundle) -> list[str]:
         store_keys = {k.hint for k in self.store.trusted_keys()}
