@@ -99,6 +99,7 @@ class _Importer:
         self.store, self.policy, self.allow_downgrade, self.progress, self.now = store, policy, allow_downgrade, progress, now
         self.identity: BundleIdentity | None = None
         self.source: dict | None = None
+        self.event = "import"  # the audit event: "pull" for a bundle staged from a registry (StagedImport)
         self.result = ImportResult("installed", None)  # type: ignore[arg-type]
 
     # -- the two kinds of source
@@ -337,7 +338,7 @@ class _Importer:
         self.result.outcome, self.result.installed = outcome, installed
         self._warn_untrusted_signers(installed)
         self.store.audit.append(
-            "import",
+            self.event,
             outcome="accepted" if outcome == "installed" else outcome,
             name=installed.name,
             version=installed.version,
@@ -381,7 +382,7 @@ class _Importer:
         )
         try:
             self.store.audit.append(
-                "import",
+                self.event,
                 outcome="refused" if error.exit_code == 1 else "failed",
                 reason=str(error),
                 exit_code=error.exit_code,
@@ -390,6 +391,33 @@ class _Importer:
             )
         except OSError:
             pass  # a full disk must not hide the original error
+
+
+class StagedImport:
+    """Another way in (`sovpack pull`): the caller stages the bundle's files in the store's tmp/, and this
+    refuses a rollback before they are fetched, then verifies, installs and audits them exactly as import does."""
+
+    def __init__(
+        self, store: Store, policy: TrustPolicy, source: dict, *, event: str, allow_downgrade: bool = False, progress=None
+    ):
+        self._importer = _Importer(store, policy, allow_downgrade, progress or Progress(), None)
+        self._importer.source, self._importer.event = source, event
+
+    def check_version(self, metadata: BundleMetadata, raw: bytes) -> ImportResult | None:
+        """Before the files are fetched: refuses a rollback; the result when this very bundle is installed already."""
+        self._importer.identity = identity = BundleIdentity.of(metadata, raw)
+        try:
+            self._importer._check_version(metadata.name, metadata.version, identity.metadata_sha256, claimed=True)
+        except _AlreadyInstalled as done:
+            return self._importer._already_installed(done.installed)
+        return None
+
+    def install(self, staging: Path, known: dict[str, ShardDigests] | None) -> ImportResult:
+        """Verify the staged bundle (files in `known` by the digests computed as they were written) and install it."""
+        return self._importer._verify_and_install(staging, None, known)
+
+    def audit_failure(self, error: SovpackError) -> None:
+        self._importer.audit_failure(error)
 
 
 def _installed_metadata_sha256(installed: InstalledBundle) -> str | None:
