@@ -1,0 +1,303 @@
+"""push and pull through a real OCI registry (Debian's CNCF distribution registry), read back by skopeo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from helpers import audit_records, flip_byte, new_version, store_snapshot
+from registry import CuttingProxy, Registry, TestCA, sha256_digest, skopeo
+
+from sovpack.bundle.directory import read_metadata
+
+USERS = {"alice": "s3cret-Pa55"}
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A registry with htpasswd basic auth, plain HTTP on loopback."""
+    with Registry(tmp_path / "registry", users=USERS) as r:
+        yield r
+
+
+@pytest.fixture
+def password_file(tmp_path):
+    path = tmp_path / "registry-password"
+    path.write_text(USERS["alice"] + "\n")
+    return path
+
+
+@pytest.fixture
+def login(password_file):
+    return ("--username", "alice", "--password-file", password_file)
+
+
+@pytest.fixture
+def pushed(cli, signed_bundle, registry, login):
+    """tiny v3 pushed to REGISTRY/models/tiny:3; returns the reference printed."""
+    result = cli("push", signed_bundle, f"{registry.host}/models/tiny", *login)
+    assert result.code == 0, result.err
+    return f"{registry.host}/models/tiny:3"
+
+
+def test_push_then_pull_installs_the_verified_bundle(cli, signed_bundle, registry, login, pushed, store, tmp_path):
+    result = cli("pull", pushed, "--store", store, *login)
+    assert result.code == 0, result.err
+    assert "INSTALLED tiny v3" in result.out and "accepted by alice" in result.out
+    installed = store / "bundles" / "tiny" / "3"
+    for p in signed_bundle.rglob("*"):
+        if p.is_file():
+            assert (installed / p.relative_to(signed_bundle)).read_bytes() == p.read_bytes()
+    record = json.loads((store / "records" / "tiny" / "3.json").read_text())
+    assert record["source"]["kind"] == "registry" and record["source"]["ref"] == pushed
+    assert record["source"]["manifest_digest"].startswith("sha256:")
+    pulls = [r for r in audit_records(store) if r["event"] == "pull"]
+    assert [r["outcome"] for r in pulls] == ["accepted"] and pulls[0]["name"] == "tiny" and pulls[0]["version"] == 3
+    assert list((store / "tmp").iterdir()) == []
+    assert cli("verify", "tiny", "--store", store).code == 0
+
+
+def test_push_from_the_store_is_audited_and_skopeo_reads_the_modelpack_artifact(
+    cli, signed_bundle, registry, login, tmp_path, keys
+):
+    source = tmp_path / "source-store"
+    assert cli("trust", "add", keys / "alice.pub", "--store", source).code == 0
+    assert cli("import", _exported(cli, signed_bundle, tmp_path), "--store", source).code == 0
+    result = cli("push", "tiny@3", f"{registry.host}/models/tiny:approved", "--store", source, *login)
+    assert result.code == 0, result.err
+    assert f"PUSHED tiny v3 -> {registry.host}/models/tiny:approved@sha256:" in result.out
+    push = [r for r in audit_records(source) if r["event"] == "push"]
+    assert len(push) == 1 and push[0]["outcome"] == "pushed" and push[0]["name"] == "tiny" and push[0]["version"] == 3
+    assert push[0]["manifest_digest"] in result.out
+
+    creds = f"alice:{USERS['alice']}"
+    ref = f"docker://{registry.host}/models/tiny:approved"
+    manifest = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", "--creds", creds, ref).stdout)
+    assert manifest["artifactType"] == "application/vnd.cncf.model.manifest.v1+json"
+    assert manifest["config"]["mediaType"] == "application/vnd.cncf.model.config.v1+json"
+    layers = {layer["annotations"]["org.cncf.model.filepath"]: layer for layer in manifest["layers"]}
+    metadata = read_metadata(signed_bundle)
+    assert set(layers) == {f.path for f in metadata.files} | {"sovpack.json", "signatures/" + _sig(signed_bundle)}
+    assert layers["sovpack.json"]["mediaType"] == "application/vnd.sovpack.bundle.metadata.v1+json"
+    assert layers["signatures/" + _sig(signed_bundle)]["mediaType"] == "application/vnd.dev.sigstore.bundle.v0.3+json"
+    for f in metadata.files:
+        expected_type = "application/vnd.cncf.model.weight.v1.raw" if f.role == "weights" else None
+        assert layers[f.path]["digest"] == f"sha256:{f.sha256}" and layers[f.path]["size"] == f.size
+        if expected_type:
+            assert layers[f.path]["mediaType"] == expected_type
+
+    copy = tmp_path / "skopeo-copy"
+    skopeo("copy", "--src-tls-verify=false", "--src-creds", creds, ref, f"dir:{copy}")
+    for f in metadata.files:  # the blobs the independent client copied are the files under their signed digests
+        assert sha256_digest(copy / f.sha256) == f"sha256:{f.sha256}"
+        assert (copy / f.sha256).read_bytes() == (signed_bundle / f.path).read_bytes()
+    config = json.loads((copy / manifest["config"]["digest"].removeprefix("sha256:")).read_text())
+    assert config["descriptor"]["name"] == "tiny" and config["descriptor"]["version"] == "3"
+    assert config["modelfs"]["diffIds"] == [layer["digest"] for layer in manifest["layers"]]
+
+
+def _exported(cli, bundle, tmp_path):
+    out = tmp_path / "volumes"
+    assert cli("export", bundle, "--to", out).code == 0
+    return out
+
+
+def _sig(bundle):
+    return next((bundle / "signatures").iterdir()).name
+
+
+def test_only_missing_blobs_move_on_push_and_pull(cli, signed_bundle, registry, login, pushed, store, tmp_path, model_dir, keys):
+    again = cli("push", signed_bundle, f"{registry.host}/models/tiny", *login)
+    assert again.code == 0 and "(0 file(s), 0 B sent" in again.out
+    assert cli("pull", pushed, "--store", store, *login).code == 0
+    v4 = new_version(cli, tmp_path, model_dir, keys, 4)  # tiny v3's files plus one more GGUF
+    result = cli("push", v4, f"{registry.host}/models/tiny", *login)
+    assert result.code == 0, result.err
+    # the new GGUF, the new sovpack.json and the new signature; every other file is already there
+    assert "(3 file(s)" in result.out, result.out
+    result = cli("pull", f"{registry.host}/models/tiny:4", "--store", store, *login)
+    assert result.code == 0, result.err
+    assert "1 file(s)" in result.out and f"{len(read_metadata(v4).files) - 1} already held by the store" in result.out
+    assert cli("verify", "tiny@4", "--store", store).code == 0
+    result = cli("pull", f"{registry.host}/models/tiny:4", "--store", store, *login)
+    assert result.code == 0 and "tiny v4 is already installed" in result.out
+
+
+def test_pull_by_digest_pins_the_manifest(cli, signed_bundle, registry, login, store):
+    pushed = cli("push", signed_bundle, f"{registry.host}/models/tiny", *login)
+    by_digest = pushed.out.split(" -> ")[1].split()[0].replace(":3@", "@")
+    result = cli("pull", by_digest, "--store", store, *login)
+    assert result.code == 0, result.err
+    other = by_digest[:-64] + "0" * 64
+    before = store_snapshot(store)
+    result = cli("pull", other, "--store", store, *login)
+    assert result.code == 2 and "is not in the registry" in result.err and "MANIFEST_UNKNOWN" in result.err
+    assert store_snapshot(store) == before
+
+
+def test_a_blob_altered_in_the_registry_is_refused_and_the_store_is_unchanged(cli, signed_bundle, registry, login, pushed, store):
+    gguf = next(f for f in read_metadata(signed_bundle).files if f.format == "gguf")
+    flip_byte(registry.blob_path(f"sha256:{gguf.sha256}"), gguf.size // 2)
+    before = store_snapshot(store)
+    result = cli("pull", pushed, "--store", store, *login)
+    assert result.code == 1
+    assert f"{gguf.path}: the registry served blob sha256:{gguf.sha256}" in result.err and "altered" in result.err
+    assert store_snapshot(store) == before and list((store / "tmp").iterdir()) == []
+    refused = [r for r in audit_records(store) if r["event"] == "pull"]
+    assert refused[-1]["outcome"] == "refused" and gguf.path in refused[-1]["reason"]
+
+
+def test_an_altered_sovpack_json_in_the_registry_is_refused(cli, signed_bundle, registry, login, pushed, store):
+    raw = (signed_bundle / "sovpack.json").read_bytes()
+    flip_byte(registry.blob_path(sha256_digest(signed_bundle / "sovpack.json")), len(raw) // 2)
+    before = store_snapshot(store)
+    result = cli("pull", pushed, "--store", store, *login)
+    assert result.code == 1 and "sovpack.json: the registry served blob" in result.err
+    assert store_snapshot(store) == before
+
+
+def test_a_manifest_pointing_at_a_missing_blob_is_refused(cli, signed_bundle, registry, login, pushed, store):
+    gguf = next(f for f in read_metadata(signed_bundle).files if f.format == "gguf")
+    shutil.rmtree(registry.blob_path(f"sha256:{gguf.sha256}").parent)
+    before = store_snapshot(store)
+    result = cli("pull", pushed, "--store", store, *login)
+    assert result.code == 1
+    assert f"lists {gguf.path} as blob sha256:{gguf.sha256}" in result.err and "does not hold that blob" in result.err
+    assert store_snapshot(store) == before and list((store / "tmp").iterdir()) == []
+
+
+def test_wrong_or_missing_credentials_are_refused(cli, signed_bundle, registry, pushed, store, tmp_path):
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    before = store_snapshot(store)
+    result = cli("pull", pushed, "--store", store, "--username", "alice", "--password-file", wrong)
+    assert result.code == 3
+    assert (
+        f"the registry {registry.host} refused the credentials of alice (from --username alice with --password-file" in result.err
+    )
+    result = cli("pull", pushed, "--store", store)
+    assert result.code == 3 and "requires credentials and none were found" in result.err
+    result = cli("push", signed_bundle, f"{registry.host}/models/tiny", "--username", "alice", "--password-file", wrong)
+    assert result.code == 3 and "refused the credentials of alice" in result.err
+    assert store_snapshot(store) == before
+    failed = [r for r in audit_records(store) if r["event"] == "pull"]
+    assert [r["outcome"] for r in failed] == ["failed", "failed"] and all(r["exit_code"] == 3 for r in failed)
+
+
+def test_credentials_from_the_container_auth_file(cli, registry, pushed, store, tmp_path, monkeypatch):
+    import base64
+
+    auth = tmp_path / "auth.json"
+    token = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
+    auth.write_text(json.dumps({"auths": {registry.host: {"auth": token}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+    result = cli("pull", pushed, "--store", store)
+    assert result.code == 0, result.err
+
+
+def test_tls_with_the_in_network_ca_and_a_certificate_from_another_ca(cli, signed_bundle, store, tmp_path, password_file):
+    ca, other = TestCA(tmp_path / "ca"), TestCA(tmp_path / "other-ca", "another CA")
+    login = ("--username", "alice", "--password-file", password_file)
+    with Registry(tmp_path / "tls-registry", users=USERS, tls=ca) as registry:
+        ref = f"{registry.host}/models/tiny:3"
+        result = cli("push", signed_bundle, ref, "--ca-file", ca.cert_file, *login)
+        assert result.code == 0, result.err
+        before = store_snapshot(store)
+        for extra in (("--ca-file", other.cert_file), ()):  # another CA; the system's CAs
+            result = cli("pull", ref, "--store", store, *extra, *login)
+            assert result.code == 3
+            assert f"the TLS certificate of the registry {registry.host} is not trusted" in result.err
+            assert "--ca-file" in result.err
+        assert store_snapshot(store) == before
+        result = cli("pull", ref, "--store", store, "--ca-file", ca.cert_file, *login)
+        assert result.code == 0, result.err
+        creds = f"alice:{USERS['alice']}"
+        manifest = skopeo("inspect", "--raw", "--cert-dir", _cert_dir(ca, tmp_path), "--creds", creds, f"docker://{ref}")
+        assert json.loads(manifest.stdout)["artifactType"] == "application/vnd.cncf.model.manifest.v1+json"
+
+
+def _cert_dir(ca, tmp_path):
+    directory = tmp_path / "skopeo-certs"
+    directory.mkdir(exist_ok=True)
+    shutil.copy(ca.cert_file, directory / "ca.crt")
+    return directory
+
+
+def test_bearer_token_flow(cli, signed_bundle, store, tmp_path, password_file):
+    login = ("--username", "alice", "--password-file", password_file)
+    with Registry(tmp_path / "token-registry", users=USERS, token=True) as registry:
+        ref = f"{registry.host}/models/tiny:3"
+        result = cli("push", signed_bundle, ref, *login)
+        assert result.code == 0, result.err
+        result = cli("pull", ref, "--store", store, *login)
+        assert result.code == 0, result.err
+        scopes = [s for r in registry.token_service.requests if r["user"] == "alice" for s in r["scope"]]
+        assert "repository:models/tiny:pull,push" in scopes and "repository:models/tiny:pull" in scopes
+        wrong = tmp_path / "wrong"
+        wrong.write_text("nope\n")
+        result = cli(
+            "pull",
+            ref,
+            "--store",
+            tmp_path / "other-store",
+            "--trust",
+            tmp_path / "keys" / "alice.pub",
+            "--username",
+            "alice",
+            "--password-file",
+            wrong,
+        )
+        assert result.code == 3 and "the token service" in result.err and "refused the credentials of alice" in result.err
+
+
+def test_a_rollback_to_an_older_tag_is_refused_before_anything_is_fetched(
+    cli, signed_bundle, registry, login, pushed, store, tmp_path, model_dir, keys
+):
+    v4 = new_version(cli, tmp_path, model_dir, keys, 4)
+    assert cli("push", v4, f"{registry.host}/models/tiny", *login).code == 0
+    assert cli("pull", f"{registry.host}/models/tiny:4", "--store", store, *login).code == 0
+    before = store_snapshot(store)
+    result = cli("pull", pushed, "--store", store, *login)
+    assert result.code == 1
+    assert "tiny v3 (as its index says)" not in result.err
+    assert "tiny v3 is not newer than v4, the highest version of tiny ever installed" in result.err and "rollback" in result.err
+    assert store_snapshot(store) == before and list((store / "tmp").iterdir()) == []
+    assert audit_records(store)[-1]["outcome"] == "refused"
+
+
+def test_a_bundle_signed_by_an_untrusted_key_is_refused(cli, model_dir, registry, login, store, tmp_path, keys):
+    bundle = tmp_path / "mallory-bundle"
+    assert cli("pack", model_dir, "--out", bundle, "--name", "tiny", "--version", "3").code == 0
+    assert cli("sign", bundle, "--key", keys / "mallory.key").code == 0
+    assert cli("push", bundle, f"{registry.host}/models/tiny", *login).code == 0
+    before = store_snapshot(store)
+    result = cli("pull", f"{registry.host}/models/tiny:3", "--store", store, *login)
+    assert result.code == 1 and "tiny v3 failed verification" in result.err
+    assert store_snapshot(store) == before and list((store / "tmp").iterdir()) == []
+
+
+def test_push_refuses_an_unsigned_bundle_and_a_file_changed_after_signing(
+    cli, model_dir, signed_bundle, registry, login, tmp_path
+):
+    unsigned = tmp_path / "unsigned"
+    assert cli("pack", model_dir, "--out", unsigned, "--name", "tiny", "--version", "3").code == 0
+    result = cli("push", unsigned, f"{registry.host}/models/tiny", *login)
+    assert result.code == 1 and "it has no signature" in result.err
+    gguf = next(f for f in read_metadata(signed_bundle).files if f.format == "gguf")
+    flip_byte(signed_bundle / gguf.path, gguf.size // 2)
+    result = cli("push", signed_bundle, f"{registry.host}/models/tiny", *login)
+    assert result.code == 1
+    assert gguf.path in result.err and f"do not hash to sha256:{gguf.sha256}" in result.err
+    assert (
+        skopeo(
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            "--creds",
+            f"alice:{USERS['alice']}",
+            f"docker://{registry.host}/models/tiny:3",
+            check=False,
+        ).returncode
+        != 0
+    )
