@@ -318,12 +318,12 @@ def skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 class CuttingProxy:
-    """A loopback TCP proxy to `port` that drops the connection once `cut_after` bytes of a matching exchange have passed.
+    """A loopback TCP proxy to `port` that drops connections part-way through chosen requests.
 
-    `arm(b"GET /v2/", downstream=True, after=N, times=1)`: on the next request starting with the
-    pattern, the connection is closed once N bytes of the answer have been forwarded. With
-    `downstream=False` it is the request's own bytes (a PATCH body) that are counted. Everything the
-    clients sent is kept in `sent` (plain HTTP only), for asserting Range requests.
+    `arm(b"GET /v2/...", [N, 0, None])`: the next requests whose bytes contain the pattern are cut,
+    in turn, once N bytes of the answer have passed, at once (0), or not at all (None); later ones
+    pass. With `downstream=False` the request's own bytes (a PATCH body) are counted instead.
+    Everything clients send is kept in `sent` (plain HTTP only), for asserting Range requests.
     """
 
     def __init__(self, port: int):
@@ -333,9 +333,8 @@ class CuttingProxy:
         self.sent = bytearray()
         self.lock = threading.Lock()
         self.pattern: bytes | None = None
-        self.after = 0
+        self.plan: list[int | None] = []
         self.downstream = True
-        self.times = 0
         self.cuts = 0
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -344,9 +343,9 @@ class CuttingProxy:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def arm(self, pattern: bytes, *, after: int, downstream: bool = True, times: int = 1) -> None:
+    def arm(self, pattern: bytes, plan: list[int | None], *, downstream: bool = True) -> None:
         with self.lock:
-            self.pattern, self.after, self.downstream, self.times = pattern, after, downstream, times
+            self.pattern, self.plan, self.downstream = pattern, list(plan), downstream
 
     def _accept(self) -> None:
         while not self.closed:
@@ -355,7 +354,7 @@ class CuttingProxy:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.target))
-            state = {"counting": None}
+            state = {"limit": None, "counted": 0}
             threading.Thread(target=self._pump, args=(client, server, state, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, state, False), daemon=True).start()
 
@@ -366,16 +365,14 @@ class CuttingProxy:
                 with self.lock:
                     if upstream:
                         self.sent += data
-                        if self.times and self.pattern and self.pattern in data:
-                            state["counting"] = 0
-                    if state["counting"] is not None and upstream != self.downstream:
-                        state["counting"] += len(data)
-                        if state["counting"] > self.after:
-                            data = data[: len(data) - (state["counting"] - self.after)]
-                            cut = True
-                            self.times -= 1
+                        if self.plan and self.pattern and self.pattern in data:
+                            state["limit"], state["counted"] = self.plan.pop(0), 0
+                    if state["limit"] is not None and upstream != self.downstream:
+                        state["counted"] += len(data)
+                        if state["counted"] > state["limit"]:
+                            data = data[: len(data) - (state["counted"] - state["limit"])]
+                            cut, state["limit"] = True, None
                             self.cuts += 1
-                            state["counting"] = None
                 dst.sendall(data)
                 if cut:
                     break

@@ -301,3 +301,86 @@ def test_push_refuses_an_unsigned_bundle_and_a_file_changed_after_signing(
         ).returncode
         != 0
     )
+
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def big_bundle(cli, model_dir, tmp_path, keys):
+    """tiny v5 with a 6 MiB safetensors file, for transfers cut part-way."""
+    from helpers import bundle_with_big_file
+
+    return bundle_with_big_file(cli, model_dir, tmp_path, keys, 6 * MiB)
+
+
+def test_a_pull_cut_mid_blob_resumes_in_the_same_run(cli, big_bundle, registry, login, store):
+    assert cli("push", big_bundle, f"{registry.host}/models/tiny", *login).code == 0
+    proxy = CuttingProxy(registry.port)
+    try:
+        proxy.arm(b"GET /v2/models/tiny/blobs/sha256:" + _big_sha(big_bundle).encode(), [2 * MiB])
+        result = cli("pull", f"{proxy.host}/models/tiny:5", "--store", store, *login)
+        assert result.code == 0, result.err
+        assert proxy.cuts == 1 and b"Range: bytes=" in proxy.sent
+        assert "1 continued from an earlier attempt" in result.out
+    finally:
+        proxy.close()
+    assert cli("verify", "tiny@5", "--store", store).code == 0
+
+
+def test_a_pull_that_keeps_failing_keeps_its_bytes_and_the_next_pull_continues(cli, big_bundle, registry, login, store):
+    assert cli("push", big_bundle, f"{registry.host}/models/tiny", *login).code == 0
+    proxy = CuttingProxy(registry.port)
+    try:
+        proxy.arm(b"GET /v2/models/tiny/blobs/sha256:" + _big_sha(big_bundle).encode(), [MiB, 0, 0])
+        before = store_snapshot(store)
+        result = cli("pull", f"{proxy.host}/models/tiny:5", "--store", store, *login)
+        assert result.code == 3
+        assert "downloading weights-2.safetensors" in result.err and "run the same pull again" in result.err
+        assert store_snapshot(store) == before
+        partial = list((store / "tmp").glob("pull-*/partial/*"))
+        assert len(partial) == 1 and partial[0].stat().st_size > MiB // 2
+        assert audit_records(store)[-1]["outcome"] == "failed"
+        proxy.sent.clear()
+        result = cli("pull", f"{proxy.host}/models/tiny:5", "--store", store, *login)
+        assert result.code == 0, result.err
+        assert b"Range: bytes=" in proxy.sent and "1 continued from an earlier attempt" in result.out
+    finally:
+        proxy.close()
+    assert list((store / "tmp").iterdir()) == []
+    assert cli("verify", "tiny@5", "--store", store).code == 0
+
+
+def test_a_push_cut_mid_chunk_resumes_in_the_same_run_and_in_the_next(cli, big_bundle, registry, login, store):
+    proxy = CuttingProxy(registry.port)
+    ref = f"{proxy.host}/models/tiny"
+    try:
+        proxy.arm(b"Content-Range: 1048576-", [MiB // 2], downstream=False)  # the big file's second chunk
+        result = cli("push", big_bundle, ref, "--chunk-size", "1MiB", *login)
+        assert result.code == 0, result.err
+        assert proxy.cuts == 1
+        assert cli("pull", f"{registry.host}/models/tiny:5", "--store", store, *login).code == 0
+
+        proxy.arm(b"Content-Range: 2097152-", [0, 0, 0], downstream=False)  # its third chunk, three times
+        result = cli("push", big_bundle, f"{proxy.host}/models/other", "--chunk-size", "1MiB", *login)
+        assert result.code == 3 and "run the same push again" in result.err
+        assert [r["outcome"] for r in audit_records_of_default_push()][-1] == "failed"
+        result = cli("push", big_bundle, f"{proxy.host}/models/other", "--chunk-size", "1MiB", *login)
+        assert result.code == 0, result.err
+        assert "1 continued from an earlier attempt" in result.out
+    finally:
+        proxy.close()
+    other = store.parent / "other-store"
+    assert cli("trust", "add", store.parent / "keys" / "alice.pub", "--store", other).code == 0
+    assert cli("pull", f"{registry.host}/models/other:5", "--store", other, *login).code == 0
+
+
+def audit_records_of_default_push():
+    import os
+    from pathlib import Path
+
+    return [r for r in audit_records(Path(os.environ["SOVPACK_HOME"])) if r["event"] == "push"]
+
+
+def _big_sha(bundle) -> str:
+    return next(f.sha256 for f in read_metadata(bundle).files if f.path == "weights-2.safetensors")
