@@ -14,6 +14,10 @@ from sovpack.bundle.directory import read_metadata
 USERS = {"alice": "s3cret-Pa55"}
 
 
+def _nothing_staged(store) -> bool:
+    return not (store / "tmp").exists() or list((store / "tmp").iterdir()) == []
+
+
 @pytest.fixture
 def registry(tmp_path):
     """A registry with htpasswd basic auth, plain HTTP on loopback."""
@@ -54,7 +58,7 @@ def test_push_then_pull_installs_the_verified_bundle(cli, signed_bundle, registr
     assert record["source"]["manifest_digest"].startswith("sha256:")
     pulls = [r for r in audit_records(store) if r["event"] == "pull"]
     assert [r["outcome"] for r in pulls] == ["accepted"] and pulls[0]["name"] == "tiny" and pulls[0]["version"] == 3
-    assert list((store / "tmp").iterdir()) == []
+    assert _nothing_staged(store)
     assert cli("verify", "tiny", "--store", store).code == 0
 
 
@@ -143,7 +147,7 @@ def test_a_blob_altered_in_the_registry_is_refused_and_the_store_is_unchanged(cl
     result = cli("pull", pushed, "--store", store, *login)
     assert result.code == 1
     assert f"{gguf.path}: the registry served blob sha256:{gguf.sha256}" in result.err and "altered" in result.err
-    assert store_snapshot(store) == before and list((store / "tmp").iterdir()) == []
+    assert store_snapshot(store) == before and _nothing_staged(store)
     refused = [r for r in audit_records(store) if r["event"] == "pull"]
     assert refused[-1]["outcome"] == "refused" and gguf.path in refused[-1]["reason"]
 
@@ -164,7 +168,7 @@ def test_a_manifest_pointing_at_a_missing_blob_is_refused(cli, signed_bundle, re
     result = cli("pull", pushed, "--store", store, *login)
     assert result.code == 1
     assert f"lists {gguf.path} as blob sha256:{gguf.sha256}" in result.err and "does not hold that blob" in result.err
-    assert store_snapshot(store) == before and list((store / "tmp").iterdir()) == []
+    assert store_snapshot(store) == before and _nothing_staged(store)
 
 
 def test_wrong_or_missing_credentials_are_refused(cli, signed_bundle, registry, pushed, store, tmp_path):
@@ -262,7 +266,7 @@ def test_a_rollback_to_an_older_tag_is_refused_before_anything_is_fetched(
     assert result.code == 1
     assert "tiny v3 (as its index says)" not in result.err
     assert "tiny v3 is not newer than v4, the highest version of tiny ever installed" in result.err and "rollback" in result.err
-    assert store_snapshot(store) == before and list((store / "tmp").iterdir()) == []
+    assert store_snapshot(store) == before and _nothing_staged(store)
     assert audit_records(store)[-1]["outcome"] == "refused"
 
 
@@ -274,7 +278,7 @@ def test_a_bundle_signed_by_an_untrusted_key_is_refused(cli, model_dir, registry
     before = store_snapshot(store)
     result = cli("pull", f"{registry.host}/models/tiny:3", "--store", store, *login)
     assert result.code == 1 and "tiny v3 failed verification" in result.err
-    assert store_snapshot(store) == before and list((store / "tmp").iterdir()) == []
+    assert store_snapshot(store) == before and _nothing_staged(store)
 
 
 def test_push_refuses_an_unsigned_bundle_and_a_file_changed_after_signing(
@@ -347,7 +351,7 @@ def test_a_pull_that_keeps_failing_keeps_its_bytes_and_the_next_pull_continues(c
         assert b"Range: bytes=" in proxy.sent and "1 continued from an earlier attempt" in result.out
     finally:
         proxy.close()
-    assert list((store / "tmp").iterdir()) == []
+    assert _nothing_staged(store)
     assert cli("verify", "tiny@5", "--store", store).code == 0
 
 
@@ -384,3 +388,76 @@ def audit_records_of_default_push():
 
 def _big_sha(bundle) -> str:
     return next(f.sha256 for f in read_metadata(bundle).files if f.path == "weights-2.safetensors")
+
+
+def _put_manifest(registry, tag: str, manifest: dict) -> None:
+    import httpx2
+
+    response = httpx2.put(
+        f"http://{registry.host}/v2/models/tiny/manifests/{tag}",
+        content=json.dumps(manifest).encode(),
+        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+        auth=("alice", USERS["alice"]),
+    )
+    assert response.status_code == 201, response.text
+
+
+def _pushed_manifest(registry, tag: str) -> dict:
+    import httpx2
+
+    response = httpx2.get(
+        f"http://{registry.host}/v2/models/tiny/manifests/{tag}",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+        auth=("alice", USERS["alice"]),
+    )
+    return response.json()
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda layers: layers.pop(0), "has no layer for"),
+        (lambda layers: layers[0]["annotations"].update({"org.cncf.model.filepath": "../../etc/evil"}), "unsafe file path"),
+        (lambda layers: layers[0].update({"size": layers[0]["size"] + 1}), "but the signed sovpack.json says"),
+        (
+            lambda layers: layers.append(dict(layers[0], annotations={"org.cncf.model.filepath": "extra.gguf"})),
+            "does not list: extra.gguf",
+        ),
+    ],
+    ids=["missing-layer", "unsafe-path", "other-size", "extra-layer"],
+)
+def test_a_manifest_that_disagrees_with_the_signed_metadata_is_refused(cli, registry, login, pushed, store, tamper, message):
+    manifest = _pushed_manifest(registry, "3")
+    tamper(manifest["layers"])
+    _put_manifest(registry, "tampered", manifest)
+    before = store_snapshot(store)
+    result = cli("pull", f"{registry.host}/models/tiny:tampered", "--store", store, *login)
+    assert result.code == 1 and message in result.err, result.err
+    assert store_snapshot(store) == before and _nothing_staged(store)
+    assert audit_records(store)[-1]["outcome"] == "refused"
+
+
+def test_an_artifact_that_is_not_a_sovpack_bundle_is_refused(cli, registry, login, pushed, store):
+    manifest = _pushed_manifest(registry, "3")
+    manifest["layers"] = [
+        layer for layer in manifest["layers"] if layer["annotations"]["org.cncf.model.filepath"] != "sovpack.json"
+    ]
+    _put_manifest(registry, "no-metadata", manifest)
+    result = cli("pull", f"{registry.host}/models/tiny:no-metadata", "--store", store, *login)
+    assert result.code == 1 and "has no sovpack.json layer: it is not a sovpack bundle" in result.err
+    manifest["artifactType"] = "application/vnd.example.other"
+    manifest["config"]["mediaType"] = "application/vnd.example.config"
+    _put_manifest(registry, "other", manifest)
+    result = cli("pull", f"{registry.host}/models/tiny:other", "--store", store, *login)
+    assert result.code == 1 and "is not a ModelPack model artifact" in result.err
+
+
+def test_usage_errors(cli, store, signed_bundle):
+    result = cli("pull", "127.0.0.1:5000/models/tiny", "--store", store)
+    assert result.code == 2 and "names no tag or digest" in result.err
+    result = cli("pull", "tiny:3", "--store", store)
+    assert result.code == 2 and "names no repository" in result.err
+    result = cli("push", signed_bundle, "127.0.0.1:5000/Models/tiny")
+    assert result.code == 2 and "is not a repository name" in result.err
+    result = cli("push", signed_bundle, "127.0.0.1:5000/models/tiny", "--username", "alice")
+    assert result.code == 2 and "give --username and --password-file together" in result.err
