@@ -114,6 +114,7 @@ class _Importer:
         self.store, self.policy, self.allow_downgrade, self.progress, self.now = store, policy, allow_downgrade, progress, now
         self.identity: BundleIdentity | None = None  # the bundle being imported, once known (for the audit log)
         self.source: dict | None = None  # what was read, for the record and the audit log
+        self.event = "import"  # the audit event: "pull" for a bundle staged from a registry (StagedImport)
 
     # -- the two kinds of source
 
@@ -294,7 +295,7 @@ class _Importer:
             return self._already_installed(same, staged, report)
         self.progress.phase("installing")
         record = ImportRecord.accepted(report, self.policy.threshold, self.source)
-        with self.store.audit.ahead_of("import", **self._audit_fields("installed", metadata.name, metadata.version, record)):
+        with self.store.audit.ahead_of(self.event, **self._audit_fields("installed", metadata.name, metadata.version, record)):
             path = self.store.commit(staging, metadata.name, metadata.version)
         return self._complete(InstalledBundle(metadata.name, metadata.version, path, None), record, "installed", staged, report)
 
@@ -329,7 +330,7 @@ class _Importer:
                 )
             record = ImportRecord.accepted(report, self.policy.threshold, self.source)
         fields = self._audit_fields("already-installed", installed.name, installed.version, record or installed.record)
-        self.store.audit.append("import", **fields)  # ahead of what completes the earlier install
+        self.store.audit.append(self.event, **fields)  # ahead of what completes the earlier install
         return self._complete(installed, record, "already-installed", staged, report)
 
     def _complete(
@@ -379,7 +380,7 @@ class _Importer:
         outcome: AuditOutcome = "refused" if error.exit_code == 1 else "failed"
         try:
             self.store.audit.append(
-                "import", outcome=outcome, reason=str(error), exit_code=error.exit_code, source=self.source, **identity
+                self.event, outcome=outcome, reason=str(error), exit_code=error.exit_code, source=self.source, **identity
             )
         except OSError:
             pass  # a full disk must not hide the original error
@@ -398,6 +399,31 @@ def _volume_warnings(report: VolumeReport | None) -> list[str]:
     if "not in the trust set" in report.signature:
         warnings.append(report.signature)
     return warnings
+
+
+class StagedImport:
+    """Another way in (`sovpack pull`): the caller stages the bundle's files in the store's tmp/; this refuses a
+    rollback before they are fetched, then verifies, installs and audits them exactly as import does."""
+
+    def __init__(
+        self, store: Store, policy: TrustPolicy, source: dict, *, event: str, allow_downgrade: bool = False, progress=None
+    ):
+        self._importer = _Importer(store, policy, allow_downgrade, progress or Progress(), None)
+        self._importer.source, self._importer.event = source, event
+
+    def check_version(self, metadata: BundleMetadata, raw: bytes) -> ImportResult | None:
+        """Before the files are fetched: refuses a rollback; the result when this very bundle is installed already."""
+        importer = self._importer
+        importer.identity = BundleIdentity.of(metadata, raw)
+        same = importer._installed_already(metadata.name, metadata.version, importer.identity.metadata_sha256, claimed=True)
+        return importer._already_installed(same) if same is not None else None
+
+    def install(self, staging: Path, known: dict[str, ShardDigests], written: int, linked: int) -> ImportResult:
+        """Verify the staged bundle (the files in `known` by the digests computed as they were written) and install it."""
+        return self._importer._verify_and_install(staging, None, _Staged(known, None, written, linked))
+
+    def audit_failure(self, error: SovpackError) -> None:
+        self._importer.audit_failure(error)
 
 
 def _installed_metadata_sha256(installed: InstalledBundle) -> str | None:
