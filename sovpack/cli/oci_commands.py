@@ -9,7 +9,7 @@ import typer
 
 from sovpack.cli import app
 from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP
-from sovpack.cli.render import console, human_size
+from sovpack.cli.render import console, err_console, human_size
 
 USERNAME_HELP = "Registry user name (with --password-file). Default: the container auth file's entry for the registry."
 PASSWORD_FILE_HELP = "File whose first line is the registry password or token (with --username)."
@@ -39,7 +39,7 @@ def push(
     """Upload a signed bundle to an OCI registry as a CNCF ModelPack artifact; only blobs the registry lacks are sent."""
     from rich.markup import escape
 
-    from sovpack.cli.transfer_commands import TerminalProgress
+    from sovpack.cli.progress_view import ProgressView
     from sovpack.common.sizes import parse_size
     from sovpack.oci.push import bundle_root, push_bundle
     from sovpack.oci.reference import parse_reference
@@ -51,7 +51,7 @@ def push(
     with _client(
         parse_reference(ref, need_tag_or_digest=False), username, password_file, ca_file, plain_http, push=True
     ) as client:
-        with TerminalProgress(console) as progress:
+        with ProgressView(console, bars=err_console) as progress:
             result = push_bundle(root, client, target, chunk_size=size, progress=progress)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -81,7 +81,7 @@ def pull(
     from rich.markup import escape
 
     from sovpack.bundle.trust import load_trust
-    from sovpack.cli.transfer_commands import TerminalProgress
+    from sovpack.cli.progress_view import ProgressView
     from sovpack.oci.pull import pull_bundle
     from sovpack.oci.reference import parse_reference
     from sovpack.store.store import Store
@@ -91,7 +91,7 @@ def pull(
     with _client(
         parse_reference(ref, need_tag_or_digest=True), username, password_file, ca_file, plain_http, push=False
     ) as client:
-        with TerminalProgress(console) as progress:
+        with ProgressView(console, bars=err_console) as progress:
             result = pull_bundle(client, target, policy, allow_downgrade=allow_downgrade, progress=progress)
     imported = result.imported
     for warning in imported.warnings:
@@ -100,10 +100,10 @@ def pull(
     if imported.outcome == "already-installed":
         console.print(f"{escape(b.name)} v{b.version} is already installed (same signed sovpack.json) at {escape(str(b.path))}")
         return
-    signers = ", ".join(a["name"] for a in b.record.get("accepted_by", [])) or "?"
+    signers = ", ".join(b.record.signer_names) or "?"
     resumed = f", {result.resumed} continued from an earlier attempt" if result.resumed else ""
     console.print(
-        f"[bold green]INSTALLED[/] {escape(b.name)} v{b.version} ({human_size(b.record.get('size', 0))}; "
+        f"[bold green]INSTALLED[/] {escape(b.name)} v{b.version} ({human_size(b.record.size or 0)}; "
         f"{result.fetched} file(s), "
         f"{human_size(result.fetched_bytes)} from the registry{resumed}, {result.linked} already held by the store), "
         f"accepted by {escape(signers)} -> {escape(str(b.path))}",

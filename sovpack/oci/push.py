@@ -22,14 +22,16 @@ from pathlib import Path
 
 import httpx2
 
-from sovpack.bundle.directory import read_metadata_bytes, write_atomically
+from sovpack.bundle.directory import read_metadata_bytes
 from sovpack.bundle.metadata import BundleMetadata, parse_metadata
+from sovpack.common.files import write_atomically
 from sovpack.common.hashing import MIB, READ_SIZE, sha256_bytes
 from sovpack.common.progress import Progress
 from sovpack.errors import Failure, Refused, SovpackError, UsageError
 from sovpack.oci.client import RegistryClient, UploadOutOfStep
 from sovpack.oci.layout import Artifact, Layer, build_artifact, read_signatures
-from sovpack.store.store import Store, is_bundle_path
+from sovpack.store.store import Store
+from sovpack.store.target import find_target
 from sovpack.transfer.export import check_exportable
 
 DEFAULT_CHUNK_SIZE = 64 * MIB
@@ -51,7 +53,7 @@ class PushResult:
 
 def bundle_root(source: str, store: Store) -> Path:
     """NAME[@VERSION] installed in the store, or a bundle directory."""
-    return Path(source) if is_bundle_path(source) else store.find(source).path
+    return find_target(source, store).path
 
 
 def push_bundle(
