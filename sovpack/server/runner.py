@@ -145,7 +145,11 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
         model=model,
         engine=Engine(model, settings),
         limits=Limits(
-            model.model_id, frozenset({f"{model.model_id}@{model.metadata.version}"}), options.max_tokens or settings.ctx_size
+            model.model_id,
+            frozenset({f"{model.model_id}@{model.metadata.version}", *options.aliases}) - {model.model_id},
+            options.max_tokens or settings.ctx_size,
+            max_n=options.max_n,
+            logprobs=options.logprobs,
         ),
         keys=keys,
         access_log=access_log,
@@ -192,7 +196,12 @@ def _engine_settings(options: ServeOptions, model, layers: int):
     ctx = options.ctx_size or min(DEFAULT_CTX, trained if isinstance(trained, int) and trained > 0 else DEFAULT_CTX)
     threads = options.threads or default_threads(options.parallel, cpu_count())
     return EngineSettings(
-        ctx_size=ctx, parallel=options.parallel, threads=threads, n_gpu_layers=layers, max_queue=options.max_queue
+        ctx_size=ctx,
+        parallel=options.parallel,
+        threads=threads,
+        n_gpu_layers=layers,
+        max_queue=options.max_queue,
+        logprobs=options.logprobs,
     )
 
 
