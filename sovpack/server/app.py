@@ -56,7 +56,7 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
 
     @api.get("/v1/models")
     async def models():
-        names = [state.limits.model_id, *sorted(state.limits.model_aliases)]
+        names = [state.limits.model_id, *state.limits.aliases]
         return {"object": "list", "data": [model_card(state, name) for name in names]}
 
     @api.get("/v1/models/{model_id}")
@@ -94,10 +94,10 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
 
 
 def model_card(state: ServerState, name: str | None = None) -> dict:
-    """The served model, under its name or one of its aliases (`sovpack.name` is always the bundle's)."""
+    """The served model, under its name or one of its --alias names (`sovpack.name` is always the bundle's)."""
     m, entry = state.model, state.model.choice.entry
     return {
-        "id": name or m.model_id,
+        "id": name if name in state.limits.aliases else m.model_id,
         "object": "model",
         "created": int(m.metadata.created.timestamp()),
         "owned_by": "sovpack",

@@ -80,6 +80,7 @@ class Limits:
     max_tokens: int
     max_n: int = 1
     logprobs: bool = False  # the slots keep every position's logits (--logprobs)
+    aliases: tuple[str, ...] = ()  # the --alias names (also in model_aliases), listed in /v1/models
 
 
 def include_usage(body) -> bool:

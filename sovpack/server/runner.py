@@ -41,7 +41,7 @@ UVICORN_INTERNALS = ("capture_signals", "_wait_tasks_to_complete")
 
 def require_serve_extra() -> None:
     missing = []
-    for module in ("llama_cpp", "fastapi", "uvicorn"):
+    for module in ("llama_cpp", "fastapi", "uvicorn", "jsonschema"):
         try:
             __import__(module)
         except ImportError:
@@ -150,6 +150,7 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
             options.max_tokens or settings.ctx_size,
             max_n=options.max_n,
             logprobs=options.logprobs,
+            aliases=options.aliases,
         ),
         keys=keys,
         access_log=access_log,
