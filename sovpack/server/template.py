@@ -112,8 +112,8 @@ def prompt_tokens(llama, messages: list[dict], tools: dict | None) -> list[int]:
     marked = [_marked(m, texts, nonce) for m in messages]
     rendered = formatter.render(marked, template_tools)
     pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", rendered)
-    if any(nonce in piece for piece in pieces[::2]):
-        return _unmarked_tokens(llama, formatter, messages, template_tools)  # the template cut a marker apart
+    if any("\ue000" in piece or "\ue001" in piece for piece in pieces[::2]):  # a marker cut apart or changed
+        return _unmarked_tokens(llama, formatter, messages, template_tools)
     tokens: list[int] = []
     for i, piece in enumerate(pieces):
         if i % 2:
