@@ -73,15 +73,15 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
 
     @api.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        job = completion_job(body, state.limits)
         _note(request, state, body, body.prompt)
+        job = completion_job(body, state.limits)
         _require_generative(state)
         return await generate(request, state, job, stream=body.stream, include_usage=include_usage(body), body=body)
 
     @api.post("/v1/embeddings")
     async def embeddings(request: Request, body: EmbeddingRequest):
-        job = embedding_job(body, state.limits)
         _note(request, state, body, body.input)
+        job = embedding_job(body, state.limits)
         if not state.engine.embeddings:
             raise ApiError(
                 400,

@@ -5,8 +5,8 @@ llama.cpp's parser rejects (a syntax error, an undefined rule, left recursion) m
 a null sampler, and the process dies with a segmentation fault. So every grammar, the
 client's and sovpack's own, is checked first:
 
-- in the request handler, with no model (`check_shape`): a size limit and a nesting limit,
-  so that llama.cpp's recursive parser cannot be driven into a stack overflow;
+- in the request handler, with no model (`check_shape`): a size limit (client grammars) and
+  a nesting limit, so that llama.cpp's recursive parser cannot be driven into a stack overflow;
 - on the model, before generation (`check_on_model`): llama.cpp's own parser builds the
   grammar once; a refusal (with llama.cpp's reason, captured from its log) is a 400.
 
@@ -57,9 +57,9 @@ def from_schema(schema: object, param: str, *, rule: str = "", prop_order: tuple
     return converter.format_grammar()
 
 
-def check_shape(text: str, param: str) -> None:
-    """Limits that keep llama.cpp's recursive-descent parser on safe ground."""
-    if len(text) > MAX_GRAMMAR_CHARS:
+def check_shape(text: str, param: str, *, max_chars: int | None = MAX_GRAMMAR_CHARS) -> None:
+    """Limits that keep llama.cpp's recursive-descent parser on safe ground (the size: for a client's grammar)."""
+    if max_chars is not None and len(text) > max_chars:
         raise _error(param, f"the grammar is {len(text)} characters long; this server accepts at most {MAX_GRAMMAR_CHARS}")
     if "\x00" in text:
         raise _error(param, "the grammar contains a NUL character")
@@ -97,7 +97,7 @@ def check_on_model(llama, text: str, param: str) -> None:
     """llama.cpp's own parser must accept the grammar (with the model's vocabulary, for <token> syntax)."""
     import llama_cpp
 
-    check_shape(text, param)
+    check_shape(text, param, max_chars=None)  # schema and tool grammars grow with the schema; the body limit bounds them
     with _llama_log_captured() as lines:
         sampler = llama_cpp.llama_sampler_init_grammar(llama._model.vocab, text.encode("utf-8"), b"root")
     if not sampler:

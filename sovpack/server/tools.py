@@ -8,7 +8,7 @@ A call is one JSON object, `{"name": "<function>", "arguments": {...}}`, as the 
 - `tool_choice` "required" or a named function: a grammar built from the functions'
   parameter schemas makes the answer a valid call (of that function).
 - "auto" (the default when tools are given): the grammar lets the answer be either a valid
-  call or prose that does not start with `{`; so a call is always valid JSON, and the first
+  call or prose that does not start with `{` or white space; so a call is always valid JSON, and the first
   character says which one it is.
 - "none": the tools are not shown and the answer is prose.
 One call per answer (`parallel_tool_calls` is accepted; a model answers with one call).
