@@ -493,3 +493,16 @@ def test_tools_a_template_renders_itself_must_not_hold_control_text(llama):
         assert "To call one" not in llama.detokenize(tokens).decode()
     finally:
         llama.chat_handler = original
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (("--max-n", "0"), "--max-n 0: must be 1 or more"),
+        (("--alias", "gpt 4"), "--alias 'gpt 4': give a model name"),
+        (("--alias", ""), "--alias '': give a model name"),
+    ],
+)
+def test_bad_new_options_are_usage_errors_naming_them(cli, env, option, message):
+    result = cli("serve", env.bundle, "--trust", env.keys / "alice.pub", *option)
+    assert result.code == 2 and message in result.err
