@@ -23,7 +23,9 @@ READING_COMMANDS = [
     ["trust", "threshold", "2"],
     ["audit", "verify"],
     ["audit", "show"],
+    ["audit", "syslog", "off"],
     ["serve", "tiny"],
+    ["push", "tiny", "127.0.0.1:5000/models/tiny"],
 ]
 
 
@@ -39,9 +41,16 @@ def test_a_mistyped_store_is_a_usage_error_and_is_not_created(cli, tmp_path, arg
 def test_commands_that_read_the_store_for_its_trust_need_it_too(cli, signed_bundle, tmp_path):
     out = export(cli, signed_bundle, tmp_path / "out")
     missing = tmp_path / "nowhere"
-    for args in (["verify", signed_bundle], ["check-volumes", out], ["import", out]):
+    for args in (["verify", signed_bundle], ["check-volumes", out], ["import", out], ["pull", "127.0.0.1:5000/models/tiny:3"]):
         result = cli(*args, "--store", missing)
         assert result.code == 2 and f"no store exists at {missing} (--store)" in result.err, (args, result.err)
+    assert not missing.exists()
+
+
+def test_push_of_a_bundle_directory_needs_the_store_it_audits_in(cli, signed_bundle, tmp_path):
+    missing = tmp_path / "nowhere"
+    result = cli("push", signed_bundle, "127.0.0.1:5000/models/tiny", "--store", missing)
+    assert result.code == 2 and f"no store exists at {missing} (--store)" in result.err
     assert not missing.exists()
 
 
@@ -133,12 +142,15 @@ def test_help_uses_the_readme_placeholders(cli, path):
 def test_usage_lines_read_as_the_readme_commands(cli):
     expected = {
         ("verify",): ["BUNDLE_OR_NAME[@V]", "--trust DIR_OR_PUBFILE", "--threshold K", "--store DIR"],
-        ("serve",): ["NAME_OR_BUNDLE", "--api-key-file FILE", "--port N", "--n-gpu-layers auto|N"],
+        ("serve",): ["NAME_OR_BUNDLE", "--api-key-file FILE", "--port N", "--n-gpu-layers auto|N", "--alias NAME", "--max-n N"],
         ("export",): ["BUNDLE", "--to DIR|-", "--key KEYFILE", "--password-file FILE", "--volume-size SIZE"],
         ("import",): ["DIR_OR_INDEX_OR_-", "--store DIR"],
         ("keygen",): ["NAME", "--dir DIR", "--curve p384|p256"],
         ("trust", "add"): ["PUBFILE", "--name NAME"],
         ("remove",): ["NAME[@VERSION]"],
+        ("audit", "syslog"): ["TARGET|off", "--store DIR"],
+        ("push",): ["NAME_OR_BUNDLE REGISTRY/REPO[:TAG]", "--chunk-size SIZE", "--username USER", "--ca-file FILE"],
+        ("pull",): ["REGISTRY/REPO:TAG|REGISTRY/REPO@sha256:D", "--trust DIR_OR_PUBFILE", "--password-file FILE"],
     }
     for path, pieces in expected.items():
         text = cli(*path, "--help").out

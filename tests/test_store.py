@@ -181,7 +181,7 @@ def test_store_api_for_serve(cli, signed_bundle, store, tmp_path, keys):
     s = Store(store)
     installed = s.find("tiny")
     assert (installed.name, installed.version, installed.path) == ("tiny", 3, store / "bundles/tiny/3")
-    assert installed.record["accepted_by"][0]["name"] == "alice"
+    assert installed.record.accepted_by[0].name == "alice"
     assert s.installed()[0] == installed and s.find("tiny@3") == installed
     assert [k.name for k in s.policy_for(installed).keys] == ["alice"]
     assert s.trust_policy().threshold == 1
@@ -253,6 +253,18 @@ def test_a_damaged_import_record_is_named_and_can_be_rewritten(cli, signed_bundl
     assert json.loads(cli("list", "--store", store, "--json").out)["bundles"][0]["signers"] == ["alice"]
     signed = hashlib.sha256((signed_bundle / "sovpack.json").read_bytes()).hexdigest()
     assert json.loads(record.read_text())["metadata_sha256"] == signed
+
+
+def test_every_field_of_an_import_record_is_checked(cli, signed_bundle, store, tmp_path):
+    install(cli, signed_bundle, store, tmp_path)
+    record = store / "records" / "tiny" / "3.json"
+    good = json.loads(record.read_text())
+    for field, value in (("imported", 12), ("metadata_sha256", ["x"]), ("files", -1), ("source", "volumes")):
+        record.write_text(json.dumps(good | {field: value}))
+        damaged = cli("list", "--store", store)
+        assert damaged.code == 1 and str(record) in damaged.err and f"its '{field}'" in damaged.err, (field, damaged.err)
+    record.write_text(json.dumps(good))
+    assert cli("list", "--store", store).code == 0
 
 
 def test_a_damaged_rollback_state_is_named(cli, signed_bundle, store, tmp_path, model_dir, keys):

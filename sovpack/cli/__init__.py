@@ -46,6 +46,7 @@ COMMAND_MODULES = (
     "fetch_commands",
     "quantize_commands",
     "transfer_commands",
+    "oci_commands",
     "store_commands",
     "serve_commands",
 )

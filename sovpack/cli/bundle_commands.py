@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from sovpack.cli import app
-from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP, existing_store
+from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP, trust_store
+from sovpack.cli.passwords import load_signing_key, read_password
 from sovpack.cli.render import console, err_console, human_size, print_json, warn_if_expired
-from sovpack.errors import UsageError
-
-
-def read_password(password_file: Optional[Path]) -> bytes | None:
-    if password_file is None:
-        return None
-    try:
-        password = password_file.read_bytes().rstrip(b"\r\n")
-    except OSError as e:
-        raise UsageError(f"cannot read --password-file {password_file}: {e.strerror}") from None
-    if not password:
-        raise UsageError(f"--password-file {password_file} is empty")
-    return password
 
 
 @app.command()
@@ -82,13 +69,9 @@ def sign(
     ),
 ) -> None:
     """Check the bundle's files against its inventory, then add this key's signature."""
-    from sovpack.bundle.keys import load_private_key, private_key_is_encrypted
     from sovpack.bundle.sign import sign_bundle
 
-    password = read_password(password_file)
-    if password is None and private_key_is_encrypted(key) and sys.stdin.isatty():
-        password = typer.prompt(f"password for {key}", hide_input=True).encode()
-    result = sign_bundle(bundle, load_private_key(key, password))
+    result = sign_bundle(bundle, load_signing_key(key, password_file))
     action = "replaced the signature of" if result.replaced else "signed"
     console.print(f"{action} {result.metadata.name} v{result.metadata.version} with key {result.key_id}: {result.path}")
     for stale in result.stale:
@@ -106,13 +89,12 @@ def verify(
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report instead of a table."),
 ) -> None:
     """Check signatures, threshold, metadata, inventory, digests, formats and expiry, in that order."""
-    from sovpack.bundle.trust import load_trust
-    from sovpack.store.store import Store, is_bundle_path, verify_target
+    from sovpack.store.target import choose_policy, find_target, is_bundle_path, verify_target
 
-    policy = load_trust(trust, threshold or 1) if trust else None
     # the store is read for an installed NAME, and for its trust when --trust is not given
-    target_store = Store(store) if policy and is_bundle_path(bundle) else existing_store(store)
-    report = verify_target(bundle, target_store, policy, threshold)
+    target_store = trust_store(trust if is_bundle_path(bundle) else None, store)
+    target = find_target(bundle, target_store)
+    report = verify_target(target, target_store, choose_policy(target_store, trust or (), threshold))
     if json_output:
         print_json(report.to_json())
     else:

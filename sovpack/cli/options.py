@@ -19,9 +19,16 @@ def existing_store(root: Path | None):
     return Store.existing(root)
 
 
+def trust_store(trust, root: Path | None):
+    """The store whose trust `choose_policy` reads: it must exist unless keys were given with --trust."""
+    from sovpack.store.store import Store
+
+    return Store(root) if trust else Store.existing(root)
+
+
 @contextmanager
 def new_or_existing_store(root: Path | None) -> Iterator:
-    """The store `trust add` and `import` write to, which they create when there is none.
+    """The store `trust add`, `import` and `pull` write to, which they create when there is none.
 
     Says so on stderr once it exists, so a mistyped --store does not pass unseen, while a command refused
     before writing anything (a bad key file, no index) neither creates a store nor says it did.

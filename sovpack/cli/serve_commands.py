@@ -81,6 +81,21 @@ def serve(
     full_verify: bool = typer.Option(
         False, "--full-verify", help="Re-hash the GGUF even when a recorded full check vouches for it."
     ),
+    alias: List[str] = typer.Option(
+        [],
+        "--alias",
+        metavar="NAME",
+        help="Another model name that requests may use (clients that hard-code one, e.g. gpt-4o); repeat.",
+    ),
+    max_n: int = typer.Option(
+        4, "--max-n", metavar="N", help="Largest n (choices per request); they are generated one after the other."
+    ),
+    logprobs: bool = typer.Option(
+        False,
+        "--logprobs",
+        help="Allow logprobs/top_logprobs: each slot keeps the logits of every context position (ctx-size x vocabulary "
+        "floats, e.g. 4096 x 128k x 4 B = 2 GiB per slot) and prompts evaluate more slowly.",
+    ),
 ) -> None:
     """Verify a bundle, then serve its GGUF over an OpenAI-compatible HTTP API (llama.cpp).
 
@@ -117,6 +132,9 @@ def serve(
         access_log=access_log,
         log_prompts=log_prompts,
         full_verify=full_verify,
+        aliases=tuple(alias),
+        max_n=max_n,
+        logprobs=logprobs,
     )
     raise typer.Exit(run_server(options, _say))
 

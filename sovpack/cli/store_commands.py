@@ -27,10 +27,10 @@ def list_command(
     """Installed bundles: name, version, size, signers, expiry, GGUF variants."""
     from rich.markup import escape
 
-    from sovpack.store.store import installed_summary
+    from sovpack.store.listing import summarize
 
     target = existing_store(store)
-    rows = [installed_summary(target, b) for b in target.installed()]
+    rows = [summarize(target, b).to_json() for b in target.installed()]
     if json_output:
         print_json({"store": str(target.root), "bundles": rows})
         return
@@ -187,6 +187,8 @@ def audit_verify(store: Optional[Path] = typer.Option(None, "--store", metavar="
     status = target.audit.verify_chain()
     console.print(f"audit log {target.audit.path}: {status.records} record(s), chain intact")
     console.print(f"head sha256 {status.head}")
+    if syslog_target := target.syslog_target():
+        console.print(f"copied to syslog {syslog_target}")
 
 
 @audit_app.command("show")
@@ -205,3 +207,14 @@ def audit_show(
         rest = {k: v for k, v in r.items() if k not in ("seq", "time", "event", "prev")}
         details = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}" for k, v in rest.items())
         console.print(f"{r.get('seq')}  {r.get('time')}  {escape(str(r.get('event')))}  {escape(details)}", soft_wrap=True)
+
+
+@audit_app.command("syslog")
+def audit_syslog(
+    target: str = typer.Argument(..., metavar="TARGET|off", help="/dev/log (a Unix datagram socket), udp://HOST:PORT, or off."),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
+) -> None:
+    """Copy every audit record to the system log (RFC 5424) from now on, so that a copy exists outside the store."""
+    chosen = None if target == "off" else target
+    existing_store(store).set_syslog(chosen)
+    console.print(f"audit records are copied to {chosen}" if chosen else "audit records are no longer copied to syslog")

@@ -41,7 +41,7 @@ UVICORN_INTERNALS = ("capture_signals", "_wait_tasks_to_complete")
 
 def require_serve_extra() -> None:
     missing = []
-    for module in ("llama_cpp", "fastapi", "uvicorn"):
+    for module in ("llama_cpp", "fastapi", "uvicorn", "jsonschema"):
         try:
             __import__(module)
         except ImportError:
@@ -145,7 +145,12 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
         model=model,
         engine=Engine(model, settings),
         limits=Limits(
-            model.model_id, frozenset({f"{model.model_id}@{model.metadata.version}"}), options.max_tokens or settings.ctx_size
+            model.model_id,
+            frozenset({f"{model.model_id}@{model.metadata.version}", *options.aliases}) - {model.model_id},
+            options.max_tokens or settings.ctx_size,
+            max_n=options.max_n,
+            logprobs=options.logprobs,
+            aliases=options.aliases,
         ),
         keys=keys,
         access_log=access_log,
@@ -192,7 +197,12 @@ def _engine_settings(options: ServeOptions, model, layers: int):
     ctx = options.ctx_size or min(DEFAULT_CTX, trained if isinstance(trained, int) and trained > 0 else DEFAULT_CTX)
     threads = options.threads or default_threads(options.parallel, cpu_count())
     return EngineSettings(
-        ctx_size=ctx, parallel=options.parallel, threads=threads, n_gpu_layers=layers, max_queue=options.max_queue
+        ctx_size=ctx,
+        parallel=options.parallel,
+        threads=threads,
+        n_gpu_layers=layers,
+        max_queue=options.max_queue,
+        logprobs=options.logprobs,
     )
 
 
