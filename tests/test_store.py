@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from builders import write_gguf
-from helpers import audit_records, flip_byte, sovpack, store_snapshot
+from helpers import audit_records, flip_byte, sovpack, store_snapshot, unprivileged
 
 from sovpack.errors import Refused, UsageError
 from sovpack.store.store import Store
@@ -117,9 +119,24 @@ def test_identical_files_are_stored_once_and_read_only(cli, signed_bundle, store
     assert (v4 / "model.safetensors").stat().st_nlink == 3  # v3, v4 and objects/
     distinct = {json.dumps(f["sha256"]) for b in (v3, v4) for f in json.loads((b / "sovpack.json").read_text())["files"]}
     assert len(list((store / "objects" / "sha256").glob("*/*"))) == len(distinct)
-    for p in (store / "bundles").rglob("*"):
+    for p in [store / "bundles" / "tiny" / "3", *(store / "bundles").rglob("*")]:
         if p.is_file():
-            assert p.stat().st_mode & 0o222 == 0, p
+            assert p.stat().st_mode & 0o777 == 0o444, p
+        elif p.parent.parent == store / "bundles" / "tiny" or p.parent.parent.parent == store / "bundles":
+            assert p.stat().st_mode & 0o777 == 0o555, p  # the bundle directory and every directory inside it
+
+
+def test_no_file_of_an_installed_bundle_can_be_renamed_over_without_changing_a_mode(cli, signed_bundle, store, tmp_path):
+    install(cli, signed_bundle, store, tmp_path)
+    bundle = store / "bundles" / "tiny" / "3"
+    (tmp_path / "other").write_bytes(b"other bytes")
+    code = "import os, sys; os.rename(sys.argv[1], sys.argv[2])"
+    swap = subprocess.run(
+        [sys.executable, "-c", code, tmp_path / "other", bundle / "config.json"], capture_output=True, text=True, **unprivileged()
+    )
+    assert swap.returncode != 0 and "Permission denied" in swap.stderr
+    assert cli("verify", "tiny", "--store", store).code == 0
+    assert cli("remove", "tiny@3", "--store", store).code == 0 and not bundle.exists()
 
 
 def test_remove_keeps_the_rollback_mark_and_deletes_unshared_files(cli, signed_bundle, store, tmp_path, model_dir, keys):

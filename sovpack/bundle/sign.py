@@ -32,6 +32,11 @@ def statement_for(metadata: BundleMetadata, metadata_sha256: str) -> bytes:
 
 
 def sign_bundle(root: Path, private_key: ec.EllipticCurvePrivateKey) -> SignResult:
+    """Write signatures/KEY_ID.sig (OpenSSF model-signing v1.0) after checking the files against the inventory.
+
+    Raises: UsageError (not a bundle directory), Refused (a file that does not match sovpack.json, or
+    that sovpack cannot check), Failure (I/O).
+    """
     require_bundle_dir(root)
     raw = read_metadata_bytes(root)
     metadata = parse_metadata(raw)

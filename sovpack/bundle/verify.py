@@ -307,6 +307,9 @@ def verify_bundle(
     and the install, which renames this very directory, inodes and all, into place; what the
     digests describe is what gets installed. It does not re-check the disk itself: `sovpack
     verify NAME` and `serve` hash the installed files from disk.
+
+    Raises nothing for a bundle that fails a check (`report.raise_for_failure()` raises that
+    refusal); Failure when `root` cannot be read.
     """
     report = VerifyReport(str(root), policy.threshold)
     now = now or datetime.now(timezone.utc)

@@ -6,7 +6,7 @@
   releases them when a process dies, so a lock file left behind never blocks anyone)
 - `free_space`, `require_free_space`: room on the file system that would hold a path
 - `DISK_FULL`, `FILE_TOO_LARGE`, `out_of_room`: the one reading of a failed write's errno
-- `files_under`, `remove_tree`: walking and deleting the trees sovpack stages
+- `files_under`, `remove_tree`, `make_read_only`: walking, deleting and sealing the trees sovpack stages
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -162,5 +163,23 @@ def files_under(root: Path) -> Iterator[Path]:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a tree whose files are read-only (its directories are not); nothing when it does not exist."""
-    shutil.rmtree(path, ignore_errors=not path.exists())
+    """Delete a tree whose files and directories may be read-only; nothing when it does not exist."""
+    if not path.exists():
+        return
+    for directory, _, _ in os.walk(path):  # top-down: each directory is made writable before it is entered
+        os.chmod(directory, 0o755)
+    shutil.rmtree(path)
+
+
+def make_read_only(root: Path) -> None:
+    """Files 0444 and directories 0555, bottom-up, so that nothing in the tree can be renamed, added or removed
+    without first changing a mode (which an installed bundle's fingerprint would notice)."""
+    for directory, _, names in os.walk(root, topdown=False):
+        for name in names:
+            _set_mode(os.path.join(directory, name), 0o444)
+        _set_mode(directory, 0o555)
+
+
+def _set_mode(path: str, mode: int) -> None:
+    if stat.S_IMODE(os.lstat(path).st_mode) != mode:  # a chmod, even to the same mode, changes the ctime
+        os.chmod(path, mode)

@@ -5,7 +5,7 @@ Layout (documented in docs/store.md):
     STORE/
       trust/keys/NAME.pub          keys the organisation trusts
       trust/policy.json            {"threshold": K}
-      bundles/NAME/VERSION/        installed bundles exactly as signed; files read-only (0444)
+      bundles/NAME/VERSION/        installed bundles exactly as signed; files 0444, directories 0555
       records/NAME/VERSION.json    how each bundle was accepted (keys, threshold, when, from where)
       state/versions.json          highest version ever installed per name (rollback protection)
       state/audit-head.json        records in audit.log and the digest of its last line (audit.py)
@@ -35,7 +35,7 @@ from pathlib import Path
 from sovpack.bundle.keys import public_pem
 from sovpack.bundle.metadata import METADATA_FILE, NAME_PATTERN, BundleMetadata, check_name, parse_metadata
 from sovpack.bundle.trust import TrustedKey, TrustPolicy, trusted_key_from_file
-from sovpack.common.files import files_under, fsync_dir, locked, remove_tree, write_atomically
+from sovpack.common.files import files_under, fsync_dir, locked, make_read_only, remove_tree, write_atomically
 from sovpack.errors import Failure, Refused, UsageError
 from sovpack.store import syslog
 from sovpack.store.audit import AuditLog
@@ -313,6 +313,7 @@ class Store:
             installed = InstalledBundle(installed.name, installed.version, installed.path, record)
         metadata = self.read_installed_metadata(installed)
         with self.lock():
+            make_read_only(installed.path)
             for f in metadata.files:
                 self._share(installed.path / f.path, f.sha256)
             self.record_version(installed.name, installed.version)
@@ -341,6 +342,7 @@ class Store:
             self.record_version(bundle.name, bundle.version)  # removing never lowers the high-water mark
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             trash = self.tmp_dir / f"remove-{bundle.name}-{bundle.version}-{uuid.uuid4().hex[:8]}"
+            os.chmod(bundle.path, 0o755)  # moving a directory to another parent rewrites its '..'
             os.rename(bundle.path, trash)
             self.record_path(bundle.name, bundle.version).unlink(missing_ok=True)
             _remove_empty(bundle.path.parent)

@@ -199,6 +199,12 @@ def export_volumes(
     progress: Progress | None = None,
     now: datetime | None = None,
 ) -> ExportResult:
+    """Write the signed bundle at `root` as volumes of at most `volume_size` bytes, and their index, into `to`.
+
+    Raises: UsageError (a bad destination, an earlier export there, a bad --since), Refused (the bundle
+    is unsigned, expired, or does not match its inventory), Failure (I/O, a full destination). What was
+    written is removed on failure.
+    """
     progress = progress or Progress()
     checked = check_exportable(root, now)
     plan, left_out, since_doc = _plan(checked, since)

@@ -123,7 +123,11 @@ def check_volumes(
     journal: CheckJournal | None = None,
     progress: Progress | None = None,
 ) -> VolumeReport:
-    """Check every volume against the index on its own, several at once, before any reassembly."""
+    """Check every volume against the index on its own, several at once, before any reassembly.
+
+    Damaged and missing volumes are in the report, not raised. Raises: Refused (an index that is
+    malformed, or whose signature is by a key `policy` does not trust or does not match), Failure (I/O).
+    """
     index, raw = read_index(index_path)
     signature = check_index_signature(index_path.parent, index, raw, policy)
     return check_index_volumes(index_path, index, signature, journal=journal, progress=progress)
