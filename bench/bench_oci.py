@@ -60,6 +60,7 @@ class Scenario:
         self.registry: Registry | None = None
         self.artifact = work / "artifact"  # the pushed artifact as skopeo's dir: layout, skopeo's push source
         self.restart_registry()
+        (work / "push-store").mkdir(exist_ok=True)  # push records itself in a store, which must exist
         run([*SOVPACK, "push", bundle, f"{self.registry.host}/bench/model:1", "--store", work / "push-store"])
         run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{self.registry.host}/bench/model:1", f"dir:{self.artifact}"])
 
@@ -113,6 +114,7 @@ def delta_pull(work: Path, keys: Path, size: int, new_file: int) -> Result:
 
     v1 = signed_bundle(work, "delta", 1, {"model-00001.safetensors": size}, keys)
     v2 = signed_bundle(work, "delta", 2, {"model-00001.safetensors": size, "model-00002.safetensors": new_file}, keys)
+    (work / "push-store").mkdir(exist_ok=True)  # push records itself in a store, which must exist
     with Registry(work / "delta-registry") as registry:
         store = Store(work / "delta-store")
         results = []

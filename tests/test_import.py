@@ -131,6 +131,7 @@ def test_import_with_explicit_trust_warns_that_serve_needs_store_trust(cli, sign
 
 def test_import_requires_some_trust(cli, signed_bundle, tmp_path):
     out = export(cli, signed_bundle, tmp_path / "out")
+    (tmp_path / "empty").mkdir()
     result = cli("import", out, "--store", tmp_path / "empty")
     assert result.code == 2 and "trusts no keys" in result.err
 

@@ -461,3 +461,22 @@ def test_usage_errors(cli, store, signed_bundle):
     assert result.code == 2 and "is not a repository name" in result.err
     result = cli("push", signed_bundle, "127.0.0.1:5000/models/tiny", "--username", "alice")
     assert result.code == 2 and "give --username and --password-file together" in result.err
+
+
+def test_pull_creates_a_store_as_import_does_and_says_so(cli, pushed, login, keys, tmp_path):
+    new = tmp_path / "new-host"
+    untagged = cli("pull", pushed.rsplit(":", 1)[0], "--trust", keys / "alice.pub", "--store", new, *login)
+    assert untagged.code == 2 and "names no tag or digest" in untagged.err and not new.exists()
+    result = cli("pull", pushed, "--trust", keys / "alice.pub", "--store", new, *login)
+    assert result.code == 0, result.err
+    assert f"created a new store at {new}" in result.err and (new / "bundles" / "tiny" / "3").is_dir()
+    again = cli("pull", pushed, "--trust", keys / "alice.pub", "--store", new, *login)
+    assert again.code == 0 and "already installed" in again.out and "created" not in again.err
+
+
+def test_pull_without_trust_and_push_need_an_existing_store(cli, pushed, login, signed_bundle, tmp_path):
+    missing = tmp_path / "typo"
+    for args in (["pull", pushed], ["push", "tiny", pushed], ["push", signed_bundle, pushed]):
+        result = cli(*args, "--store", missing, *login)
+        assert result.code == 2 and f"no store exists at {missing} (--store)" in result.err, (args, result.err)
+    assert not missing.exists()

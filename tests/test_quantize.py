@@ -155,7 +155,7 @@ def test_signed_bundle_signatures_become_stale_then_sign_and_verify_pass(cli, bu
     inspected = cli("inspect", bundle, "--json")
     assert [s["covers_metadata"] for s in json.loads(inspected.out)["signatures"]] == [False]
     stale = cli("verify", bundle, "--trust", keys / "alice.pub")
-    assert stale.code == 1 and "REFUSED" in stale.out and signature in " ".join(stale.out.split())
+    assert stale.code == 1 and "REFUSED" in stale.err and signature in " ".join(stale.err.split())
 
     assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
     verified = cli("verify", bundle, "--trust", keys / "alice.pub")

@@ -129,6 +129,7 @@ class Env:
         self.gguf_name = gguf.name
         self.bundle = self.pack("bundle")
         self.store = root / "store"
+        self.store.mkdir()  # serve audits in a store, which it does not create
         self.keys_file = root / "api-keys.txt"
         self.keys_file.write_text("# analysts\n" + KEYS[0] + "\n\n# backup\n" + KEYS[1] + "\n")
         self.keys_file.chmod(0o600)

@@ -94,9 +94,10 @@ def test_list_shows_name_version_size_signers_expiry_and_gguf_variants(cli, sign
 
 
 def test_list_of_an_empty_store(cli, tmp_path):
-    result = cli("list", "--store", tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    result = cli("list", "--store", tmp_path / "empty")
     assert result.code == 0 and "no bundles installed" in result.out
-    assert json.loads(cli("list", "--store", tmp_path / "nothing", "--json").out)["bundles"] == []
+    assert json.loads(cli("list", "--store", tmp_path / "empty", "--json").out)["bundles"] == []
 
 
 def test_store_root_from_sovpack_home(signed_bundle, tmp_path, keys):

@@ -17,7 +17,7 @@ def fetch(
     repo: Optional[str] = typer.Argument(
         None, metavar="REPO[@REV]", help="Model repository, e.g. org/name or org/name@v1.0 (branch, tag or commit; default main)."
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="New bundle directory to create."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="BUNDLE", help="New bundle directory to create."),
     include: Optional[list[str]] = typer.Option(
         None,
         "--include",
@@ -34,14 +34,21 @@ def fetch(
         help="Add the GGUF files matching GLOB from another repository (split GGUFs are kept whole); repeatable.",
     ),
     spec: Optional[Path] = typer.Option(
-        None, "--spec", help="Fetch what a TOML spec (manifests/*.toml) names, instead of REPO and selection options."
+        None,
+        "--spec",
+        metavar="FILE",
+        help="Fetch what a TOML spec (manifests/*.toml) names, instead of REPO and selection options.",
     ),
     endpoint: Optional[str] = typer.Option(
         None, "--endpoint", metavar="URL", help="Hub or mirror URL (default: HF_ENDPOINT, else https://huggingface.co)."
     ),
-    name: Optional[str] = typer.Option(None, "--name", help="Bundle name (default: the spec's, else the repository name)."),
-    version: Optional[int] = typer.Option(None, "--version", help="Bundle version (default: the spec's, else 1)."),
-    expires: Optional[str] = typer.Option(None, "--expires", help="Expiry: 90d, 2027-01-01 or 2027-01-01T00:00:00Z."),
+    name: Optional[str] = typer.Option(
+        None, "--name", metavar="NAME", help="Bundle name (default: the spec's, else the repository name)."
+    ),
+    version: Optional[int] = typer.Option(None, "--version", metavar="N", help="Bundle version (default: the spec's, else 1)."),
+    expires: Optional[str] = typer.Option(
+        None, "--expires", metavar="90d|DATE", help="Expiry: 90d, 2027-01-01 or 2027-01-01T00:00:00Z."
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Resolve and list what would be downloaded (files, sizes, commits); download nothing."
     ),

@@ -8,7 +8,15 @@ from typing import Optional
 import typer
 
 from sovpack.cli import app
-from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP
+from sovpack.cli.options import (
+    NEW_STORE_HELP,
+    STORE_HELP,
+    THRESHOLD_HELP,
+    TRUST_HELP,
+    existing_store,
+    new_or_existing_store,
+    trust_store,
+)
 from sovpack.cli.render import console, err_console, human_size
 
 USERNAME_HELP = "Registry user name (with --password-file). Default: the container auth file's entry for the registry."
@@ -27,14 +35,22 @@ def _client(ref, username, password_file, ca_file, plain_http, *, push: bool):
 
 @app.command()
 def push(
-    bundle: str = typer.Argument(..., help="NAME or NAME@VERSION installed in the store, or a signed bundle directory."),
-    ref: str = typer.Argument(..., help="REGISTRY/REPOSITORY[:TAG]; the tag defaults to the bundle's version."),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
-    username: Optional[str] = typer.Option(None, "--username", help=USERNAME_HELP),
-    password_file: Optional[Path] = typer.Option(None, "--password-file", help=PASSWORD_FILE_HELP),
-    ca_file: Optional[Path] = typer.Option(None, "--ca-file", help=CA_FILE_HELP),
+    bundle: str = typer.Argument(
+        ..., metavar="NAME_OR_BUNDLE", help="NAME or NAME@VERSION installed in the store, or a signed bundle directory."
+    ),
+    ref: str = typer.Argument(
+        ..., metavar="REGISTRY/REPO[:TAG]", help="REGISTRY/REPOSITORY[:TAG]; the tag defaults to the bundle's version."
+    ),
+    store: Optional[Path] = typer.Option(
+        None, "--store", metavar="DIR", help=STORE_HELP + " The push is recorded in its audit log, also for a directory."
+    ),
+    username: Optional[str] = typer.Option(None, "--username", metavar="USER", help=USERNAME_HELP),
+    password_file: Optional[Path] = typer.Option(None, "--password-file", metavar="FILE", help=PASSWORD_FILE_HELP),
+    ca_file: Optional[Path] = typer.Option(None, "--ca-file", metavar="FILE", help=CA_FILE_HELP),
     plain_http: bool = typer.Option(False, "--plain-http", help=PLAIN_HTTP_HELP),
-    chunk_size: str = typer.Option("64MiB", "--chunk-size", help="Bytes per upload request of a large file (chunked upload)."),
+    chunk_size: str = typer.Option(
+        "64MiB", "--chunk-size", metavar="SIZE", help="Bytes per upload request of a large file (chunked upload)."
+    ),
 ) -> None:
     """Upload a signed bundle to an OCI registry as a CNCF ModelPack artifact; only blobs the registry lacks are sent."""
     from rich.markup import escape
@@ -43,9 +59,8 @@ def push(
     from sovpack.common.sizes import parse_size
     from sovpack.oci.push import bundle_root, push_bundle
     from sovpack.oci.reference import parse_reference
-    from sovpack.store.store import Store
 
-    target = Store(store)
+    target = existing_store(store)  # push audits in it and keeps its upload state there, as serve does
     size = parse_size(chunk_size, "--chunk-size")
     root = bundle_root(bundle, target)
     with _client(
@@ -65,33 +80,35 @@ def push(
 
 @app.command()
 def pull(
-    ref: str = typer.Argument(..., help="REGISTRY/REPOSITORY:TAG or REGISTRY/REPOSITORY@sha256:DIGEST (pins the manifest)."),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
-    trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP),
-    threshold: Optional[int] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
+    ref: str = typer.Argument(
+        ...,
+        metavar="REGISTRY/REPO:TAG|REGISTRY/REPO@sha256:D",
+        help="REGISTRY/REPOSITORY:TAG or REGISTRY/REPOSITORY@sha256:DIGEST (pins the manifest).",
+    ),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=NEW_STORE_HELP),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", metavar="DIR_OR_PUBFILE", help=TRUST_HELP),
+    threshold: Optional[int] = typer.Option(None, "--threshold", metavar="K", help=THRESHOLD_HELP),
     allow_downgrade: bool = typer.Option(
         False, "--allow-downgrade", help="Install a version not newer than the highest ever installed."
     ),
-    username: Optional[str] = typer.Option(None, "--username", help=USERNAME_HELP),
-    password_file: Optional[Path] = typer.Option(None, "--password-file", help=PASSWORD_FILE_HELP),
-    ca_file: Optional[Path] = typer.Option(None, "--ca-file", help=CA_FILE_HELP),
+    username: Optional[str] = typer.Option(None, "--username", metavar="USER", help=USERNAME_HELP),
+    password_file: Optional[Path] = typer.Option(None, "--password-file", metavar="FILE", help=PASSWORD_FILE_HELP),
+    ca_file: Optional[Path] = typer.Option(None, "--ca-file", metavar="FILE", help=CA_FILE_HELP),
     plain_http: bool = typer.Option(False, "--plain-http", help=PLAIN_HTTP_HELP),
 ) -> None:
     """Download a bundle from an OCI registry, verify it fully as import does, and install it atomically (or change nothing)."""
     from rich.markup import escape
 
-    from sovpack.bundle.trust import load_trust
     from sovpack.cli.progress_view import ProgressView
     from sovpack.oci.pull import pull_bundle
     from sovpack.oci.reference import parse_reference
-    from sovpack.store.store import Store
+    from sovpack.store.target import choose_policy
 
-    target = Store(store)
-    policy = load_trust(trust, threshold or 1) if trust else target.trust_policy(threshold)
+    policy = choose_policy(trust_store(trust, store), trust or (), threshold)
     with _client(
         parse_reference(ref, need_tag_or_digest=True), username, password_file, ca_file, plain_http, push=False
     ) as client:
-        with ProgressView(console, bars=err_console) as progress:
+        with new_or_existing_store(store) as target, ProgressView(console, bars=err_console) as progress:
             result = pull_bundle(client, target, policy, allow_downgrade=allow_downgrade, progress=progress)
     imported = result.imported
     for warning in imported.warnings:

@@ -16,7 +16,7 @@ TYPES_HELP = "Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, Q4_0
 
 @app.command()
 def quantize(
-    bundle: Path = typer.Argument(..., help="Bundle directory holding the F32/F16/BF16 GGUF to quantize."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory holding the F32/F16/BF16 GGUF to quantize."),
     types: list[str] = typer.Option(
         ...,
         "--type",

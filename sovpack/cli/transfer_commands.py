@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from sovpack.cli import app
-from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP
+from sovpack.cli.options import NEW_STORE_HELP, STORE_HELP, THRESHOLD_HELP, TRUST_HELP, new_or_existing_store, trust_store
 from sovpack.cli.passwords import load_signing_key
 from sovpack.cli.render import console, err_console, human_size, print_json
 from sovpack.errors import UsageError
@@ -17,23 +17,32 @@ from sovpack.errors import UsageError
 
 @app.command()
 def export(
-    bundle: Path = typer.Argument(..., help="Signed bundle directory."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Signed bundle directory."),
     to: str = typer.Option(
-        ..., "--to", help="Directory for the volumes and their index, or - for one stream on standard output (data diode)."
+        ...,
+        "--to",
+        metavar="DIR|-",
+        help="Directory for the volumes and their index, or - for one stream on standard output (data diode).",
     ),
     volume_size: Optional[str] = typer.Option(
         None,
         "--volume-size",
+        metavar="SIZE",
         help=(
             "Largest volume: 700M, 4G, 4.7G (decimal, as media are labelled) "
             "or 4095MiB (binary). Default 4095MiB, which fits FAT32."
         ),
     ),
-    key: Optional[Path] = typer.Option(None, "--key", help="Also sign the index (and so every volume) with this private key."),
-    password_file: Optional[Path] = typer.Option(None, "--password-file", help="File holding the --key password."),
+    key: Optional[Path] = typer.Option(
+        None, "--key", metavar="KEYFILE", help="Also sign the index (and so every volume) with this private key."
+    ),
+    password_file: Optional[Path] = typer.Option(
+        None, "--password-file", metavar="FILE", help="File holding the --key password."
+    ),
     since: Optional[Path] = typer.Option(
         None,
         "--since",
+        metavar="OLD_INDEX_OR_BUNDLE",
         help=(
             "Leave out files the secure side already holds: the index of an "
             "earlier export (or the directory holding it), or the earlier bundle."
@@ -81,19 +90,22 @@ def _render_export(result, out) -> None:
 
 @app.command("check-volumes")
 def check_volumes_command(
-    directory: Path = typer.Argument(..., help="Directory holding the volumes and their index (or the index file)."),
-    trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP + " Used to check the index signature."),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    directory: Path = typer.Argument(
+        ..., metavar="DIR_OR_INDEX", help="Directory holding the volumes and their index (or the index file)."
+    ),
+    trust: Optional[list[Path]] = typer.Option(
+        None, "--trust", metavar="DIR_OR_PUBFILE", help=TRUST_HELP + " Used to check the index signature."
+    ),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report."),
 ) -> None:
     """Check every volume on its own against the index: OK, damaged or missing. Nothing is written."""
     from sovpack.cli.progress_view import ProgressView
-    from sovpack.store.store import Store
     from sovpack.store.target import choose_policy
     from sovpack.transfer.index import find_index
     from sovpack.transfer.volume_check import check_volumes
 
-    policy = choose_policy(Store(store), trust or (), None, required=False)
+    policy = choose_policy(trust_store(trust, store), trust or (), None, required=False)
     with ProgressView(err_console if json_output else console, bars=err_console, volume_lines=not json_output) as progress:
         report = check_volumes(find_index(directory), policy, progress=progress)
     if json_output:
@@ -131,11 +143,13 @@ def _render_volume_summary(report) -> None:
 @app.command("import")
 def import_command(
     source: str = typer.Argument(
-        ..., help="Directory holding the volumes and their index, the index file, or - for a stream on standard input."
+        ...,
+        metavar="DIR_OR_INDEX_OR_-",
+        help="Directory holding the volumes and their index, the index file, or - for a stream on standard input.",
     ),
-    trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP),
-    threshold: Optional[int] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", metavar="DIR_OR_PUBFILE", help=TRUST_HELP),
+    threshold: Optional[int] = typer.Option(None, "--threshold", metavar="K", help=THRESHOLD_HELP),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=NEW_STORE_HELP),
     allow_downgrade: bool = typer.Option(
         False, "--allow-downgrade", help="Install a version not newer than the highest ever installed."
     ),
@@ -144,13 +158,11 @@ def import_command(
     from rich.markup import escape
 
     from sovpack.cli.progress_view import ProgressView
-    from sovpack.store.store import Store
     from sovpack.store.target import choose_policy
     from sovpack.transfer.import_ import import_bundle
 
-    target = Store(store)
-    policy = choose_policy(target, trust or (), threshold)
-    with ProgressView(console, bars=err_console) as progress:
+    policy = choose_policy(trust_store(trust, store), trust or (), threshold)
+    with new_or_existing_store(store) as target, ProgressView(console, bars=err_console) as progress:
         result = import_bundle(source, target, policy, allow_downgrade=allow_downgrade, stdin=sys.stdin.buffer, progress=progress)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")

@@ -1,6 +1,6 @@
 """`sovpack serve` from start to stop: check, bind, verify, audit, serve, shut down.
 
-1. options, API keys, TLS files, bind policy (usage errors, exit 2);
+1. options, API keys, TLS files, the store (it must exist), bind policy (usage errors, exit 2);
 2. resolve the target and its trust (not installed: 2; trust revoked: refused, 1);
 3. import the serve extra (missing: exit 3), only now, so that usage errors answer fast;
    bind the socket and open the access log, so that a port in use or an unwritable log
@@ -65,7 +65,7 @@ def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
     keys = ApiKeys.load(options.api_key_file) if options.api_key_file else None
     if warning := keys and keys.permission_warning():
         say(f"warning: {warning}")
-    store = Store(options.store)
+    store = Store.existing(options.store)  # serve audits in it; a usage refusal creates no store
     family, address = resolve_bind(options.host, options.port)
     audit = Auditor(store, options)
     try:

@@ -74,6 +74,26 @@ class Store:
         self.syslog_setting = self.root / "state" / "syslog.json"
         self.audit = AuditLog(self.root / "audit.log", self.root / "state" / "audit-head.json", self.syslog_setting)
 
+    @classmethod
+    def existing(cls, root: Path | None = None) -> "Store":
+        """The store at `root` (else $SOVPACK_HOME, else the platform data directory), which must exist.
+
+        A mistyped path must not read as an empty store: only `trust add`, `import` and `pull` create one.
+        """
+        store = cls(root)
+        if store.root.is_dir():
+            return store
+        named_by = "--store" if root else f"${STORE_ENV}" if os.environ.get(STORE_ENV) else "the default store"
+        if store.root.exists():
+            raise UsageError(f"{store.root} ({named_by}) is not a directory, so it cannot be a store")
+        creating = "`sovpack trust add KEY.pub` or `sovpack import DIR --trust KEY.pub` creates one"
+        if named_by == "the default store":
+            raise UsageError(
+                f"no store exists yet at {store.root} (the default store): {creating}; "
+                f"to use another store, give --store DIR or set ${STORE_ENV}"
+            )
+        raise UsageError(f"no store exists at {store.root} ({named_by}): check the path; {creating}")
+
     # trust
 
     def trusted_keys(self) -> list[TrustedKey]:

@@ -7,7 +7,9 @@ The policy (`choose_policy`), for verify, check-volumes, import and serve alike:
 
 - keys given with `--trust`: those keys, and `--threshold` (default 1);
 - an installed bundle being served: the keys and threshold it was imported under, minus keys
-  revoked since (`Store.policy_for`); `--threshold` can only raise that threshold;
+  revoked since (`Store.policy_for`); `--threshold` can only raise that threshold; a refusal
+  says how to serve it after all (the keys of an import under `--trust FILE` are trusted for
+  that import only);
 - otherwise the store's trusted keys and the store's threshold, which `--threshold` replaces;
   where trust is optional (check-volumes), none when the store trusts no key.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 from sovpack.bundle.directory import require_bundle_dir
 from sovpack.bundle.trust import TrustPolicy, load_trust
 from sovpack.bundle.verify import VerifyReport, verify_bundle
+from sovpack.errors import Refused
 from sovpack.store.store import InstalledBundle, Store
 
 
@@ -61,10 +64,22 @@ def choose_policy(
     if trust:
         return load_trust(list(trust), threshold or 1)
     if imported_under is not None:
-        return store.policy_for(imported_under, threshold)
+        return _policy_it_was_accepted_under(store, imported_under, threshold)
     if not required and not store.trusted_keys():
         return None
     return store.trust_policy(threshold)
+
+
+def _policy_it_was_accepted_under(store: Store, installed: InstalledBundle, threshold: int | None) -> TrustPolicy:
+    """Store.policy_for, whose refusal (too few of the accepting keys trusted now) says how to serve it after all."""
+    _ = store.trusted_keys(), store.threshold  # a damaged key or policy file is refused here, with its own repair
+    try:
+        return store.policy_for(installed, threshold)
+    except Refused as e:
+        raise Refused(
+            f"{e}: trust its signers in this store with `sovpack trust add FILE` (an import with --trust FILE "
+            "trusts FILE for that import only), or serve it with --trust FILE"
+        ) from None
 
 
 def verify_target(target: Target, store: Store, policy: TrustPolicy) -> VerifyReport:
