@@ -2,6 +2,13 @@
 
 Command modules register themselves on `app`; heavy libraries are imported inside the
 commands that need them so that `sovpack --help` and `sovpack verify` start fast.
+
+- commands, one module per stage: `bundle_commands` (keygen, pack, sign, verify, inspect),
+  `fetch_commands`, `quantize_commands`, `transfer_commands` (export, check-volumes, import),
+  `store_commands` (list, remove, trust, audit), `oci_commands` (push, pull), `serve_commands`
+- shared: `command` (usage lines and one-line usage errors), `options` (help texts, which
+  commands need an existing store), `passwords` (the one password prompt), `render` (consoles,
+  JSON), `progress_view` (the one renderer of the progress protocol, common/progress.py)
 """
 
 from __future__ import annotations
