@@ -153,6 +153,7 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
         max_request_bytes=options.max_request_bytes,
         cors_origins=options.cors_origins,
         say=say,
+        audit=audit.event,
     )
     url = f"{scheme}://{_show_host(host)}:{port}"
     audit.start(model, settings, backend, url, is_loopback(host), keys, access_path)
@@ -304,6 +305,10 @@ class Auditor:
             raise Failure(
                 f"cannot write the audit log {self.store.audit.path}: {e.strerror}; refusing to serve unaudited"
             ) from None
+
+    def event(self, event: str, **fields) -> None:
+        """Any other serve record (an engine crash, its restart); Failure if it cannot be written."""
+        self._append(event, **fields)
 
     def refused(self, error: SovpackError, **fields) -> None:
         step = getattr(error, "step", None)
