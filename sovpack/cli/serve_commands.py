@@ -63,6 +63,18 @@ def serve(
     full_verify: bool = typer.Option(
         False, "--full-verify", help="Re-hash the GGUF even when a recorded full check vouches for it."
     ),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", help="Seconds a client has to send a request's head; then the connection is closed."
+    ),
+    body_timeout: float = typer.Option(
+        30.0, "--body-timeout", help="Seconds a client has to send a request's body after its head; then it is closed."
+    ),
+    idle_timeout: float = typer.Option(5.0, "--idle-timeout", help="Seconds a keep-alive connection may stay idle."),
+    max_pending_connections: int = typer.Option(
+        128,
+        "--max-pending-connections",
+        help="Connections that have not yet sent a request with a valid API key; beyond it the oldest is closed.",
+    ),
 ) -> None:
     """Verify a bundle, then serve its GGUF over an OpenAI-compatible HTTP API (llama.cpp).
 
@@ -98,6 +110,10 @@ def serve(
         access_log=access_log,
         log_prompts=log_prompts,
         full_verify=full_verify,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        idle_timeout=idle_timeout,
+        max_pending_connections=max_pending_connections,
     )
     raise typer.Exit(run_server(options, _say))
 

@@ -36,6 +36,12 @@ class ServeOptions:
     access_log: Path | None  # None: STORE/logs/access.jsonl
     log_prompts: bool
     full_verify: bool
+    # slow clients (connections.py): seconds for a request head, for its body, idle between requests;
+    # connections that have not sent an authenticated request head
+    header_timeout: float
+    body_timeout: float
+    idle_timeout: float
+    max_pending_connections: int
 
 
 def default_threads(parallel: int, cores: int) -> int:
@@ -63,6 +69,14 @@ def check_options(o: ServeOptions) -> None:
         _at_least("--max-tokens", o.max_tokens, 1)
     if o.threshold is not None:
         _at_least("--threshold", o.threshold, 1)
+    for flag, seconds in (
+        ("--header-timeout", o.header_timeout),
+        ("--body-timeout", o.body_timeout),
+        ("--idle-timeout", o.idle_timeout),
+    ):
+        if not seconds > 0:
+            raise UsageError(f"{flag} {seconds}: give a number of seconds greater than 0")
+    _at_least("--max-pending-connections", o.max_pending_connections, 1)
     if o.shutdown_timeout < 0:
         raise UsageError(f"--shutdown-timeout {o.shutdown_timeout}: give a number of seconds, 0 or more")
 

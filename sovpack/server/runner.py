@@ -132,6 +132,7 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
     import uvicorn
 
     from sovpack.server.app import create_app
+    from sovpack.server.connections import ConnectionLimits, guarded_protocol
     from sovpack.server.engine import Engine, gpu_layers
     from sovpack.server.requests import Limits
     from sovpack.server.state import ServerState
@@ -168,10 +169,14 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=options.shutdown_timeout,  # seconds, fractions too; 0: cancel at once
-        timeout_keep_alive=5,
+        http=guarded_protocol(
+            ConnectionLimits(options.header_timeout, options.body_timeout, options.max_pending_connections, keys)
+        ),
+        timeout_keep_alive=options.idle_timeout,
         server_header=False,
         proxy_headers=False,
-        limit_concurrency=max(64, 4 * (options.parallel + options.max_queue)),
+        # pending connections are bounded by the protocol (the oldest closed); this bounds the rest
+        limit_concurrency=options.max_pending_connections + max(64, 4 * (options.parallel + options.max_queue)),
     )
     server = graceful_server(config, state)
     started = time.monotonic()
