@@ -95,17 +95,24 @@ def _map_identity(fd: int) -> MapIdentity:
     raise RuntimeError("cannot find a page just mapped in /proc/self/maps")
 
 
-def mapped_files(pid: int) -> list[tuple[int, int, MapIdentity, str]]:
-    """(start, end, (major, minor, inode), path) of every file-backed mapping of process `pid`."""
+def mapped_files(pid: int, mentioning: tuple[str, ...] = ()) -> list[tuple[int, int, MapIdentity, str]]:
+    """(start, end, (major, minor, inode), path) of the file-backed mappings of process `pid`.
+
+    `mentioning`: only the lines that contain one of these strings (an inode number, a path),
+    which keeps the check before each request cheap (a worker has a few hundred mappings).
+    """
     found = []
     with open(f"/proc/{pid}/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) < 6 or fields[4] == "0":
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            major, minor = (int(x, 16) for x in fields[3].split(":"))
-            found.append((start, end, (major, minor, int(fields[4])), fields[5].rstrip("\n")))
+        lines = maps.read().splitlines()
+    for line in lines:
+        if mentioning and not any(m in line for m in mentioning):
+            continue
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[4] == "0":
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        major, minor = (int(x, 16) for x in fields[3].split(":"))
+        found.append((start, end, (major, minor, int(fields[4])), fields[5]))
     return found
 
 
@@ -114,8 +121,9 @@ def check_mapped(pid: int, opened: list[OpenedFile], *, required: bool) -> None:
 
     `required`: llama.cpp keeps the weights mapped (CPU); with GPU offload it may unmap what it copied.
     """
+    mentioning = tuple(s for f in opened for s in (f" {f.mapped_as[2]} ", str(f.path)))
     try:
-        mappings = mapped_files(pid)
+        mappings = mapped_files(pid, mentioning)
     except OSError as e:
         raise Refused(f"cannot read the memory map of the engine's worker process {pid}: {e.strerror}") from None
     identities = {identity for _, _, identity, _ in mappings}
