@@ -288,8 +288,14 @@ class Engine:
     def check_loaded(self, worker: Worker | None = None) -> None:
         """Refused unless each live worker maps the verified inodes (and no other file under their names)."""
         for w in [worker] if worker else self.slots:
-            if w.alive:
+            if not w.alive:
+                continue
+            try:
                 check_mapped(w.pid, list(self.model.opened), required=self.settings.n_gpu_layers == 0)
+            except Refused:
+                if w.proc.poll() is not None:  # it died just now (a zombie maps nothing): a crash, handled as one
+                    continue
+                raise
 
     def dead_workers(self) -> list[Worker]:
         return [w for w in self.slots if not w.alive]

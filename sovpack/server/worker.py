@@ -12,7 +12,10 @@ Protocol, pickled messages over the socket FD (multiprocessing.connection framin
                     ("chunk", id, chunk)..., or ("result", id, dict); then ("end", id,
                     (prompt_tokens, completion_tokens)), or ("error", id, exception)
 End of file on the socket (the server closed it or died) stops the generation at the next
-token and ends the process.
+token and ends the process. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a
+service manager's stop reaches the whole process group, and the server, which handles
+them, lets running requests finish before it stops its workers (killing them after a grace
+period if they do not end).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class LoadedInfo:
 
 
 def main(argv: list[str]) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it stops its workers
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or systemd stopping the whole group: the server stops its workers
+        signal.signal(sig, signal.SIG_IGN)
     conn = Connection(int(argv[0]))
     settings: WorkerSettings = conn.recv()
     try:
