@@ -371,6 +371,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer and shorter generations")
     args = parser.parse_args()
     n, repeats, rounds = (64, 3, 1) if args.quick else (256, 7, 3)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="sovpack-bench-serve-") as tmp:
         os.environ["SOVPACK_HOME"] = str(Path(tmp) / "home")
         gguf, _, store = prepare(Path(tmp))
@@ -415,6 +416,9 @@ def main() -> None:
         "With every core given to llama.cpp, the server's own work (event loop, SSE, the client here) preempts one of the "
         "llama.cpp threads, which wait for each other at every step: see the all-cores line.",
         "The HTTP client reads SSE lines with httpx2 in the benchmark process, which shares the machine's cores with the server.",
+        "Against llama-server: serve runs one llama.cpp context per slot, each in its own worker process decoding its own "
+        "sequence; llama-server decodes all its slots in one batch per step (see docs/serve.md, Performance).",
+        f"Load average (1 min) at the start {load_before:.1f}, at the end {os.getloadavg()[0]:.1f}, on {cpu_count()} cores.",
     ]
     write_results("serve", "sovpack serve vs in-process llama-cpp-python", results, notes)
 
