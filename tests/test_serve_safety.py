@@ -143,6 +143,31 @@ def test_a_worker_killed_before_answering_gives_500_engine_failed(crash_server, 
     assert any(r["event"] == "serve-engine-failed" and r["status"] == "killed by SIGKILL" for r in env.audit())
 
 
+def test_a_request_waiting_for_the_slot_is_served_by_the_new_worker(crash_server):
+    import threading
+
+    s = crash_server
+    (worker,) = workers(s.proc.pid)
+    answers = {}
+
+    def ask(name: str, body: dict):
+        answers[name] = s.post("/v1/completions", json=body)
+
+    running = threading.Thread(target=ask, args=("running", long_body(False)))
+    running.start()
+    s.wait_metric("sovpack_slots_busy", 1)
+    waiting = threading.Thread(target=ask, args=("waiting", {"prompt": PROMPT, "max_tokens": 3, "temperature": 0}))
+    waiting.start()
+    s.wait_metric("sovpack_queue_depth", 1)
+    os.kill(worker, signal.SIGSEGV)
+    running.join(60)
+    waiting.join(120)
+    assert answers["running"].status_code == 500 and answers["running"].json()["error"]["code"] == "engine_failed"
+    assert answers["waiting"].status_code == 200, answers["waiting"].text  # it waited for the restart, then ran
+    assert answers["waiting"].json()["choices"][0]["text"]
+    assert workers(s.proc.pid) != [worker]
+
+
 def test_a_grammar_request_that_crashes_llama_cpp_does_not_take_the_server_down(crash_server):
     """Through the API: refused before generation (400), or survived (500 engine_failed, then served again)."""
     s = crash_server

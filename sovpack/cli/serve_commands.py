@@ -78,7 +78,11 @@ def serve(
 ) -> None:
     """Verify a bundle, then serve its GGUF over an OpenAI-compatible HTTP API (llama.cpp).
 
-    Exit codes: 1 the bundle failed verification or changed while served; 2 usage (including a
+    llama.cpp runs in worker processes: one that crashes fails only its request (500 engine_failed)
+    and is replaced after the model is verified again.
+
+    Exit codes: 1 the bundle failed verification, changed while served, or failed the re-verification
+    after an engine crash; 2 usage (including a
     non-loopback --host without --api-key-file, a missing TLS file); 3 other failures (port in
     use, missing `serve` extra, audit or access log not writable, llama.cpp cannot load the verified file); 130
     SIGTERM or Ctrl-C during verification, before serving.

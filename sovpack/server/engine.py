@@ -323,7 +323,8 @@ class Engine:
         try:
             while not worker.alive:  # its process died: a new one is being started
                 if self.failed or self.closing:
-                    raise ApiError(503, f"the server stopped serving: {self.failed or 'shutting down'}", type="server_error")
+                    reason = self.failed or "the server is shutting down"
+                    raise ApiError(503, reason, type="server_error", code="not_ready")
                 await asyncio.sleep(0.05)
         except BaseException:
             worker._finished()
