@@ -1,7 +1,8 @@
 """sovpack serve against hostile requests, files and clients, with the real SmolLM2 model and real processes.
 
 - llama.cpp cannot take the server down: a worker process killed with SIGSEGV mid-stream and
-  mid-request, and a grammar that makes llama.cpp itself segfault; the request gets a 500
+  mid-request, and a grammar that makes llama.cpp itself segfault when a job carries it past
+  the grammar check (a request sending it gets a 400); the request gets a 500
   `engine_failed`, the crash is audited, /health says 503 while the engine is verified again
   and restarted, then 200;
 - the bytes llama.cpp maps are the bytes verified: the swap-and-restore attack on the GGUF,
@@ -26,7 +27,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 from helpers import flip_byte
-from test_serve import KEYS, PROMPT, Env, Server
+from test_serve import KEYS, PROMPT, Env, Server, run
 
 from sovpack.errors import Refused
 from sovpack.store.store import Store
@@ -168,26 +169,35 @@ def test_a_request_waiting_for_the_slot_is_served_by_the_new_worker(crash_server
     assert workers(s.proc.pid) != [worker]
 
 
-def test_a_grammar_request_that_crashes_llama_cpp_does_not_take_the_server_down(crash_server):
-    """Through the API: refused before generation (400), or survived (500 engine_failed, then served again)."""
+def test_a_grammar_llama_cpp_would_crash_on_is_refused_with_400_before_it_reaches_llama_cpp(crash_server, env):
+    """generation.run has llama.cpp's parser check the grammar (in the worker) before any sampler is built from it."""
     s = crash_server
+    (worker,) = workers(s.proc.pid)
+    crashes = len([r for r in env.audit() if r["event"] == "serve-engine-failed"])
     r = s.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "grammar": LEFT_RECURSIVE})
+    assert r.status_code == 400, r.text
     error = r.json()["error"]
-    if r.status_code == 400:  # refused before it reached llama.cpp
-        assert "grammar" in (error["param"] or "") + error["message"], error
-    else:  # reached llama.cpp, which crashed its worker process, not the server
-        assert r.status_code == 500 and error["code"] == "engine_failed" and "SIGSEGV" in error["message"], error
-    statuses_until_ready(s)
+    assert error["code"] == "invalid_grammar" and error["param"] == "grammar", error
+    assert "left recursion" in error["message"], error
+    assert workers(s.proc.pid) == [worker]  # the same worker: nothing crashed, nothing restarted
+    assert len([r for r in env.audit() if r["event"] == "serve-engine-failed"]) == crashes
+    assert health(s) == (200, "ready")
     reply = s.client().completions.create(model="smollm2", prompt=PROMPT, max_tokens=3, temperature=0)
     assert reply.choices[0].text
-    assert s.proc.poll() is None
 
 
 def test_the_engine_survives_llama_cpp_segfaulting_on_a_grammar(env):
-    """The worker is the second line of defence: a job that reaches llama.cpp with a grammar it crashes on."""
+    """The worker is the second line of defence: a job that reaches llama.cpp with a grammar it crashes on.
+
+    Requests cannot send one any more (the check above); this job carries the grammar past
+    generation.run's check, straight into llama-cpp-python's create_completion, as a bug in
+    that check would.
+    """
+    from llama_cpp import LlamaGrammar
+
     from sovpack.server.engine import Engine, EngineSettings
     from sovpack.server.generation import Job
-    from sovpack.server.requests import CompletionRequest, Limits, completion_kwargs
+    from sovpack.server.requests import CompletionRequest, Limits, completion_job
     from sovpack.server.target import resolve_target
     from sovpack.server.verification import verify_for_serving
 
@@ -195,24 +205,22 @@ def test_the_engine_survives_llama_cpp_segfaulting_on_a_grammar(env):
     model = verify_for_serving(target, None, records=None, full_verify=True)
     engine = Engine(model, EngineSettings(ctx_size=256, parallel=1, threads=1, n_gpu_layers=0, max_queue=0))
     limits = Limits("smollm2", frozenset(), 256)
-
-    def job(**fields) -> Job:
-        body = CompletionRequest(prompt=PROMPT, max_tokens=4, temperature=0, **fields)
-        return Job("completion", body, completion_kwargs(body, limits))
+    job = completion_job(CompletionRequest(prompt=PROMPT, max_tokens=4, temperature=0), limits)
+    unchecked = Job(job.kind, job.body, job.kwargs | {"grammar": LlamaGrammar.from_string(LEFT_RECURSIVE, verbose=False)})
 
     async def scenario():
         await asyncio.to_thread(engine.load, asyncio.get_running_loop())
         failures = asyncio.Queue()
         engine.on_failure = lambda worker, status, during: failures.put_nowait((worker, status, during))
-        generation = await engine.submit(job(grammar=LEFT_RECURSIVE))
+        generation = await engine.submit(unchecked)
         kind, error = await asyncio.wait_for(generation.next(), 60)
-        assert kind == "error" and error.status == 500 and error.code == "engine_failed"
+        assert kind == "error" and error.status == 500 and error.code == "engine_failed", (kind, error)
         assert "killed by SIGSEGV" in error.message
         worker, status, during = await asyncio.wait_for(failures.get(), 30)
         assert status == "killed by SIGSEGV" and during and not worker.alive
         await asyncio.to_thread(model.reverify)
         await asyncio.to_thread(engine.respawn, worker)
-        generation = await engine.submit(job())
+        generation = await engine.submit(job)
         kind, result = await asyncio.wait_for(generation.next(), 60)
         assert kind == "result" and result["choices"][0]["text"], (kind, result)
 
@@ -243,19 +251,32 @@ def _maps_inode(pid: int, inode: int) -> bool:
     return any(line.split()[4] == str(inode) for line in _maps_of(pid).splitlines() if len(line.split()) >= 6)
 
 
+def _installed(env, name: str) -> tuple[Path, Path]:
+    """The bundle imported into a store of its own: (the store, the installed bundle's directory)."""
+    store, volumes = env.root / f"{name}-store", env.root / f"{name}-volumes"
+    assert run("export", env.bundle, "--to", volumes) == 0
+    assert run("trust", "add", env.keys / "alice.pub", "--store", store) == 0
+    assert run("import", volumes, "--store", store) == 0
+    return store, store / "bundles" / "smollm2" / "1"
+
+
 def test_swap_and_restore_of_the_gguf_never_serves_the_swapped_in_bytes(env):
-    bundle = env.copy_bundle("swap")
+    store, bundle = _installed(env, "swap")
     served = bundle / env.gguf_name
     kept = env.root / "swap-genuine-link.gguf"
     evil = env.root / "swap-evil.gguf"
+    # The store made the bundle's directory read-only, so nothing is renamed over its files without a
+    # mode change (tests/test_store.py); the attacker here has the owner's rights (or is root) and makes it.
+    assert bundle.stat().st_mode & 0o777 == 0o555
+    bundle.chmod(0o755)
     os.link(served, kept)  # the attacker keeps the genuine file to put it back
     _evil_copy(served, evil)
     genuine_ino, evil_ino = served.stat().st_ino, evil.stat().st_ino
     log = env.root / "swap.log"
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "sovpack", "serve", str(bundle), "--store", str(env.store), "--port", str(port)]
-    args += ["--ctx-size", "256", "--trust", str(env.keys / "alice.pub")]
+    args = [sys.executable, "-m", "sovpack", "serve", "smollm2", "--store", str(store), "--port", str(port)]
+    args += ["--ctx-size", "256"]
     with open(log, "wb") as out:  # its own process group: stopped and continued as a whole, workers included
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -279,6 +300,7 @@ def test_swap_and_restore_of_the_gguf_never_serves_the_swapped_in_bytes(env):
             (worker,) = mapped
             assert _maps_inode(worker, genuine_ino) and not _maps_inode(worker, evil_ino), _maps_of(worker)
         os.rename(kept, served)  # restored, once llama.cpp has mapped a file
+        bundle.chmod(0o555)  # and the directory's mode with it
         os.killpg(proc.pid, signal.SIGCONT)
         wait_for(lambda: proc.poll() is not None or ready(), what="ready or refused")
         output = log.read_text()

@@ -124,7 +124,11 @@ def pack(
     now: datetime | None = None,
     on_file: Callable[[str], None] | None = None,
 ) -> tuple[BundleMetadata, list[str]]:
-    """Pack `src` into a new unsigned bundle at `out`; returns its metadata and the skipped paths."""
+    """Pack `src` into a new unsigned bundle at `out`; returns its metadata and the skipped paths.
+
+    Raises: UsageError (a bad name, version or expiry, `out` exists, nothing to pack), Refused (a file
+    sovpack cannot check, an unsafe path or link), Failure (I/O). Nothing is left at `out` on failure.
+    """
     check_name(name, UsageError)
     if version < 1:
         raise UsageError(f"--version must be 1 or more, got {version}")

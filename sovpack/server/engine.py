@@ -60,6 +60,7 @@ class EngineSettings:
     threads: int  # per slot
     n_gpu_layers: int
     max_queue: int
+    logprobs: bool = False  # logits_all: every position's logits kept, for requests' logprobs (--logprobs)
 
 
 class Generation:
@@ -282,6 +283,7 @@ class Engine:
             threads=s.threads,
             n_gpu_layers=s.n_gpu_layers,
             embedding=self.embeddings,
+            logprobs=s.logprobs,
             chat_template=self.model.chat_template,
         )
 

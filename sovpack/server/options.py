@@ -42,6 +42,9 @@ class ServeOptions:
     body_timeout: float
     idle_timeout: float
     max_pending_connections: int
+    aliases: tuple[str, ...] = ()  # other model names clients may send (--alias)
+    max_n: int = 4  # the largest n (choices per request) accepted
+    logprobs: bool = False  # keep every position's logits so that requests may ask for logprobs
 
 
 def default_threads(parallel: int, cores: int) -> int:
@@ -77,6 +80,10 @@ def check_options(o: ServeOptions) -> None:
         if not seconds > 0:
             raise UsageError(f"{flag} {seconds}: give a number of seconds greater than 0")
     _at_least("--max-pending-connections", o.max_pending_connections, 1)
+    _at_least("--max-n", o.max_n, 1)
+    for alias in o.aliases:
+        if not alias or len(alias) > 128 or any(c.isspace() for c in alias):
+            raise UsageError(f"--alias {alias!r}: give a model name of 1 to 128 characters without spaces, like gpt-4o")
     if o.shutdown_timeout < 0:
         raise UsageError(f"--shutdown-timeout {o.shutdown_timeout}: give a number of seconds, 0 or more")
 

@@ -38,6 +38,7 @@ class WorkerSettings:
     threads: int
     n_gpu_layers: int
     embedding: bool
+    logprobs: bool  # logits_all: every position's logits kept, for requests' logprobs (--logprobs)
     chat_template: str | None  # the verified template text the chat formatter is built from
 
 
@@ -89,6 +90,7 @@ def load(settings: WorkerSettings):
             n_threads_batch=settings.threads,
             n_gpu_layers=settings.n_gpu_layers,
             embedding=settings.embedding,
+            logits_all=settings.logprobs,
             chat_handler=_no_chat_yet,  # never let llama-cpp-python guess a chat format
             verbose=False,
         )
