@@ -2,6 +2,7 @@
 # make test   - set everything up, then run the whole test suite
 # make lint   - ruff: lint and format check
 # make bench  - run every benchmark in bench/ and regenerate docs/benchmarks.md
+#               (the first run builds llama.cpp's llama-server, the serve reference, into .cache/llama-server/)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -142,7 +142,16 @@ def test_help_uses_the_readme_placeholders(cli, path):
 def test_usage_lines_read_as_the_readme_commands(cli):
     expected = {
         ("verify",): ["BUNDLE_OR_NAME[@V]", "--trust DIR_OR_PUBFILE", "--threshold K", "--store DIR"],
-        ("serve",): ["NAME_OR_BUNDLE", "--api-key-file FILE", "--port N", "--n-gpu-layers auto|N", "--alias NAME", "--max-n N"],
+        ("serve",): [
+            "NAME_OR_BUNDLE",
+            "--api-key-file FILE",
+            "--port N",
+            "--n-gpu-layers auto|N",
+            "--alias NAME",
+            "--max-n N",
+            "--header-timeout SECONDS",
+            "--max-pending-connections N",
+        ],
         ("export",): ["BUNDLE", "--to DIR|-", "--key KEYFILE", "--password-file FILE", "--volume-size SIZE"],
         ("import",): ["DIR_OR_INDEX_OR_-", "--store DIR"],
         ("keygen",): ["NAME", "--dir DIR", "--curve p384|p256"],
