@@ -39,7 +39,7 @@ def test_safetensors_header_is_summarised(tmp_path):
             '"shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
             b"\0" * 4,
             None,
-            "duplicate key 'a'",
+            "the key 'a' appears twice",
         ),
         ('{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, None, "unknown dtype 'F33'"),
         (

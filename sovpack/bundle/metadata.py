@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from sovpack.common import safe_json
 from sovpack.common.hashing import FileDigest, shard_count
 from sovpack.common.jsonfields import HEX64, JsonFields
 from sovpack.common.safepath import case_collisions, check_safe_path
@@ -140,8 +141,8 @@ def _parse_file(data: object, index: int, shard_size: int) -> FileEntry:
 def parse_metadata(raw: bytes) -> BundleMetadata:
     """Parse and validate sovpack.json; every problem is a Refused naming the field."""
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        data = safe_json.loads(raw, max_bytes=MAX_METADATA_BYTES)
+    except ValueError as e:  # UnicodeDecodeError and UnsafeJson included
         raise Refused(f"{METADATA_FILE} is not valid JSON: {e}") from None
     top = JsonFields(
         data,

@@ -19,10 +19,17 @@ from pathlib import Path
 
 from sovpack.bundle.directory import write_atomically
 from sovpack.bundle.metadata import format_time
+from sovpack.common import safe_json
 from sovpack.common.hashing import sha256_bytes
 from sovpack.errors import Refused
 
 GENESIS = "0" * 64
+MAX_LINE_BYTES = 1 << 20  # a record is a few hundred bytes
+
+
+def parse_line(line: bytes) -> object:
+    """One line of the log as JSON, bounded; a ValueError when it is not JSON sovpack reads."""
+    return safe_json.loads(line, max_bytes=MAX_LINE_BYTES, max_depth=16)
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class AuditLog:
 
     def _read_witness(self) -> tuple[int, str] | None:
         try:
-            witness = json.loads(self.witness.read_bytes())
+            witness = parse_line(self.witness.read_bytes())
             return int(witness["records"]), str(witness["head"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -83,7 +90,7 @@ class AuditLog:
         records = []
         for number, line in enumerate(self.path.read_bytes().splitlines(), start=1):
             try:
-                record = json.loads(line)
+                record = parse_line(line)
             except ValueError:
                 record = None
             if not isinstance(record, dict):
@@ -102,7 +109,7 @@ class AuditLog:
             raise Refused(f"{self.path}: the last line is incomplete (a write was cut off or the file was edited)")
         for number, line in enumerate(lines[:-1], start=1):
             try:
-                record = json.loads(line)
+                record = parse_line(line)
                 seq, prev = record["seq"], record["prev"]
             except (ValueError, KeyError, TypeError):
                 raise Refused(f"{self.path}: line {number} is not an audit record") from None
@@ -163,7 +170,7 @@ def _next_seq(f, last: bytes | None) -> int:
     if not last:
         return 1
     try:
-        return int(json.loads(last)["seq"]) + 1
-    except (ValueError, KeyError, TypeError):  # the last line was tampered with: count lines instead
+        return int(parse_line(last)["seq"]) + 1
+    except (ValueError, KeyError, TypeError, OverflowError):  # the last line was tampered with: count lines instead
         f.seek(0)
         return sum(1 for _ in f) + 1

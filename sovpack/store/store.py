@@ -38,6 +38,7 @@ from sovpack.bundle.keys import public_pem
 from sovpack.bundle.metadata import METADATA_FILE, NAME_PATTERN, BundleMetadata, check_name, format_time, parse_metadata
 from sovpack.bundle.trust import TrustedKey, TrustPolicy, trusted_key_from_file
 from sovpack.bundle.verify import VerifyReport, verify_bundle
+from sovpack.common import safe_json
 from sovpack.errors import Refused, UsageError
 from sovpack.store.audit import AuditLog
 from sovpack.transfer.reassembly import files_under
@@ -205,7 +206,7 @@ class Store:
     def _read_json(path: Path, repair: str) -> dict | None:
         """A JSON object the store wrote; None when the file does not exist. A damaged one is refused, naming it."""
         try:
-            data = json.loads(path.read_bytes())
+            data = safe_json.loads(path.read_bytes(), max_bytes=64 << 20)  # the store's records are small
         except FileNotFoundError:
             return None
         except ValueError as e:  # UnicodeDecodeError included

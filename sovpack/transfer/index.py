@@ -21,6 +21,7 @@ from pathlib import Path
 from sovpack.bundle.metadata import BundleMetadata, check_name, format_time
 from sovpack.bundle.signature import build_statement, parse_statement, read_signature_file, sign_statement
 from sovpack.bundle.trust import TrustPolicy
+from sovpack.common import safe_json
 from sovpack.common.hashing import sha256_bytes
 from sovpack.common.jsonfields import JsonFields
 from sovpack.common.safepath import check_safe_path
@@ -155,8 +156,8 @@ class ExportIndex:
 def parse_index(raw: bytes, source: str) -> ExportIndex:
     """Parse and validate an index file; every problem is a Refused naming `source` and the field."""
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        data = safe_json.loads(raw, max_bytes=MAX_INDEX_BYTES)
+    except ValueError as e:  # UnicodeDecodeError and UnsafeJson included
         raise Refused(f"{source} is not a sovpack export index (invalid JSON: {e})") from None
     top = JsonFields(data, source)
     if top.get("format", str) != INDEX_FORMAT or top.get("format_version", int) != INDEX_FORMAT_VERSION:
