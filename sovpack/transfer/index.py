@@ -229,6 +229,8 @@ def find_index(path: Path, hint: str = "give the directory holding the volumes, 
 
 
 def read_index(path: Path) -> tuple[ExportIndex, bytes]:
+    """The index at `path` and its bytes; refused when it, or a volume it lists, is a link (media hold only files)."""
+    _refuse_link(path)
     if path.stat().st_size > MAX_INDEX_BYTES:
         raise Refused(f"{path.name} is larger than {MAX_INDEX_BYTES} bytes; not an export index")
     raw = path.read_bytes()
@@ -238,7 +240,15 @@ def read_index(path: Path) -> tuple[ExportIndex, bytes]:
             f"{path.name} describes {index.bundle.label}, whose index is named {index_name(index.bundle.stem)}; "
             "it was renamed or belongs to another export"
         )
+    for volume in index.volumes:
+        _refuse_link(path.parent / volume.file)
     return index, raw
+
+
+def _refuse_link(path: Path) -> None:
+    """A symbolic link on media would let an export read bytes from anywhere on the importing machine."""
+    if path.is_symlink():
+        raise Refused(f"{path.name} in {path.parent} is a symbolic link; export media must hold the files themselves")
 
 
 # ---- signing the index
@@ -251,7 +261,12 @@ def index_resources(index: ExportIndex, raw_index: bytes) -> dict[str, str]:
 
 def sign_index(private_key, index: ExportIndex, raw_index: bytes) -> bytes:
     """A model-signing signature over the index and every volume (so `model_signing verify key` accepts the export)."""
-    return sign_statement(private_key, build_statement(f"{index.bundle.stem} export", index_resources(index, raw_index)))
+    return sign_statement(private_key, build_statement(index_subject(index), index_resources(index, raw_index)))
+
+
+def index_subject(index: ExportIndex) -> str:
+    """The subject an index signature names: NAME-vV export."""
+    return f"{index.bundle.stem} export"
 
 
 def check_index_signature(directory: Path, index: ExportIndex, raw_index: bytes, policy: TrustPolicy | None) -> str:
@@ -260,8 +275,14 @@ def check_index_signature(directory: Path, index: ExportIndex, raw_index: bytes,
     path = directory / name
     if not path.is_file():
         return "index not signed"
+    _refuse_link(path)
     sig = read_signature_file(path, name)
     statement = parse_statement(sig.payload, name)
+    if statement.subject_name != index_subject(index):
+        raise Refused(
+            f"{name} signs a statement whose subject is {statement.subject_name!r}, not {index_subject(index)!r}: "
+            "it was made for another export"
+        )
     if statement.resources != index_resources(index, raw_index):
         raise Refused(
             f"{name} does not cover this {index_name(index.bundle.stem)}: the index was edited after it was "
