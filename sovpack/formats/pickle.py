@@ -52,6 +52,12 @@ class PickleStream:
     protocol: int
     calls: bool  # imports or calls something: it runs code when loaded
     complete: bool = True  # False: only the protocol header (0x80, 2-5) of one, the rest damaged or cut
+    opcodes: int = 0
+
+    @property
+    def certain(self) -> bool:
+        """Not a coincidence: random bytes read as `N.` or `.` now and then, a pickle that calls or declares itself does not."""
+        return self.calls or self.protocol >= 2 or self.opcodes >= 3
 
     def describe(self) -> str:
         return f"a pickle of protocol {self.protocol}" + ("" if self.complete else " (its header; the rest is damaged)")
@@ -86,15 +92,17 @@ def pickle_stream(data) -> PickleStream | None:
     if not data:
         return None
     reader = _Bounded(data, MAX_PICKLE_SCAN)
-    protocol, calls = 0, False
+    protocol, calls, opcodes = 0, False, 0
     try:
         for opcode, arg, _ in pickletools.genops(reader):
+            opcodes += 1
             if opcode.name == "PROTO":
                 protocol = arg
             protocol = max(protocol, opcode.proto)
             calls = calls or opcode.name in _CALLS
             if opcode.name == "STOP":
-                return PickleStream(protocol, calls)
+                stream = PickleStream(protocol, calls, opcodes=opcodes)
+                return stream if stream.certain else None
     except Exception:  # noqa: BLE001 - pickletools raises ValueError, struct.error, UnicodeDecodeError, ... on non-pickles
         if reader.exhausted() and len(data) > MAX_PICKLE_SCAN:
             return PickleStream(protocol, True)
