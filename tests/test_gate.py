@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import write_safetensors
+from builders import card_images, sentencepiece_model, write_safetensors
 from helpers import ROOT, export, volumes
 
 from sovpack.bundle.directory import read_metadata, read_metadata_bytes, write_metadata
@@ -202,33 +202,8 @@ def test_other_kinds_are_named(tmp_path, cli, model_dir, name, data, looks_like)
     assert f"{name}: refused: it is not a kind of file sovpack can check (it looks like {looks_like}" in message
 
 
-def images() -> dict[str, bytes]:
-    from PIL import Image
-
-    picture = Image.new("RGB", (16, 8), (200, 30, 30))
-    out = {}
-    for kind in ("PNG", "JPEG", "GIF", "WEBP"):
-        buffer = io.BytesIO()
-        picture.save(buffer, kind)
-        out[f"card/figure.{kind.lower()}"] = buffer.getvalue()
-    return out
-
-
-def sentencepiece_model() -> bytes:
-    import random
-
-    import sentencepiece
-
-    rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(400)]
-    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(400)]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=120, minloglevel=2)
-    return model.getvalue()
-
-
 def test_allowed_kinds_are_recognised_by_their_bytes(tmp_path, cli, model_dir, keys):
-    files = images() | {
+    files = card_images() | {
         "tokenizer.model": sentencepiece_model(),
         "chat_template.jinja": b"{{ messages }}",
         "NOTES": b"GIF89a is a text here\n",
@@ -264,7 +239,7 @@ def test_allowed_kinds_are_recognised_by_their_bytes(tmp_path, cli, model_dir, k
     ],
 )
 def test_malformed_allowed_kinds_are_refused(tmp_path, cli, model_dir, rel, mutate, message):
-    data = (images() | {"tokenizer.model": sentencepiece_model()})[rel]
+    data = (card_images() | {"tokenizer.model": sentencepiece_model()})[rel]
     (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
     (model_dir / rel).write_bytes(mutate(data))
     result = refusal(cli("pack", model_dir, "--out", tmp_path / "b", "--name", "tiny"))

@@ -106,7 +106,7 @@ def pickle_stream(data) -> PickleStream | None:
     except Exception:  # noqa: BLE001 - pickletools raises ValueError, struct.error, UnicodeDecodeError, ... on non-pickles
         if reader.exhausted() and len(data) > MAX_PICKLE_SCAN:
             return PickleStream(protocol, True)
-    if data[0] == 0x80 and 2 <= data[1] <= 5:
+    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
         return PickleStream(data[1], True, complete=False)
     return None
 

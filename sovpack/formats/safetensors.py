@@ -74,7 +74,7 @@ def _tensor_extent(path: Path, name: str, info: object) -> tuple[int, int, str, 
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(path, f"{where} must have exactly the fields dtype, shape, data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise FormatError(path, f"{where} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_count(d) for d in shape):
         raise FormatError(path, f"{where} has an invalid shape {shape!r}")
