@@ -103,6 +103,8 @@ def pickle_stream(data) -> PickleStream | None:
             if opcode.name == "STOP":
                 stream = PickleStream(protocol, calls, opcodes=opcodes)
                 return stream if stream.certain else None
+    except Warning:  # a warning made an error (python -W error) inside a string opcode: not evidence of a non-pickle
+        return PickleStream(protocol, True, complete=False)
     except Exception:  # noqa: BLE001 - pickletools raises ValueError, struct.error, UnicodeDecodeError, ... on non-pickles
         if reader.exhausted() and len(data) > MAX_PICKLE_SCAN:
             return PickleStream(protocol, True)
