@@ -200,3 +200,14 @@ def test_plain_files_are_not_pickles(tmp_path):
 )
 def test_roles_and_formats(path, fmt, role):
     assert role_of(path, fmt) == role
+
+
+def test_a_safetensors_file_whose_first_bytes_read_as_pickle_opcodes_is_not_a_pickle(tmp_path):
+    """Header lengths 76 ('L': a protocol 0 opcode reading a line of zeros) and 0x0280 (0x80 0x02: a protocol 2 header)."""
+    from helpers import write_big_safetensors
+
+    big = write_big_safetensors(tmp_path / "big.safetensors", 128 << 20)  # sparse: its header is 76 bytes
+    assert big.read_bytes()[:1] == b"L" and examine(big, "big.safetensors").format == "safetensors"
+    header = json.dumps({"w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}).encode().ljust(0x0280)
+    path = raw_safetensors(tmp_path / "p.safetensors", header, b"\0" * 4)
+    assert path.read_bytes()[:2] == b"\x80\x02" and examine(path, "p.safetensors").format == "safetensors"

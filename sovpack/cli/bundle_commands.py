@@ -222,7 +222,8 @@ def _details(details: dict | None) -> str:
         return ""
     if "file_type" in details:
         types = details.get("tensor_types")
-        mix = ", ".join(f"{count} {name}" for name, count in types.items()) if isinstance(types, dict) else ""
+        counts = sorted(types.items(), key=lambda kv: -kv[1] if isinstance(kv[1], int) else 0) if isinstance(types, dict) else []
+        mix = ", ".join(f"{count} {name}" for name, count in counts)
         parts = [
             details.get("architecture") or "?",
             details.get("file_type") or "type unknown",

@@ -106,8 +106,10 @@ def pickle_stream(data) -> PickleStream | None:
     except Warning:  # a warning made an error (python -W error) inside a string opcode: not evidence of a non-pickle
         return PickleStream(protocol, True, complete=False)
     except Exception:  # noqa: BLE001 - pickletools raises ValueError, struct.error, UnicodeDecodeError, ... on non-pickles
-        if reader.exhausted() and len(data) > MAX_PICKLE_SCAN:
-            return PickleStream(protocol, True)
+        # Still reading a pickle's opcodes where the scan stops: a long pickle (a protocol 0 opcode reading a
+        # line of zeros to the limit is not one: nothing came before it).
+        if reader.exhausted() and len(data) > MAX_PICKLE_SCAN and (calls or opcodes >= 3):
+            return PickleStream(protocol, True, complete=False, opcodes=opcodes)
     if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
         return PickleStream(data[1], True, complete=False)
     return None
