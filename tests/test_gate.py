@@ -293,6 +293,7 @@ def import_stream(stream: bytes, store: Path) -> subprocess.CompletedProcess:
 
 def test_a_deeply_nested_signature_is_refused_by_serve(tmp_path, cli, signed_bundle, keys):
     deep_signature(signed_bundle)
+    (tmp_path / "s").mkdir()  # serve creates no store: an empty one is an existing empty directory
     result = cli("serve", signed_bundle, "--trust", keys / "alice.pub", "--store", tmp_path / "s", "--port", "1")
     assert "signatures/deep.sig" in refusal(result) and "nests 100000 levels deep" in result.err
 
@@ -344,6 +345,13 @@ def test_a_deeply_nested_store_record_is_refused(cli, store):
     (store / "trust" / "policy.json").write_bytes(DEEP)
     message = refusal(cli("trust", "list", "--store", store))
     assert "policy.json" in message and "nests 100000 levels deep" in message
+
+
+def test_a_deeply_nested_import_record_is_refused(tmp_path, cli, signed_bundle, store):
+    assert cli("import", export(cli, signed_bundle, tmp_path / "media"), "--store", store).code == 0
+    (store / "records" / "tiny" / "3.json").write_bytes(DEEP)  # the typed record (store/record.py) reads it bounded too
+    message = refusal(cli("list", "--store", store))
+    assert "records/tiny/3.json is damaged" in message and "nests 100000 levels deep" in message
 
 
 def test_a_100_mb_safetensors_header_of_empty_objects_is_refused_in_bounded_memory(tmp_path):

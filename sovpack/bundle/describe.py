@@ -13,7 +13,10 @@ from sovpack.formats import OTHER, allowance_for
 
 
 def describe_bundle(root: Path) -> dict:
-    """The documented `inspect --json` document (docs/bundle-format.md)."""
+    """The documented `inspect --json` document (docs/bundle-format.md); nothing is hashed, no key is needed.
+
+    Raises: UsageError (not a bundle directory), Refused (a sovpack.json or signature file that cannot be read).
+    """
     require_bundle_dir(root)
     raw = read_metadata_bytes(root)
     metadata = parse_metadata(raw)

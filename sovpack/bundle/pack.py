@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -123,12 +123,16 @@ def pack(
     expires: datetime | None = None,
     now: datetime | None = None,
     on_file: Callable[[str], None] | None = None,
-    allowances: list[str] = (),
+    allowances: Sequence[str] = (),
 ) -> tuple[BundleMetadata, list[str]]:
     """Pack `src` into a new unsigned bundle at `out`; returns its metadata and the skipped paths.
 
     `allowances` (--allow-file) are globs of bundle paths that may hold files of no kind sovpack
     checks; each must match a file. They are recorded in the signed metadata; pickles stay refused.
+
+    Raises: UsageError (a bad name, version, expiry or allowance, one that matches no file, `out`
+    exists, nothing to pack), Refused (a file the file-kind gate refuses, a pickle whatever the
+    allowance, an unsafe path or link), Failure (I/O). Nothing is left at `out` on failure.
     """
     check_name(name, UsageError)
     if version < 1:

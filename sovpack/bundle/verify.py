@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from sovpack.bundle.describe import allowances
 from sovpack.bundle.directory import Tree, read_metadata_bytes, scan_tree
@@ -31,6 +32,8 @@ from sovpack.formats import Examined, examine, legacy_format
 
 LEGACY_LABELS = ("json", "jinja", "text", "sentencepiece", "other")  # labels once given by name, never checked against bytes
 STEPS = ("signatures", "threshold", "metadata", "inventory", "digests", "formats", "expiry")
+# valid: trusted, covers this sovpack.json; stale: trusted, covers another one; untrusted: not in the trust policy
+SignatureStatus = Literal["valid", "stale", "untrusted"]
 
 
 class StepFailed(Refused):
@@ -43,7 +46,7 @@ class StepFailed(Refused):
 class SignatureResult:
     file: str
     key_id: str
-    status: str  # "valid" (trusted, covers this sovpack.json), "stale" (trusted, covers another one), "untrusted"
+    status: SignatureStatus
     signer: TrustedKey | None = None
     statement: Statement | None = None
 
@@ -326,6 +329,9 @@ def verify_bundle(
     and the install, which renames this very directory, inodes and all, into place; what the
     digests describe is what gets installed. It does not re-check the disk itself: `sovpack
     verify NAME` and `serve` hash the installed files from disk.
+
+    Raises nothing for a bundle that fails a check (`report.raise_for_failure()` raises that
+    refusal); Failure when `root` cannot be read.
     """
     report = VerifyReport(str(root), policy.threshold)
     now = now or datetime.now(timezone.utc)

@@ -26,12 +26,12 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
+from sovpack.bundle.gguf_parts import split_of
 from sovpack.bundle.metadata import RESERVED_NAMES
 from sovpack.common.safepath import case_collisions, unsafe_reason
 from sovpack.errors import Refused, UsageError
 from sovpack.fetch.hub import Hub, RemoteFile, Snapshot
 from sovpack.fetch.spec import FetchRequest, RepoSelection
-from sovpack.formats.gguf import SPLIT_NAME
 from sovpack.formats.pickle import pickle_suffix
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -128,13 +128,13 @@ def select_gguf_files(repo: str, paths: list[str], globs: tuple[str, ...]) -> Se
     unmatched = [g for g in globs if not any(matches(p, g) for p in ggufs)]
     present = {p.lower(): p for p in ggufs}
     for p in sorted(chosen):
-        split = SPLIT_NAME.match(p)
+        split = split_of(p)
         if not split:
             continue
-        parts = [f"{split['stem']}-{i:05d}-of-{split['count']}.gguf" for i in range(1, int(split["count"]) + 1)]
+        parts = split.part_paths()
         missing = [q for q in parts if q.lower() not in present]
         if missing:
-            raise Refused(f"split GGUF {split['stem']} in {repo} is incomplete: {', '.join(missing)} missing")
+            raise Refused(f"split GGUF {split.stem} in {repo} is incomplete: {', '.join(missing)} missing")
         chosen.update(present[q.lower()] for q in parts)
     return Selection(sorted(chosen), [], unmatched)
 

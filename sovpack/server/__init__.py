@@ -8,11 +8,16 @@ Modules, one concept each (docs/serve.md tells the whole story):
 - variant: which GGUF build of the bundle is served
 - fingerprint: file identity (inode, size, times) and the fast-path verification record
 - verification: verify before load; what was verified, for the engine and the audit log
-- template: the chat formatter built from the verified chat template text
+- template: the chat formatter built from the verified chat template text, and the chat
+  prompt's tokens (control tokens only from the template)
 - slots: the bounded FIFO queue in front of N generation slots
 - engine: llama-cpp-python contexts, one per slot, each run on its own thread
 - generation: what one request (a Job) generates on a loaded model
-- requests: OpenAI request bodies (llama-cpp-python's types) and sovpack's limits on them
+- requests: OpenAI request bodies (llama-cpp-python's types), sovpack's checks, the Job
+- chat_messages: chat messages as clients send them, in one plain shape
+- tools: function calling (tool_choice, its grammar, tool_calls whole or streamed)
+- grammar: grammars from JSON schemas and from clients, checked before llama.cpp sees them
+- chat_output: completions shaped into chat answers (messages, tool calls, logprobs)
 - errors: OpenAI-style error bodies
 - middleware: ASGI layers for auth, body size, access records
 - metrics / access_log: Prometheus text and JSON-lines per-request records

@@ -64,6 +64,7 @@ class EngineSettings:
     threads: int  # per slot
     n_gpu_layers: int
     max_queue: int
+    logprobs: bool = False  # logits_all: every position's logits kept, for requests' logprobs (--logprobs)
 
 
 class Slot:
@@ -132,6 +133,7 @@ class Engine:
                 n_threads_batch=s.threads,
                 n_gpu_layers=s.n_gpu_layers,
                 embedding=self.embeddings,
+                logits_all=s.logprobs,
                 chat_handler=_no_chat_yet,  # never let llama-cpp-python guess a chat format
                 verbose=False,
             )

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sovpack.bundle.directory import write_atomically
 from sovpack.bundle.metadata import format_time
+from sovpack.common.files import write_atomically
 
 RECORD_FILE = Path("serve") / "verified.json"
 

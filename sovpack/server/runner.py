@@ -1,6 +1,6 @@
 """`sovpack serve` from start to stop: check, bind, verify, audit, serve, shut down.
 
-1. options, API keys, TLS files, bind policy (usage errors, exit 2);
+1. options, API keys, TLS files, the store (it must exist), bind policy (usage errors, exit 2);
 2. resolve the target and its trust (not installed: 2; trust revoked: refused, 1);
 3. import the serve extra (missing: exit 3), only now, so that usage errors answer fast;
    bind the socket and open the access log, so that a port in use or an unwritable log
@@ -41,7 +41,7 @@ UVICORN_INTERNALS = ("capture_signals", "_wait_tasks_to_complete")
 
 def require_serve_extra() -> None:
     missing = []
-    for module in ("llama_cpp", "fastapi", "uvicorn"):
+    for module in ("llama_cpp", "fastapi", "uvicorn", "jsonschema"):
         try:
             __import__(module)
         except ImportError:
@@ -65,7 +65,7 @@ def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
     keys = ApiKeys.load(options.api_key_file) if options.api_key_file else None
     if warning := keys and keys.permission_warning():
         say(f"warning: {warning}")
-    store = Store(options.store)
+    store = Store.existing(options.store)  # serve audits in it; a usage refusal creates no store
     family, address = resolve_bind(options.host, options.port)
     audit = Auditor(store, options)
     try:
@@ -145,7 +145,12 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
         model=model,
         engine=Engine(model, settings),
         limits=Limits(
-            model.model_id, frozenset({f"{model.model_id}@{model.metadata.version}"}), options.max_tokens or settings.ctx_size
+            model.model_id,
+            frozenset({f"{model.model_id}@{model.metadata.version}", *options.aliases}) - {model.model_id},
+            options.max_tokens or settings.ctx_size,
+            max_n=options.max_n,
+            logprobs=options.logprobs,
+            aliases=options.aliases,
         ),
         keys=keys,
         access_log=access_log,
@@ -192,7 +197,12 @@ def _engine_settings(options: ServeOptions, model, layers: int):
     ctx = options.ctx_size or min(DEFAULT_CTX, trained if isinstance(trained, int) and trained > 0 else DEFAULT_CTX)
     threads = options.threads or default_threads(options.parallel, cpu_count())
     return EngineSettings(
-        ctx_size=ctx, parallel=options.parallel, threads=threads, n_gpu_layers=layers, max_queue=options.max_queue
+        ctx_size=ctx,
+        parallel=options.parallel,
+        threads=threads,
+        n_gpu_layers=layers,
+        max_queue=options.max_queue,
+        logprobs=options.logprobs,
     )
 
 
