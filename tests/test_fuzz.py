@@ -42,6 +42,7 @@ from sovpack.formats.pickle import hidden_pickle, pickle_stream
 from sovpack.formats.safetensors import inspect_safetensors
 from sovpack.formats.sentencepiece import inspect_sentencepiece
 from sovpack.store.audit import AuditLog
+from sovpack.store.record import read_record
 from sovpack.store.store import Store
 from sovpack.transfer.import_ import import_bundle
 from sovpack.transfer.index import parse_index
@@ -356,6 +357,60 @@ def test_audit_lines(seeds):
             log = AuditLog(path)
             _only(Refused, log.verify_chain)
             _only(Refused, log.records)
+
+    run()
+
+
+def test_head_witness(seeds):
+    witness = (seeds["store"] / "state" / "audit-head.json").read_bytes()
+    for damaged in (b'{"records":1,"head":"","offset":-2}', b'{"records":-2,"head":""}', b"[]"):  # were tracebacks
+        with scratch(seeds["audit"], "audit.log") as path:
+            (path.parent / "audit-head.json").write_bytes(damaged)
+            with pytest.raises(Refused, match="is damaged"):
+                AuditLog(path, path.parent / "audit-head.json").verify_chain()
+
+    @given(any_input(witness, json.loads(witness)))
+    @examples(150)
+    def run(raw):
+        with scratch(seeds["audit"], "audit.log") as path:
+            (path.parent / "audit-head.json").write_bytes(raw)
+            log = AuditLog(path, path.parent / "audit-head.json")
+            _only(Refused, log.verify_chain)
+            log.append("fuzz")  # a damaged witness stays as evidence; the record is written all the same
+
+    run()
+
+
+def test_store_records(seeds):
+    record = (seeds["store"] / "records" / "tiny" / "3.json").read_bytes()
+
+    @given(any_input(record, json.loads(record)))
+    @examples(200)
+    def run(raw):
+        with scratch(raw, "3.json") as path:
+            _only(Refused, read_record, path, "tiny", 3)
+
+    run()
+
+
+def test_oci_manifests(seeds):
+    from sovpack.bundle.metadata import parse_metadata
+    from sovpack.oci.layout import build_artifact, parse_manifest
+
+    bundle = seeds["bundle"]
+    signatures = {f"signatures/{p.name}": p.read_bytes() for p in (bundle / "signatures").glob("*.sig")}
+    manifest = build_artifact(parse_metadata(seeds["metadata"]), seeds["metadata"], signatures).manifest
+    metadata = parse_metadata(seeds["metadata"])
+    with pytest.raises(Refused, match="not a ModelPack model artifact"):  # a config that is not an object (was AttributeError)
+        parse_manifest(json.dumps({"schemaVersion": 2, "config": [1]}).encode(), "registry.example/tiny:3")
+
+    @given(any_input(manifest, json.loads(manifest)))
+    @examples(200)
+    def run(raw):
+        try:
+            parse_manifest(raw, "registry.example/tiny:3").check_against(metadata, "registry.example/tiny:3")
+        except Refused:
+            pass
 
     run()
 

@@ -354,6 +354,19 @@ def test_a_deeply_nested_import_record_is_refused(tmp_path, cli, signed_bundle, 
     assert "records/tiny/3.json is damaged" in message and "nests 100000 levels deep" in message
 
 
+@pytest.mark.parametrize(
+    "witness",
+    [DEEP, b'{"records": 1, "head": "", "offset": -2}', b'{"records": -2, "head": ""}', b"[]"],
+    ids=["deep", "negative-offset", "negative-count", "not-an-object"],
+)
+def test_a_damaged_head_witness_is_refused_not_a_traceback(cli, store, witness):
+    (store / "state" / "audit-head.json").write_bytes(witness)
+    message = refusal(cli("audit", "verify", "--store", store))
+    assert "audit-head.json, the audit log's head witness, is damaged" in message
+    assert cli("trust", "threshold", "1", "--store", store).code == 0  # the record is written; the witness stays, as evidence
+    assert (store / "state" / "audit-head.json").read_bytes() == witness
+
+
 def test_a_100_mb_safetensors_header_of_empty_objects_is_refused_in_bounded_memory(tmp_path):
     """The issue measured 2.7 GB for 10 s. The parse runs in a child process that reports its own peak RSS."""
     path = tmp_path / "bomb.safetensors"

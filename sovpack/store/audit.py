@@ -120,10 +120,14 @@ class AuditLog:
         """(records, digest of the last, byte offset of its end); the offset is absent from witnesses of sovpack 0.1."""
         try:
             witness = parse_line(self.witness.read_bytes())
-            offset = witness.get("offset")
-            return int(witness["records"]), str(witness["head"]), None if offset is None else int(offset)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError):
             return None
+        if not isinstance(witness, dict):
+            return None
+        records, head, offset = witness.get("records"), witness.get("head"), witness.get("offset")
+        if not _is_whole(records) or not isinstance(head, str) or not (offset is None or _is_whole(offset)):
+            return None  # damaged: what sovpack writes is a count, a digest and a byte offset
+        return records, head, offset
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -200,6 +204,10 @@ def _holds(f, count: int, head: str, offset: int | None) -> bool:
     if start and b"\n" not in before[:-1]:  # a line longer than the window: count instead
         return _holds(f, count, head, None)
     return sha256_bytes(before[:-1].rsplit(b"\n", 1)[-1]) == head
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _last_line(f) -> bytes | None:
