@@ -17,10 +17,12 @@ from typing import Literal
 from sovpack.bundle.metadata import format_time
 from sovpack.bundle.trust import TrustedKey
 from sovpack.bundle.verify import VerifyReport
+from sovpack.common import safe_json
 from sovpack.errors import Refused
 
 SourceKind = Literal["volumes", "stream"]  # what an import read: volumes and their index, or one stream
 
+MAX_RECORD_BYTES = 64 << 20  # the store's records and state files are small: bounded like every JSON sovpack reads
 REPAIR = "delete it and run the same import again, which verifies the bundle and writes its record anew"
 
 
@@ -132,9 +134,12 @@ def read_record(path: Path, name: str, version: int) -> ImportRecord | None:
 
 
 def read_store_json(path: Path, repair: str) -> dict | None:
-    """A JSON object the store wrote; None when the file does not exist. A damaged one is refused, naming it."""
+    """A JSON object the store wrote, read with the bounded loader; None when the file does not exist.
+
+    A damaged one (not JSON, too large or deep, a key twice, not an object) is refused, naming it.
+    """
     try:
-        data = json.loads(path.read_bytes())
+        data = safe_json.loads(path.read_bytes(), max_bytes=MAX_RECORD_BYTES)
     except FileNotFoundError:
         return None
     except ValueError as e:  # UnicodeDecodeError included
