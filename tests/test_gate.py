@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from builders import card_images, sentencepiece_model, write_safetensors
-from helpers import ROOT, export, volumes
+from helpers import ROOT, audit_records, export, volumes
 
 from sovpack.bundle.directory import read_metadata, read_metadata_bytes, write_metadata
 from sovpack.bundle.keys import key_id, load_private_key
@@ -296,6 +296,8 @@ def test_a_deeply_nested_signature_is_refused_by_serve(tmp_path, cli, signed_bun
     (tmp_path / "s").mkdir()  # serve creates no store: an empty one is an existing empty directory
     result = cli("serve", signed_bundle, "--trust", keys / "alice.pub", "--store", tmp_path / "s", "--port", "1")
     assert "signatures/deep.sig" in refusal(result) and "nests 100000 levels deep" in result.err
+    refused = audit_records(tmp_path / "s")[-1]  # the refusal is audited, parse failure or not
+    assert refused["event"] == "serve-refused" and refused["exit_code"] == 1 and "nests 100000 levels deep" in refused["reason"]
 
 
 def test_a_deeply_nested_sovpack_json_is_refused_by_inspect_and_a_stream_import(tmp_path, cli, signed_bundle, store):
@@ -305,6 +307,9 @@ def test_a_deeply_nested_sovpack_json_is_refused_by_inspect_and_a_stream_import(
     result = import_stream(stream, store)
     assert result.returncode == 1 and b"sovpack.json is not valid JSON: it nests 100000 levels deep" in result.stderr
     assert b"Traceback" not in result.stderr
+    refused = audit_records(store)[-1]
+    assert (refused["event"], refused["outcome"], refused["source"]) == ("import", "refused", {"kind": "stream"})
+    assert "nests 100000 levels deep" in refused["reason"]
 
 
 @pytest.mark.parametrize("which", ["index.json", "index.sig"])
