@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -461,3 +462,21 @@ def test_usage_errors(cli, store, signed_bundle):
     assert result.code == 2 and "is not a repository name" in result.err
     result = cli("push", signed_bundle, "127.0.0.1:5000/models/tiny", "--username", "alice")
     assert result.code == 2 and "give --username and --password-file together" in result.err
+
+
+def test_a_cut_chunk_that_reaches_the_registry_late_does_not_fail_the_push(cli, big_bundle, registry, login, store):
+    """The distribution registry keeps the part of a cut PATCH it read, and cancels an upload whose size is not the offset
+    the client's upload location records (BLOB_UPLOAD_INVALID, HTTP 404). When the cut request lands after the client
+    asked where the upload stands, the client's next chunk is refused that way: push starts the blob afresh."""
+    proxy = CuttingProxy(registry.port)
+    try:
+        proxy.arm(b"Content-Range: 1048576-", [MiB // 2], downstream=False, late=True)
+        result = cli("push", big_bundle, f"{proxy.host}/models/tiny", "--chunk-size", "1MiB", *login)
+        assert result.code == 0, result.err
+        assert proxy.cuts == 1 and proxy.held is None  # the late request was delivered before the next chunk
+    finally:
+        proxy.close()
+    # the registry cancelled the upload when the next chunk came (sic: its spelling), and the push went on afresh
+    assert re.search(r"upload resumed at wrong offest: \d+ != 1048576", registry.log.read_text())
+    assert cli("pull", f"{registry.host}/models/tiny:5", "--store", store, *login).code == 0
+    assert cli("verify", "tiny@5", "--store", store).code == 0
