@@ -46,6 +46,7 @@ COMMAND_MODULES = (
     "quantize_commands",
     "transfer_commands",
     "oci_commands",
+    "deploy_commands",
     "store_commands",
     "serve_commands",
 )
