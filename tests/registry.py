@@ -327,6 +327,7 @@ class CuttingProxy:
     flight in a busy registry or a buffering proxy does: the client sees its connection dropped at
     once, but the registry gets the request's first N bytes and its end only when the next request
     with the same pattern comes, which is forwarded once the registry is done with the late one.
+    With `flip=True` nothing is cut: byte N is inverted on its way (a network element that damages data).
     Everything clients send is kept in `sent` (plain HTTP only), for asserting Range requests.
     """
 
@@ -340,6 +341,8 @@ class CuttingProxy:
         self.plan: list[int | None] = []
         self.downstream = True
         self.late = False
+        self.flip = False  # instead of cutting at byte N, invert it and let the rest pass
+        self.flips = 0
         self.held: tuple[socket.socket, bytes, threading.Event] | None = None  # a late request, not yet delivered
         self.cuts = 0
         self.closed = False
@@ -349,10 +352,12 @@ class CuttingProxy:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def arm(self, pattern: bytes, plan: list[int | None], *, downstream: bool = True, late: bool = False) -> None:
+    def arm(
+        self, pattern: bytes, plan: list[int | None], *, downstream: bool = True, late: bool = False, flip: bool = False
+    ) -> None:
         assert not (late and downstream), "only a request can arrive late"
         with self.lock:
-            self.pattern, self.plan, self.downstream, self.late = pattern, list(plan), downstream, late
+            self.pattern, self.plan, self.downstream, self.late, self.flip = pattern, list(plan), downstream, late, flip
 
     def _accept(self) -> None:
         while not self.closed:
@@ -380,9 +385,15 @@ class CuttingProxy:
                     if state["limit"] is not None and upstream != self.downstream:
                         state["counted"] += len(data)
                         if state["counted"] > state["limit"]:
-                            data = data[: len(data) - (state["counted"] - state["limit"])]
-                            cut, state["limit"] = True, None
-                            self.cuts += 1
+                            at = len(data) - (state["counted"] - state["limit"])
+                            if self.flip:
+                                data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+                                self.flips += 1
+                            else:
+                                data = data[:at]
+                                cut = True
+                                self.cuts += 1
+                            state["limit"] = None
                     if upstream and state["hold"] is not None:
                         state["hold"] += data
                         if cut:

@@ -480,3 +480,26 @@ def test_a_cut_chunk_that_reaches_the_registry_late_does_not_fail_the_push(cli, 
     assert re.search(r"upload resumed at wrong offest: \d+ != 1048576", registry.log.read_text())
     assert cli("pull", f"{registry.host}/models/tiny:5", "--store", store, *login).code == 0
     assert cli("verify", "tiny@5", "--store", store).code == 0
+
+
+def test_bytes_damaged_on_the_way_are_sent_again_and_a_path_that_keeps_damaging_them_fails(
+    cli, big_bundle, registry, login, store
+):
+    """The registry refuses the blob (DIGEST_INVALID); the file itself still hashes to its signed digest, so push sends it
+    once more in a new upload — and names the registry when the second try is damaged too, instead of blaming the file."""
+    proxy = CuttingProxy(registry.port)
+    try:
+        proxy.arm(b"Content-Range: 1048576-", [MiB // 2], downstream=False, flip=True)
+        result = cli("push", big_bundle, f"{proxy.host}/models/tiny", "--chunk-size", "1MiB", *login)
+        assert result.code == 0, result.err
+        assert proxy.flips == 1 and proxy.cuts == 0
+
+        proxy.arm(b"Content-Range: 1048576-", [MiB // 2, MiB // 2], downstream=False, flip=True)
+        result = cli("push", big_bundle, f"{proxy.host}/models/other", "--chunk-size", "1MiB", *login)
+        assert result.code == 3 and proxy.flips == 3
+        assert f"the registry {proxy.host} twice found that the bytes sent of" in result.err
+        assert "weights-2.safetensors" in result.err and "although the file does" in result.err
+    finally:
+        proxy.close()
+    assert cli("pull", f"{registry.host}/models/tiny:5", "--store", store, *login).code == 0
+    assert cli("verify", "tiny@5", "--store", store).code == 0
