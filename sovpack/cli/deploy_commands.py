@@ -17,7 +17,9 @@ app.add_typer(deploy, name="deploy")
 
 @deploy.command()
 def kubernetes(
-    bundle: str = typer.Argument(..., help="NAME or NAME@VERSION installed in the store, or a signed bundle directory."),
+    bundle: str = typer.Argument(
+        ..., metavar="NAME_OR_BUNDLE", help="NAME or NAME@VERSION installed in the store, or a signed bundle directory."
+    ),
     ref: str = typer.Option(..., "--ref", help="Where the pods pull it: REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:DIGEST."),
     image: str = typer.Option(..., "--image", help="The sovpack image (containers/Containerfile) in your registry."),
     replicas: int = typer.Option(2, "--replicas", help="Pods behind the Service; each pulls and verifies the bundle itself."),
