@@ -174,7 +174,7 @@ def main() -> None:
     banner("SECURE SIDE: trust, import, verify, serve")
     store = OUT / "secure-store"
     step("the secure side trusts the officer's public key", "trust", "add", OUT / "keys" / "officer.pub", "--store", store)
-    step("check every volume on its own", "check-volumes", OUT / "usb")
+    step("check every volume on its own", "check-volumes", OUT / "usb", "--store", store)
     step("import: check volumes, reassemble, verify, install atomically", "import", OUT / "usb", "--store", store)
     name = next(p.name for p in (store / "bundles").iterdir())
     step("re-verify the installed bundle by name", "verify", name, "--store", store)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +151,66 @@ def write_llama_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return writer.format_shard_names(path)[0] if split_max_tensors else path
+
+
+def sentencepiece_model() -> bytes:
+    """A real SentencePiece tokenizer.model (a protobuf ModelProto of 120 pieces), trained by the library itself."""
+    import io
+    import random
+
+    import sentencepiece
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(400)]
+    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(400)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=120, minloglevel=2)
+    return model.getvalue()
+
+
+def card_images(size: tuple[int, int] = (16, 8)) -> dict[str, bytes]:
+    """The same picture as PNG, JPEG, GIF and WebP, written by Pillow, keyed by card/figure.EXT."""
+    import io
+
+    from PIL import Image
+
+    picture = Image.new("RGB", size, (200, 30, 30))
+    out = {}
+    for kind in ("PNG", "JPEG", "GIF", "WEBP"):
+        buffer = io.BytesIO()
+        picture.save(buffer, kind)
+        out[f"card/figure.{kind.lower()}"] = buffer.getvalue()
+    return out
+
+
+WHEEL_FILE = "Wheel-Version: 1.0\nGenerator: sovpack-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+
+
+def python_wheel(
+    members: dict[str, bytes] | None = None,
+    *,
+    dist_info: str = "demo-1.0.dist-info",
+    wheel: str | None = WHEEL_FILE,
+    record: bool = True,
+    listed: tuple[str, ...] = ("WHEEL", "RECORD"),
+) -> bytes:
+    """A wheel as the `wheel` package builds one (PEP 427): the package's files, then NAME-VERSION.dist-info/ with
+    WHEEL and RECORD (each file's urlsafe-base64 SHA-256 and size). `wheel`, `record` and `listed` spoil it."""
+    files = {"demo/__init__.py": b"VALUE = 1\n", **(members or {})}
+    if wheel is not None:
+        files[f"{dist_info}/WHEEL"] = wheel.encode()
+    if record:
+        rows = []
+        for path, data in files.items():
+            if path.startswith(f"{dist_info}/") and path.rsplit("/", 1)[1] not in listed:
+                continue
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            rows.append(f"{path},sha256={digest},{len(data)}")
+        if "RECORD" in listed:
+            rows.append(f"{dist_info}/RECORD,,")
+        files[f"{dist_info}/RECORD"] = ("\n".join(rows) + "\n").encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()

@@ -21,9 +21,14 @@ from sovpack.cli import main  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def isolated_store(tmp_path, monkeypatch):
-    """Every test gets its own default store: nothing touches the user's real one."""
-    monkeypatch.setenv("SOVPACK_HOME", str(tmp_path / "default-store"))
-    return tmp_path / "default-store"
+    """Every test gets its own default store, empty: nothing touches the user's real one.
+
+    It exists, as on a machine set up for sovpack; the commands refuse a store that does not.
+    """
+    root = tmp_path / "default-store"
+    root.mkdir()
+    monkeypatch.setenv("SOVPACK_HOME", str(root))
+    return root
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -9,8 +10,10 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+import pytest
 from builders import write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,3 +106,40 @@ def bundle_with_big_file(cli, model_dir, tmp_path, keys, size: int) -> Path:
     assert cli("pack", model_dir, "--out", bundle, "--name", "tiny", "--version", "5").code == 0
     assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
     return bundle
+
+
+def drop_file_mode_override() -> None:
+    """preexec_fn: a root process loses the capabilities that let it read any file (file modes apply to it again)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone from the bounding set, so from what exec grants
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def unprivileged() -> dict:
+    """Arguments for `sovpack` so that a file with mode 000 is unreadable to it, as it is to any operator but root."""
+    if os.geteuid() != 0:
+        return {}
+    probe = subprocess.run(
+        [sys.executable, "-c", "open('/proc/self/status')"], preexec_fn=drop_file_mode_override, capture_output=True
+    )
+    if probe.returncode != 0:
+        pytest.skip("cannot drop CAP_DAC_OVERRIDE here, and root reads a file whatever its mode")
+    return {"preexec_fn": drop_file_mode_override}
+
+
+def tar_member(name: str, data: bytes, *, pax: dict | None = None, kind: bytes = tarfile.REGTYPE) -> bytes:
+    """One member of a tar stream: header(s) and data, padded to whole blocks."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.pax_headers = kind, len(data), pax or {}
+    return info.tobuf(tarfile.PAX_FORMAT) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def tar_stream(members: list[tuple[str, bytes]], *extra: bytes) -> bytes:
+    return b"".join(tar_member(name, data) for name, data in members) + b"".join(extra) + bytes(2 * tarfile.BLOCKSIZE)
+
+
+def old_gnu_sparse_member(name: str) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    return info.tobuf(tarfile.GNU_FORMAT)  # an empty sparse map

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
+import resource
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import audit_records
+from helpers import audit_records, sovpack
 
 from sovpack.errors import Refused
 from sovpack.store.audit import AuditLog
@@ -112,7 +117,8 @@ def test_concurrent_appends_from_several_processes_keep_the_chain(tmp_path):
 
 
 def test_an_empty_log_verifies(cli, tmp_path):
-    result = cli("audit", "verify", "--store", tmp_path / "none")
+    (tmp_path / "empty").mkdir()  # a store nothing was recorded in yet (a missing one: test_cli.py)
+    result = cli("audit", "verify", "--store", tmp_path / "empty")
     assert result.code == 0 and "0 record(s)" in result.out
 
 
@@ -165,3 +171,106 @@ def test_a_damaged_witness_is_named(cli, audited_store):
     witness.write_text("{")
     result = cli("audit", "verify", "--store", audited_store)
     assert result.code == 1 and f"{witness}, the audit log's head witness, is damaged" in result.err
+
+
+def forge_records(log: Path, count: int) -> None:
+    """Append `count` records chained correctly to the log, as someone who can write the file could."""
+    for _ in range(count):
+        last = log.read_bytes().splitlines()[-1]
+        record = {"event": "forged", "prev": hashlib.sha256(last).hexdigest(), "seq": json.loads(last)["seq"] + 1, "time": "x"}
+        with open(log, "ab") as f:
+            f.write(json.dumps(record, sort_keys=True).encode() + b"\n")
+
+
+def test_forged_records_do_not_freeze_the_witness(cli, audited_store, keys):
+    log = audited_store / "audit.log"
+    before = len(log.read_bytes().splitlines())
+    forge_records(log, 2)
+    assert cli("trust", "add", keys / "bob.pub", "--store", audited_store).code == 0  # genuine work after the forgery
+    assert cli("trust", "remove", "bob", "--store", audited_store).code == 0
+    witness = json.loads((audited_store / "state" / "audit-head.json").read_text())
+    assert witness["records"] == before + 4
+    log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:before]))  # cut back, forged and genuine records
+    result = cli("audit", "verify", "--store", audited_store)
+    assert result.code == 1 and f"holds {before} records but had {before + 4}" in result.err, result.err
+
+
+def without_file_growth_beyond(limit: int):
+    """preexec_fn: writes past `limit` bytes fail with EFBIG (and no SIGXFSZ), as on a full disk."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_change_whose_audit_record_cannot_be_written_does_not_happen(store, keys):
+    log_size = (store / "audit.log").stat().st_size
+    result = sovpack("trust", "add", keys / "bob.pub", "--store", store, preexec_fn=without_file_growth_beyond(log_size))
+    assert result.returncode == 3 and b"audit.log" in result.stderr, result.stderr
+    assert sorted(p.name for p in (store / "trust" / "keys").iterdir()) == ["alice.pub"]
+    assert [r["event"] for r in audit_records(store)] == ["trust-add"]  # alice's, from the fixture
+    assert sovpack("audit", "verify", "--store", store).returncode == 0
+
+
+def test_trust_add_on_a_full_disk_trusts_nothing_and_says_so_in_the_log(cli, keys, small_disk):
+    store = small_disk / "store"
+    assert cli("trust", "add", keys / "alice.pub", "--store", store).code == 0
+    with open(small_disk / "filler", "wb", buffering=0) as filler:  # every free block taken; audit.log has room in its last
+        with contextlib.suppress(OSError):
+            while filler.write(b"\0" * 4096):
+                pass
+    result = cli("trust", "add", keys / "bob.pub", "--store", store)
+    assert result.code == 3 and "No space left on device" in result.err, result.err
+    assert "bob" not in cli("trust", "list", "--store", store).out
+    records = audit_records(store)
+    assert [(r["event"], r.get("signer"), r.get("outcome")) for r in records] == [
+        ("trust-add", "alice", None),
+        ("trust-add", "bob", None),
+        ("trust-add", "bob", "failed"),
+    ]
+    assert "No space left on device" in records[-1]["reason"]
+    assert cli("audit", "verify", "--store", store).code == 0
+
+
+RFC5424 = re.compile(rb"^<(\d+)>1 (\S+) (\S+) sovpack (\d+) (\S+) - \xef\xbb\xbf(.*)$", re.DOTALL)
+
+
+@pytest.mark.parametrize("transport", ["unix", "udp"])
+def test_every_record_is_copied_to_syslog(cli, store, keys, tmp_path, transport):
+    if transport == "unix":
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(str(tmp_path / "log.sock"))
+        target = str(tmp_path / "log.sock")
+    else:
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.bind(("127.0.0.1", 0))
+        target = f"udp://127.0.0.1:{receiver.getsockname()[1]}"
+    receiver.settimeout(10)
+    with receiver:
+        assert cli("audit", "syslog", target, "--store", store).code == 0
+        assert b'"probe": true' in receiver.recv(65536)  # the target answered before the setting changed
+        assert cli("trust", "add", keys / "bob.pub", "--store", store).code == 0
+        assert cli("import", tmp_path / "nowhere", "--store", store).code == 2  # a usage error is not an import attempt
+        message = RFC5424.match(receiver.recv(65536))
+        line = (store / "audit.log").read_bytes().splitlines()[-1]
+        assert message and message.group(5) == b"trust-add" and message.group(6) == line
+        assert int(message.group(1)) == 10 * 8 + 5  # authpriv.notice
+        assert f"copied to syslog {target}" in cli("audit", "verify", "--store", store).out
+        assert cli("audit", "syslog", "off", "--store", store).code == 0
+    records = audit_records(store)
+    assert [(r["event"], r.get("target")) for r in records[-3:]] == [
+        ("audit-syslog", target),
+        ("trust-add", None),
+        ("audit-syslog", None),
+    ]
+
+
+def test_a_syslog_target_that_does_not_answer_is_refused_and_changes_nothing(cli, store, tmp_path):
+    before = (store / "audit.log").read_bytes()
+    result = cli("audit", "syslog", str(tmp_path / "no-such.sock"), "--store", store)
+    assert result.code == 3 and f"cannot send to the syslog target {tmp_path / 'no-such.sock'}" in result.err
+    assert (store / "audit.log").read_bytes() == before and not (store / "state" / "syslog.json").exists()
+    bad = cli("audit", "syslog", "syslog.example:514", "--store", store)
+    assert bad.code == 2 and "give the absolute path of a Unix socket" in bad.err

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -24,6 +22,7 @@ from helpers import (
     sovpack,
     staged_bundles,
     store_snapshot,
+    unprivileged,
     write_big_safetensors,
 )
 
@@ -132,6 +131,7 @@ def test_import_with_explicit_trust_warns_that_serve_needs_store_trust(cli, sign
 
 def test_import_requires_some_trust(cli, signed_bundle, tmp_path):
     out = export(cli, signed_bundle, tmp_path / "out")
+    (tmp_path / "empty").mkdir()
     result = cli("import", out, "--store", tmp_path / "empty")
     assert result.code == 2 and "trusts no keys" in result.err
 
@@ -291,26 +291,6 @@ def test_disk_filling_up_during_reassembly(cli, model_dir, tmp_path, keys, small
     filler.unlink()
     again = cli("import", out, "--store", store)
     assert again.code == 0, again.err
-
-
-def drop_file_mode_override() -> None:
-    """preexec_fn: a root process loses the capabilities that let it read any file (file modes apply to it again)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone from the bounding set, so from what exec grants
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
-def unprivileged() -> dict:
-    """Arguments for `sovpack` so that a file with mode 000 is unreadable to it, as it is to any operator but root."""
-    if os.geteuid() != 0:
-        return {}
-    probe = subprocess.run(
-        [sys.executable, "-c", "open('/proc/self/status')"], preexec_fn=drop_file_mode_override, capture_output=True
-    )
-    if probe.returncode != 0:
-        pytest.skip("cannot drop CAP_DAC_OVERRIDE here, and root reads a file whatever its mode")
-    return {"preexec_fn": drop_file_mode_override}
 
 
 def test_an_unreadable_volume_is_named_as_damaged(cli, signed_bundle, store, tmp_path):

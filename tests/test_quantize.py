@@ -155,7 +155,7 @@ def test_signed_bundle_signatures_become_stale_then_sign_and_verify_pass(cli, bu
     inspected = cli("inspect", bundle, "--json")
     assert [s["covers_metadata"] for s in json.loads(inspected.out)["signatures"]] == [False]
     stale = cli("verify", bundle, "--trust", keys / "alice.pub")
-    assert stale.code == 1 and "REFUSED" in stale.out and signature in " ".join(stale.out.split())
+    assert stale.code == 1 and "REFUSED" in stale.err and signature in " ".join(stale.err.split())
 
     assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
     verified = cli("verify", bundle, "--trust", keys / "alice.pub")
@@ -411,9 +411,9 @@ def test_existing_output_is_not_replaced(cli, bundle):
 
 
 def test_a_directory_where_the_output_would_go_is_found_before_llama_cpp_runs(cli, bundle):
-    (bundle / "gguf" / "tiny-Q8_0.gguf").mkdir()  # empty: not a file, so the inventory check lets it pass
+    (bundle / "gguf" / "tiny-Q8_0.gguf").mkdir()  # an empty directory: refused by the inventory check (issue 13)
     result = cli("quantize", bundle, "--type", "Q8_0")
-    assert result.code == 2 and "gguf/tiny-Q8_0.gguf is already in the bundle" in result.err
+    assert result.code == 1 and "gguf/tiny-Q8_0.gguf/ is an empty directory" in result.err
     assert not _work_dir(bundle).exists()
 
 
@@ -588,3 +588,34 @@ def test_output_is_named_after_the_source_with_its_type_replaced(source, output)
     from sovpack.quantize.build import output_path_for
 
     assert output_path_for(source, "Q4_K_M") == output
+
+
+def test_quantize_reports_its_steps_through_the_progress_protocol(bundle):
+    from sovpack.common.progress import Progress
+    from sovpack.quantize.build import quantize_bundle
+
+    class Recorder(Progress):
+        def __init__(self):
+            self.phases: list[list] = []
+
+        def phase(self, name, total=None, unit="bytes"):
+            self.phases.append([name, unit, total, 0])
+
+        def set_total(self, total):
+            self.phases[-1][2] = total
+
+        def advance(self, n):
+            self.phases[-1][3] += n
+
+    progress = Recorder()
+    result = quantize_bundle(bundle, ["Q8_0"], progress=progress)
+    (checking, quantizing, hashing) = progress.phases
+    assert checking == [
+        f"checking {result.source.entry.path} against the inventory",
+        "bytes",
+        result.source.size,
+        result.source.size,
+    ]
+    name, unit, tensors, done = quantizing
+    assert name == f"quantizing {result.outputs[0].path}" and unit == "tensors" and tensors > 0 and done == tensors
+    assert hashing[0] == f"hashing {result.outputs[0].path}"

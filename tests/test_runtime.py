@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, audit_records, flip_byte, sovpack
+from helpers import ROOT, audit_records, export, flip_byte, old_gnu_sparse_member, sovpack, tar_member, tar_stream
 
 from sovpack.bundle.keys import generate_key_pair
 from sovpack.runtime import installer
@@ -123,8 +123,15 @@ def test_the_lock_lists_every_wheel_and_the_installer(runtime_v1, officer):
     assert lock["installer"]["sha256"] == installer.sha256_file(runtime_v1 / installer.INSTALLER_FILE)
     assert lock["target"]["python"] == f"{sys.version_info.major}.{sys.version_info.minor}"
     verified = sovpack("verify", runtime_v1, "--trust", officer / "officer.pub", "--json")
-    assert json.loads(verified.stdout)["name"] == "sovpack-runtime"
-    assert verified.returncode == 0
+    report = json.loads(verified.stdout)
+    assert verified.returncode == 0 and report["name"] == "sovpack-runtime"
+    # the wheels entered the bundle under the signed allowance, as wheels (validated by their bytes), and it shows
+    assert report["allowed_files"] == [{"glob": "wheels/*.whl", "files": [f"wheels/{name}" for name in wheels]}]
+    assert {f["path"]: f["format"] for f in report["files"]}["wheels/" + wheels[0]] == "wheel"
+    metadata = json.loads((runtime_v1 / "sovpack.json").read_bytes())
+    assert metadata["allowed_files"] == ["wheels/*.whl"]
+    numpy = next(f for f in metadata["files"] if f["path"].startswith("wheels/numpy-"))
+    assert numpy["format"] == "wheel" and numpy["details"]["distribution"] == "numpy"
 
 
 def test_the_installer_needs_only_the_standard_library(runtime_v1):
@@ -221,7 +228,8 @@ def test_a_signed_wheel_missing_from_the_lock_is_refused(installed, runtime_v1, 
     dropped = next(w for w in lock["wheels"] if "/rich-" in w["path"])
     lock["wheels"].remove(dropped)
     (source / installer.LOCK_FILE).write_text(json.dumps(lock))
-    ok(sovpack("pack", source, "--out", tmp_path / "bundle", "--name", "sovpack-runtime", "--version", "1"))
+    pack_args = ["--name", "sovpack-runtime", "--version", "1", "--allow-file", "wheels/*.whl"]
+    ok(sovpack("pack", source, "--out", tmp_path / "bundle", *pack_args))
     ok(sovpack("sign", tmp_path / "bundle", "--key", officer / "officer.key"))
     shutil.copyfile(runtime_v1 / installer.INSTALLER_FILE, tmp_path / "install-runtime.py")
     result = install(
@@ -310,14 +318,19 @@ def test_upgrade_from_the_store_refuse_older_and_roll_back(secure_side, installe
     out = ok(offline(prefix / "current" / "bin" / "sovpack", "runtime", "rollback", "--store", store))
     assert "rolled back from sovpack-runtime v2 to v1" in out
     assert os.readlink(prefix / "current") == "runtimes/1" and os.readlink(prefix / "previous") == "runtimes/2"
-    records = [r for r in audit_records(store) if r["event"].startswith("runtime-")]
-    assert [(r["event"], r.get("outcome")) for r in records] == [
-        ("runtime-verify", None),
-        ("runtime-install", "installed"),
-        ("runtime-install", "refused"),
-        ("runtime-rollback", None),
+    records = [r for r in audit_records(store) if r["event"].startswith("runtime-") or r.get("name") == "sovpack-runtime"]
+    assert [(r["event"], r.get("version"), r.get("outcome")) for r in records] == [
+        ("import", 2, "accepted"),
+        ("verify", 2, None),  # verify_target: the verification of an installed bundle
+        ("runtime-install", 2, "installed"),  # written before the install and the switch
+        ("import", 1, "accepted"),
+        ("verify", 1, None),
+        ("runtime-install", 1, "refused"),
+        ("runtime-rollback", 2, None),  # written before the switch
     ]
-    assert records[0]["signers"] == ["officer"] and records[2]["version"] == 1 and records[3]["to"] == 1
+    assert records[1]["ok"] is True and records[1]["signers"] == ["officer"]
+    assert records[2]["signers"] == ["officer"] and records[2]["previous"] == 1 and len(records[2]["lock_sha256"]) == 64
+    assert "older than v2" in records[5]["reason"] and records[6]["to"] == 1
 
 
 def test_a_runtime_the_store_does_not_trust_is_not_installed(secure_side, installed, runtime_v2, officer, tmp_path):
@@ -344,28 +357,99 @@ def test_a_gpu_build_needs_its_compiler(tmp_path):
     assert not (tmp_path / "rt").exists()
 
 
-def test_runtime_install_outside_a_runtime_needs_a_prefix(cli, monkeypatch):
+def test_runtime_install_outside_a_runtime_needs_a_prefix(cli, monkeypatch, store):
     monkeypatch.delenv("SOVPACK_RUNTIME_PREFIX", raising=False)
-    result = cli("runtime", "install", "sovpack-runtime@1")
-    assert result.code == 2 and "give --prefix" in result.err
+    for args in (["install", "sovpack-runtime@1"], ["rollback"], ["list"]):
+        result = cli("runtime", *args, "--store", store) if args[0] != "list" else cli("runtime", *args)
+        assert result.code == 2 and "give --prefix" in result.err, (args, result.err)
 
 
-def test_a_wheel_with_its_own_data_pickle_packs_but_not_a_torch_archive(tmp_path):
-    """numpy's wheel ships a test pickle: a wheel is code, not weights; a data.pkl torch.load would read is still refused."""
-    import zipfile
+@pytest.mark.parametrize("args", [["install", "sovpack-runtime@1"], ["rollback"]], ids=" ".join)
+def test_runtime_install_and_rollback_need_an_existing_store(cli, tmp_path, args):
+    missing = tmp_path / "no" / "store"
+    result = cli("runtime", *args, "--store", missing, "--prefix", tmp_path / "prefix")
+    assert result.code == 2 and f"no store exists at {missing} (--store)" in result.err
+    assert not (tmp_path / "no").exists() and not (tmp_path / "prefix").exists()
 
-    from sovpack.formats.pickle import pickle_reason
 
-    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr("demo/__init__.py", "")
-        z.writestr("demo/tests/data/case.pkl", b"\x80\x04K\x01.")
-        z.writestr("demo-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\n")
-    assert pickle_reason(wheel) is None
-    with zipfile.ZipFile(wheel, "a") as z:
-        z.writestr("archive/data.pkl", b"\x80\x04K\x01.")
-    assert "pickle" in pickle_reason(wheel)
-    plain = tmp_path / "weights.zip"
-    with zipfile.ZipFile(plain, "w") as z:
-        z.writestr("deep/inside/case.pkl", b"\x80\x04K\x01.")
-    assert "pickle" in pickle_reason(plain)
+def test_runtime_install_of_another_bundle_is_a_usage_error(cli, signed_bundle, keys, store, tmp_path):
+    ok_import = cli("import", export(cli, signed_bundle, tmp_path / "media"), "--store", store)
+    assert ok_import.code == 0, ok_import.err
+    result = cli("runtime", "install", "tiny", "--store", store, "--prefix", tmp_path / "prefix")
+    assert result.code == 2 and "tiny v3 is not a sovpack runtime (those are named sovpack-runtime)" in result.err
+    assert not (tmp_path / "prefix").exists()
+
+
+# ---- the installer's reading of the media, as main's import reads it: bounded, no links, no sparse members
+
+
+def write_media(directory: Path, stream: bytes, *, index: bytes | None = None) -> Path:
+    """One volume holding `stream` and the index the installer reads (name, version, volumes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sovpack-runtime-v1.001").write_bytes(stream)
+    doc = {
+        "bundle": {"name": "sovpack-runtime", "version": 1},
+        "volumes": [
+            {
+                "file": "sovpack-runtime-v1.001",
+                "size": len(stream),
+                "sha256": installer.sha256_file(directory / "sovpack-runtime-v1.001"),
+            }
+        ],
+    }
+    index_path = directory / "sovpack-runtime-v1.index.json"
+    index_path.write_bytes(index if index is not None else json.dumps(doc).encode())
+    return index_path
+
+
+@pytest.mark.parametrize(
+    "sparse",
+    [
+        old_gnu_sparse_member("sovpack-runtime-v1/runtime-lock.json"),
+        tar_member("sovpack-runtime-v1/runtime-lock.json", b"", pax={"GNU.sparse.map": "1,x,3", "GNU.sparse.size": "10"}),
+    ],
+    ids=["old GNU", "pax 0.1"],
+)
+def test_the_installer_refuses_a_sparse_member(tmp_path, sparse):
+    index = write_media(tmp_path / "usb", tar_stream([("sovpack-runtime-v1/sovpack.json", b"{}")], sparse))
+    with pytest.raises(
+        installer.Refused, match="sovpack-runtime-v1/runtime-lock.json in the volumes of .* is a GNU sparse member"
+    ):
+        installer.unpack_volumes(index, tmp_path / "unpacked")
+
+
+def test_the_installer_refuses_a_damaged_tar_stream(tmp_path):
+    header = tar_member("sovpack-runtime-v1/sovpack.json", b"{}")
+    index = write_media(tmp_path / "usb", header[:100] + b"x" * 48 + header[148:] + bytes(1024))  # mode, owner and size garbled
+    with pytest.raises(installer.Refused, match="do not hold a whole tar stream"):
+        installer.unpack_volumes(index, tmp_path / "unpacked")
+
+
+@pytest.mark.parametrize("which", ["volume", "index"])
+def test_the_installer_refuses_a_link_on_the_media(tmp_path, which):
+    index = write_media(tmp_path / "elsewhere", tar_stream([("sovpack-runtime-v1/sovpack.json", b"{}")]))
+    media = tmp_path / "usb"
+    media.mkdir()
+    for path in index.parent.iterdir():
+        if (which == "volume") == path.name.endswith(".001"):
+            (media / path.name).symlink_to(path)
+        else:
+            shutil.copyfile(path, media / path.name)
+    with pytest.raises(installer.Refused, match="is a symbolic link; the media must hold the files themselves"):
+        installer.unpack_volumes(media / index.name, tmp_path / "unpacked")
+
+
+def test_the_installer_reads_json_from_the_media_within_bounds(tmp_path):
+    index = write_media(tmp_path / "usb", b"", index=b"[" * 100_000)
+    with pytest.raises(installer.Refused, match="is not a sovpack export index .*nests deeper than 64 levels"):
+        installer.unpack_volumes(index, tmp_path / "unpacked")
+    twice = b'{"format": "sovpack-runtime-lock", "format": "sovpack-runtime-lock"}'
+    with pytest.raises(installer.Refused, match="runtime-lock.json is not a runtime lock .*a key appears twice"):
+        installer.parse_lock(twice)
+    with pytest.raises(installer.Refused, match="over the 16777216 byte limit"):
+        installer.parse_lock(b" " * (16 << 20) + b"{}")
+    prefix = installer.Prefix(tmp_path / "prefix")
+    (prefix.path(1)).mkdir(parents=True)
+    (prefix.path(1) / installer.RECORD_FILE).write_bytes(b"{" * 1000)
+    with pytest.raises(installer.Refused, match="runtime.json is damaged .*reinstall that runtime"):
+        prefix.record(1)

@@ -129,6 +129,7 @@ class Env:
         self.gguf_name = gguf.name
         self.bundle = self.pack("bundle")
         self.store = root / "store"
+        self.store.mkdir()  # serve audits in a store, which it does not create
         self.keys_file = root / "api-keys.txt"
         self.keys_file.write_text("# analysts\n" + KEYS[0] + "\n\n# backup\n" + KEYS[1] + "\n")
         self.keys_file.chmod(0o600)
@@ -348,7 +349,7 @@ def test_unknown_model_missing_messages_and_n(server):
     r = server.post("/v1/chat/completions", json={"model": "smollm2", "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=2, n=2)
+        client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=2, n=5)  # beyond the default --max-n 4
     assert e.value.body["param"] == "n"
     r = server.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "hi"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"

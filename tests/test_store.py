@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from builders import write_gguf
-from helpers import audit_records, flip_byte, sovpack, store_snapshot
+from helpers import audit_records, flip_byte, sovpack, store_snapshot, unprivileged
 
 from sovpack.errors import Refused, UsageError
 from sovpack.store.store import Store
@@ -92,9 +94,10 @@ def test_list_shows_name_version_size_signers_expiry_and_gguf_variants(cli, sign
 
 
 def test_list_of_an_empty_store(cli, tmp_path):
-    result = cli("list", "--store", tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    result = cli("list", "--store", tmp_path / "empty")
     assert result.code == 0 and "no bundles installed" in result.out
-    assert json.loads(cli("list", "--store", tmp_path / "nothing", "--json").out)["bundles"] == []
+    assert json.loads(cli("list", "--store", tmp_path / "empty", "--json").out)["bundles"] == []
 
 
 def test_store_root_from_sovpack_home(signed_bundle, tmp_path, keys):
@@ -116,9 +119,24 @@ def test_identical_files_are_stored_once_and_read_only(cli, signed_bundle, store
     assert (v4 / "model.safetensors").stat().st_nlink == 3  # v3, v4 and objects/
     distinct = {json.dumps(f["sha256"]) for b in (v3, v4) for f in json.loads((b / "sovpack.json").read_text())["files"]}
     assert len(list((store / "objects" / "sha256").glob("*/*"))) == len(distinct)
-    for p in (store / "bundles").rglob("*"):
+    for p in [store / "bundles" / "tiny" / "3", *(store / "bundles").rglob("*")]:
         if p.is_file():
-            assert p.stat().st_mode & 0o222 == 0, p
+            assert p.stat().st_mode & 0o777 == 0o444, p
+        elif p.parent.parent == store / "bundles" / "tiny" or p.parent.parent.parent == store / "bundles":
+            assert p.stat().st_mode & 0o777 == 0o555, p  # the bundle directory and every directory inside it
+
+
+def test_no_file_of_an_installed_bundle_can_be_renamed_over_without_changing_a_mode(cli, signed_bundle, store, tmp_path):
+    install(cli, signed_bundle, store, tmp_path)
+    bundle = store / "bundles" / "tiny" / "3"
+    (tmp_path / "other").write_bytes(b"other bytes")
+    code = "import os, sys; os.rename(sys.argv[1], sys.argv[2])"
+    swap = subprocess.run(
+        [sys.executable, "-c", code, tmp_path / "other", bundle / "config.json"], capture_output=True, text=True, **unprivileged()
+    )
+    assert swap.returncode != 0 and "Permission denied" in swap.stderr
+    assert cli("verify", "tiny", "--store", store).code == 0
+    assert cli("remove", "tiny@3", "--store", store).code == 0 and not bundle.exists()
 
 
 def test_remove_keeps_the_rollback_mark_and_deletes_unshared_files(cli, signed_bundle, store, tmp_path, model_dir, keys):
@@ -180,7 +198,7 @@ def test_store_api_for_serve(cli, signed_bundle, store, tmp_path, keys):
     s = Store(store)
     installed = s.find("tiny")
     assert (installed.name, installed.version, installed.path) == ("tiny", 3, store / "bundles/tiny/3")
-    assert installed.record["accepted_by"][0]["name"] == "alice"
+    assert installed.record.accepted_by[0].name == "alice"
     assert s.installed()[0] == installed and s.find("tiny@3") == installed
     assert [k.name for k in s.policy_for(installed).keys] == ["alice"]
     assert s.trust_policy().threshold == 1
@@ -252,6 +270,18 @@ def test_a_damaged_import_record_is_named_and_can_be_rewritten(cli, signed_bundl
     assert json.loads(cli("list", "--store", store, "--json").out)["bundles"][0]["signers"] == ["alice"]
     signed = hashlib.sha256((signed_bundle / "sovpack.json").read_bytes()).hexdigest()
     assert json.loads(record.read_text())["metadata_sha256"] == signed
+
+
+def test_every_field_of_an_import_record_is_checked(cli, signed_bundle, store, tmp_path):
+    install(cli, signed_bundle, store, tmp_path)
+    record = store / "records" / "tiny" / "3.json"
+    good = json.loads(record.read_text())
+    for field, value in (("imported", 12), ("metadata_sha256", ["x"]), ("files", -1), ("source", "volumes")):
+        record.write_text(json.dumps(good | {field: value}))
+        damaged = cli("list", "--store", store)
+        assert damaged.code == 1 and str(record) in damaged.err and f"its '{field}'" in damaged.err, (field, damaged.err)
+    record.write_text(json.dumps(good))
+    assert cli("list", "--store", store).code == 0
 
 
 def test_a_damaged_rollback_state_is_named(cli, signed_bundle, store, tmp_path, model_dir, keys):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from sovpack.bundle.metadata import MAX_METADATA_BYTES, METADATA_FILE, SIGNATURES_DIR, BundleMetadata, parse_metadata
+from sovpack.common.files import write_atomically
 from sovpack.common.safepath import unsafe_reason
 from sovpack.errors import Failure, Refused, UsageError
 
@@ -67,6 +67,8 @@ def _walk(root: Path, prefix: str):
         entries = sorted(os.scandir(root / prefix if prefix else root), key=lambda e: e.name)
     except OSError as e:
         raise Failure(f"cannot read directory {root / prefix}: {e.strerror}") from None
+    if not entries and prefix and prefix != SIGNATURES_DIR + "/":  # not in the inventory, so nothing could vouch for it
+        raise Refused(f"{prefix} is an empty directory; bundles hold only the files their inventory lists")
     for entry in entries:
         rel = f"{prefix}{entry.name}"
         reason = unsafe_reason(rel)
@@ -81,44 +83,6 @@ def _walk(root: Path, prefix: str):
             yield rel
         else:
             raise Refused(f"{rel} is a device, socket or pipe; bundles may hold only regular files")
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path | None = None) -> None:
-    """Write to a temporary file, then rename it into place and sync the directory.
-
-    `tmp_dir` keeps the temporary file out of a bundle directory, where a process killed
-    mid-write would otherwise leave an unlisted file behind; it is used only when the rename
-    can work from there (same file system, writable), which a bundle at a mount point is not.
-    """
-    staging = tmp_dir if tmp_dir is not None and _can_stage_for(path.parent, tmp_dir) else path.parent
-    fd, tmp = tempfile.mkstemp(dir=staging, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def _can_stage_for(directory: Path, tmp_dir: Path) -> bool:
-    try:
-        return tmp_dir.stat().st_dev == directory.stat().st_dev and os.access(tmp_dir, os.W_OK)
-    except OSError:
-        return False
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new file in `directory` survive a power loss."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_metadata(root: Path, metadata: BundleMetadata) -> bytes:

@@ -44,7 +44,10 @@ class GeneratedKey:
 
 
 def generate_key_pair(name: str, directory: Path, curve: str = "p384", password: bytes | None = None) -> GeneratedKey:
-    """Write NAME.key (mode 0600, never overwritten) and NAME.pub into `directory`."""
+    """Write NAME.key (mode 0600, never overwritten) and NAME.pub into `directory`.
+
+    Raises: UsageError (an unknown curve, a name that is not a plain file name, a key file that exists).
+    """
     if curve not in CURVES:
         raise UsageError(f"unknown curve {curve!r}: choose p384 or p256")
     if not name or "/" in name or name.startswith("."):
@@ -72,6 +75,11 @@ def private_key_is_encrypted(path: Path) -> bool:
 
 
 def load_private_key(path: Path, password: bytes | None = None) -> ec.EllipticCurvePrivateKey:
+    """An ECDSA P-384 or P-256 private key from a PEM file (encrypted ones need `password`).
+
+    Raises: UsageError (encrypted without a password, or a password for a clear key), Refused (a wrong
+    password, not a PEM private key, another curve), Failure (the file cannot be read).
+    """
     data = _read(path)
     try:
         key = serialization.load_pem_private_key(data, password)

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sovpack.bundle.directory import read_metadata_bytes, require_bundle_dir, scan_tree, signature_path, write_atomically
+from sovpack.bundle.directory import read_metadata_bytes, require_bundle_dir, scan_tree, signature_path
 from sovpack.bundle.keys import key_id
 from sovpack.bundle.metadata import METADATA_FILE, BundleMetadata, parse_metadata
 from sovpack.bundle.signature import build_statement, read_statement, sign_statement
 from sovpack.bundle.verify import check_digests, check_formats, check_inventory
+from sovpack.common.files import write_atomically
 from sovpack.common.hashing import sha256_bytes
 from sovpack.errors import Refused
 
@@ -31,6 +32,11 @@ def statement_for(metadata: BundleMetadata, metadata_sha256: str) -> bytes:
 
 
 def sign_bundle(root: Path, private_key: ec.EllipticCurvePrivateKey) -> SignResult:
+    """Write signatures/KEY_ID.sig (OpenSSF model-signing v1.0) after checking the files against the inventory.
+
+    Raises: UsageError (not a bundle directory), Refused (a file that does not match sovpack.json, or
+    that sovpack cannot check), Failure (I/O).
+    """
     require_bundle_dir(root)
     raw = read_metadata_bytes(root)
     metadata = parse_metadata(raw)

@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sovpack.bundle.keys import key_hint
 from sovpack.bundle.metadata import METADATA_FILE, SIGNATURES_DIR
+from sovpack.common import safe_json
 from sovpack.errors import Refused
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -34,6 +36,7 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 SERIALIZATION = {"method": "files", "hash_type": "sha256", "allow_symlinks": False, "ignore_paths": [SIGNATURES_DIR]}
 MAX_SIGNATURE_BYTES = 64 * 1024 * 1024
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # lower case only, as model-signing writes it: one spelling per digest
 
 
 def _pae(payload: bytes) -> bytes:
@@ -110,7 +113,7 @@ def parse_signature(raw: bytes, name: str) -> SignatureFile:
         return Refused(f"{name} is not a valid model-signing signature file: {why}")
 
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = safe_json.loads(raw, max_bytes=MAX_SIGNATURE_BYTES)
         if doc["mediaType"] != BUNDLE_MEDIA_TYPE:
             raise bad(f"media type {doc['mediaType']!r}, expected {BUNDLE_MEDIA_TYPE}")
         hint = doc["verificationMaterial"]["publicKey"]["hint"]
@@ -123,9 +126,9 @@ def parse_signature(raw: bytes, name: str) -> SignatureFile:
         signature = base64.b64decode(envelope["signatures"][0]["sig"], validate=True)
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, binascii.Error) as e:
         raise bad(f"{type(e).__name__}: {e}") from None
-    if not isinstance(hint, str) or len(hint) != 64:
-        raise bad("the public key hint is not a SHA-256 hex digest")
-    return SignatureFile(name, hint.lower(), payload, signature)
+    if not isinstance(hint, str) or not _SHA256_HEX.fullmatch(hint):
+        raise bad("the public key hint is not a SHA-256 hex digest (64 lower-case hex digits)")
+    return SignatureFile(name, hint, payload, signature)
 
 
 def read_signature_file(path: Path, name: str) -> SignatureFile:
@@ -151,27 +154,41 @@ def read_statement(path: Path, name: str) -> Statement:
 
 
 def parse_statement(payload: bytes, name: str) -> Statement:
-    """Read the signed statement; refuse anything but model-signing v1.0 'files' over SHA-256."""
+    """Read the signed statement; refuse anything but model-signing v1.0 'files' over SHA-256, digests in lower-case hex."""
 
     def bad(why: str) -> Refused:
         return Refused(f"{name}: the signed statement {why}")
 
     try:
-        doc = json.loads(payload.decode("utf-8"))
+        doc = safe_json.loads(payload, max_bytes=MAX_SIGNATURE_BYTES)
         if doc["_type"] != STATEMENT_TYPE or doc["predicateType"] != PREDICATE_TYPE:
             raise bad(f"has type {doc['_type']!r} / predicate {doc['predicateType']!r}, expected model-signing v1.0")
         serialization = doc["predicate"]["serialization"]
         if serialization.get("method") != "files" or serialization.get("hash_type") != "sha256":
             raise bad(f"uses serialization {serialization!r}; sovpack signs whole files with SHA-256")
-        resources = {}
-        for r in doc["predicate"]["resources"]:
-            if r["algorithm"] != "sha256" or r["name"] in resources:
-                raise bad(f"lists {r['name']!r} twice or with algorithm {r['algorithm']!r}")
-            resources[r["name"]] = r["digest"].lower()
+        resources = _resources(doc["predicate"]["resources"], bad)
         (subject,) = doc["subject"]
-        subject_name, subject_digest = str(subject["name"]), subject["digest"].get("sha256")
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        subject_name, subject_digest = subject["name"], subject["digest"]["sha256"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError and UnsafeJson are ValueErrors
         raise bad(f"is malformed ({type(e).__name__}: {e})") from None
+    if not isinstance(subject_name, str) or not _is_sha256_hex(subject_digest):
+        raise bad("has a subject without a name or a lower-case SHA-256 hex digest")
     if subject_digest != _root_digest(resources):
         raise bad("is inconsistent: its subject digest does not match its resources")
     return Statement(subject_name, resources)
+
+
+def _resources(listed: list, bad) -> dict[str, str]:
+    resources: dict[str, str] = {}
+    for r in listed:
+        resource, algorithm, digest = r["name"], r["algorithm"], r["digest"]
+        if not isinstance(resource, str) or algorithm != "sha256" or resource in resources:
+            raise bad(f"lists {resource!r} twice or with algorithm {algorithm!r}")
+        if not _is_sha256_hex(digest):
+            raise bad(f"lists {resource} with digest {digest!r}, not a lower-case SHA-256 hex digest")
+        resources[resource] = digest
+    return resources
+
+
+def _is_sha256_hex(value: object) -> bool:
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None

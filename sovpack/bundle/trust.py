@@ -47,7 +47,11 @@ def trusted_key_from_file(path: Path, name: str | None = None) -> TrustedKey:
 
 
 def load_trust(paths: list[Path], threshold: int = 1) -> TrustPolicy:
-    """Trusted keys from .pub files and directories of them (duplicates count once)."""
+    """Trusted keys from .pub files and directories of them (duplicates count once).
+
+    Raises: UsageError (a path that does not exist, a directory without .pub files), Refused (not a
+    PEM public key, or one on another curve).
+    """
     keys: dict[str, TrustedKey] = {}
     for path in paths:
         if path.is_dir():

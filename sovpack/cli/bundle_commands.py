@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from sovpack.cli import app
-from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP
-from sovpack.cli.render import console, human_size, print_json, warn_if_expired
-from sovpack.errors import UsageError
-
-
-def read_password(password_file: Optional[Path]) -> bytes | None:
-    if password_file is None:
-        return None
-    try:
-        password = password_file.read_bytes().rstrip(b"\r\n")
-    except OSError as e:
-        raise UsageError(f"cannot read --password-file {password_file}: {e.strerror}") from None
-    if not password:
-        raise UsageError(f"--password-file {password_file} is empty")
-    return password
+from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP, trust_store
+from sovpack.cli.passwords import load_signing_key, read_password
+from sovpack.cli.render import console, err_console, human_size, print_json, warn_if_expired
 
 
 @app.command()
 def keygen(
-    name: str = typer.Argument(..., help="Key name: writes NAME.key (private, mode 0600) and NAME.pub."),
-    dir: Path = typer.Option(Path("."), "--dir", help="Directory to write the key files into."),
-    curve: str = typer.Option("p384", "--curve", help="p384 (default) or p256."),
+    name: str = typer.Argument(..., metavar="NAME", help="Key name: writes NAME.key (private, mode 0600) and NAME.pub."),
+    dir: Path = typer.Option(Path("."), "--dir", metavar="DIR", help="Directory to write the key files into."),
+    curve: str = typer.Option("p384", "--curve", metavar="p384|p256", help="p384 (default) or p256."),
     password_file: Optional[Path] = typer.Option(
-        None, "--password-file", help="Encrypt the private key with the password in this file."
+        None, "--password-file", metavar="FILE", help="Encrypt the private key with the password in this file."
     ),
 ) -> None:
     """Create an ECDSA signing key pair as PEM files. Never overwrites an existing key."""
@@ -47,23 +34,45 @@ def keygen(
 
 @app.command()
 def pack(
-    src: Path = typer.Argument(..., help="Local model directory (safetensors or GGUF, config, tokenizer, ...)."),
-    out: Path = typer.Option(..., "--out", help="New bundle directory to create."),
-    name: str = typer.Option(..., "--name", help="Bundle name (letters, digits, '.', '_', '-')."),
-    version: int = typer.Option(1, "--version", help="Bundle version; the store refuses to go back to a lower one."),
-    expires: Optional[str] = typer.Option(None, "--expires", help="Expiry: 90d, 2027-01-01 or 2027-01-01T00:00:00Z."),
+    src: Path = typer.Argument(
+        ..., metavar="SRC_DIR", help="Local model directory (safetensors or GGUF, config, tokenizer, ...)."
+    ),
+    out: Path = typer.Option(..., "--out", metavar="BUNDLE", help="New bundle directory to create."),
+    name: str = typer.Option(..., "--name", metavar="NAME", help="Bundle name (letters, digits, '.', '_', '-')."),
+    version: int = typer.Option(1, "--version", metavar="N", help="Bundle version; the store refuses to go back to a lower one."),
+    expires: Optional[str] = typer.Option(
+        None, "--expires", metavar="90d|DATE", help="Expiry: 90d, 2027-01-01 or 2027-01-01T00:00:00Z."
+    ),
+    allow_file: Optional[list[str]] = typer.Option(
+        None,
+        "--allow-file",
+        metavar="GLOB",
+        help="Carry files matching GLOB (whole bundle path, e.g. 'onnx/*.onnx') even though sovpack cannot check "
+        "their kind, or Python wheels (e.g. 'wheels/*.whl'); recorded in the signed metadata and shown by inspect and "
+        "verify. Pickles are refused regardless, except inside an allowed wheel (which installs code anyway). "
+        "Repeatable.",
+    ),
 ) -> None:
-    """Turn a local model directory into an unsigned bundle (files copied or hard-linked)."""
+    """Turn a local model directory into an unsigned bundle (files copied or hard-linked).
+
+    Every file must be of a kind sovpack checks by its bytes: safetensors, GGUF, SentencePiece, PNG/JPEG/GIF/WebP,
+    JSON, Jinja or plain text; --allow-file carries other kinds and Python wheels. Pickles are always refused,
+    except inside an allowed wheel.
+    """
     from datetime import datetime, timezone
 
+    from sovpack.bundle.describe import allowances
     from sovpack.bundle.metadata import parse_expiry
     from sovpack.bundle.pack import pack as pack_bundle
 
     now = datetime.now(timezone.utc)
-    metadata, skipped = pack_bundle(src, out, name, version=version, expires=parse_expiry(expires, now), now=now)
+    metadata, skipped = pack_bundle(
+        src, out, name, version=version, expires=parse_expiry(expires, now), now=now, allowances=allow_file or []
+    )
     for s in skipped:
         console.print(f"skipped {s} (git metadata)")
     warn_if_expired(metadata)
+    _print_allowances(allowances(metadata), _wheels(metadata.to_json()["files"]))  # the allowances just recorded
     total = sum(f.size for f in metadata.files)
     console.print(f"packed {metadata.name} v{metadata.version}: {len(metadata.files)} files, {human_size(total)} -> {out}")
     console.print(f"next: sovpack sign {out} --key KEYFILE")
@@ -71,18 +80,16 @@ def pack(
 
 @app.command()
 def sign(
-    bundle: Path = typer.Argument(..., help="Bundle directory."),
-    key: Path = typer.Option(..., "--key", help="Private key (PEM) from `sovpack keygen`."),
-    password_file: Optional[Path] = typer.Option(None, "--password-file", help="File holding the private key's password."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory."),
+    key: Path = typer.Option(..., "--key", metavar="KEYFILE", help="Private key (PEM) from `sovpack keygen`."),
+    password_file: Optional[Path] = typer.Option(
+        None, "--password-file", metavar="FILE", help="File holding the private key's password."
+    ),
 ) -> None:
     """Check the bundle's files against its inventory, then add this key's signature."""
-    from sovpack.bundle.keys import load_private_key, private_key_is_encrypted
     from sovpack.bundle.sign import sign_bundle
 
-    password = read_password(password_file)
-    if password is None and private_key_is_encrypted(key) and sys.stdin.isatty():
-        password = typer.prompt(f"password for {key}", hide_input=True).encode()
-    result = sign_bundle(bundle, load_private_key(key, password))
+    result = sign_bundle(bundle, load_signing_key(key, password_file))
     action = "replaced the signature of" if result.replaced else "signed"
     console.print(f"{action} {result.metadata.name} v{result.metadata.version} with key {result.key_id}: {result.path}")
     for stale in result.stale:
@@ -91,18 +98,21 @@ def sign(
 
 @app.command()
 def verify(
-    bundle: str = typer.Argument(..., help="Bundle directory, or NAME\\[@VERSION] of a bundle installed in the store."),
-    trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP),
-    threshold: Optional[int] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    bundle: str = typer.Argument(
+        ..., metavar="BUNDLE_OR_NAME[@V]", help="Bundle directory, or NAME[@VERSION] of a bundle installed in the store."
+    ),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", metavar="DIR_OR_PUBFILE", help=TRUST_HELP),
+    threshold: Optional[int] = typer.Option(None, "--threshold", metavar="K", help=THRESHOLD_HELP),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report instead of a table."),
 ) -> None:
     """Check signatures, threshold, metadata, inventory, digests, formats and expiry, in that order."""
-    from sovpack.bundle.trust import load_trust
-    from sovpack.store.store import Store, verify_target
+    from sovpack.store.target import choose_policy, find_target, is_bundle_path, verify_target
 
-    policy = load_trust(trust, threshold or 1) if trust else None
-    report = verify_target(bundle, Store(store), policy, threshold)
+    # the store is read for an installed NAME, and for its trust when --trust is not given
+    target_store = trust_store(trust if is_bundle_path(bundle) else None, store)
+    target = find_target(bundle, target_store)
+    report = verify_target(target, target_store, choose_policy(target_store, trust or (), threshold))
     if json_output:
         print_json(report.to_json())
     else:
@@ -126,22 +136,24 @@ def render_verify_report(report) -> None:
     if report.failure:
         table.add_row(report.failure.step, "[bold red]FAILED[/]", escape(str(report.failure)))
     console.print(table)
+    _print_allowances(report.to_json()["allowed_files"], _wheels(report.to_json()["files"]))
     for s in report.signatures:
         who = f"{s.signer.name} ({s.key_id})" if s.signer else f"key {s.key_id}"
         verdict = {
             "valid": "[green]valid, trusted[/]",
             "stale": "[yellow]trusted, but signs another version of sovpack.json[/]",
         }.get(s.status, "[yellow]not in the trust set[/]")
-        console.print(f"  {escape(s.file)}: {escape(who)} {verdict}")
+        console.print(f"  {escape(s.file)}: {escape(who)} {verdict}", soft_wrap=True)
+    # the verdict: one line however wide the terminal; a refusal on stderr, as every other refusal
     if report.ok:
-        console.print(f"[bold green]VERIFIED[/] {escape(title)}")
+        console.print(f"[bold green]VERIFIED[/] {escape(title)}", soft_wrap=True)
     else:
-        console.print(f"[bold red]REFUSED[/] {escape(title)}: {escape(str(report.failure))}")
+        err_console.print(f"[bold red]REFUSED[/] {escape(title)}: {escape(str(report.failure))}", soft_wrap=True)
 
 
 @app.command()
 def inspect(
-    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory."),
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON document."),
 ) -> None:
     """Show what a bundle holds (files, formats, sources, signatures) without keys or hashing."""
@@ -176,6 +188,7 @@ def render_description(doc: dict) -> None:
             escape(_source(f.get("source"))),
         )
     console.print(table)
+    _print_allowances(doc["allowed_files"], _wheels(doc["files"]))
     if not doc["signatures"]:
         console.print("signatures: none (unsigned)")
     for s in doc["signatures"]:
@@ -187,24 +200,56 @@ def render_description(doc: dict) -> None:
         console.print(f"signature {escape(s['file'])}: key {s['key_id']} {state}")
 
 
+def _wheels(files: list[dict]) -> set[str]:
+    return {f["path"] for f in files if f.get("format") == "wheel"}
+
+
+def _print_allowances(allowances: list[dict], wheels: set[str]) -> None:
+    """Each allowance and what it carries: Python wheels (validated as wheels), files of no kind sovpack checks."""
+    from rich.markup import escape
+
+    for a in allowances:
+        carried = []
+        if wheel_count := sum(1 for f in a["files"] if f in wheels):
+            carried.append(
+                f"{wheel_count} Python wheel(s) (validated as wheels; they install code, "
+                "their members are not searched for pickles)"
+            )
+        if others := [f for f in a["files"] if f not in wheels]:
+            carried.append(f"{', '.join(others)}, of no kind sovpack checks (pickle-checked only)")
+        what = "; ".join(carried) or "no file"
+        console.print(f"[yellow]allowance[/] --allow-file {escape(repr(a['glob']))} (signed): carries {escape(what)}")
+
+
 def _details(details: dict | None) -> str:
-    if not details:
+    """One line for the inspector's details (read from an unsigned sovpack.json: any value may be of any type)."""
+    if not isinstance(details, dict) or not details:
         return ""
     if "file_type" in details:
-        mix = ", ".join(
-            f"{count} {name}" for name, count in sorted((details.get("tensor_types") or {}).items(), key=lambda kv: -kv[1])
-        )
+        types = details.get("tensor_types")
+        counts = sorted(types.items(), key=lambda kv: -kv[1] if isinstance(kv[1], int) else 0) if isinstance(types, dict) else []
+        mix = ", ".join(f"{count} {name}" for name, count in counts)
         parts = [
             details.get("architecture") or "?",
             details.get("file_type") or "type unknown",
             f"({mix})" if mix else "",
             f"ctx {details.get('context_length')}",
         ]
-        if details.get("chat_template_sha256"):
+        if isinstance(details.get("chat_template_sha256"), str):
             parts.append(f"template {details['chat_template_sha256'][:12]}")
         return " ".join(str(p) for p in parts if p)
-    dtypes = ",".join(details.get("dtypes", {}))
-    return f"{details.get('tensor_count')} tensors {dtypes} {details.get('parameter_count'):,} params"
+    if "image" in details:
+        size = f" {details.get('width')}x{details.get('height')}" if "width" in details else ""
+        return f"{details['image']} image{size}"
+    if "pieces" in details:
+        return f"{details['pieces']} pieces"
+    if "wheel_version" in details:
+        tags = details.get("tags")
+        tags = ", ".join(map(str, tags)) if isinstance(tags, list) else tags
+        return f"wheel {details.get('distribution')} {details.get('version')} ({tags}), {details.get('members')} members"
+    dtypes = ",".join(map(str, details.get("dtypes", {}))) if isinstance(details.get("dtypes"), dict) else ""
+    count = details.get("parameter_count")
+    return f"{details.get('tensor_count')} tensors {dtypes} {f'{count:,}' if isinstance(count, int) else count} params"
 
 
 def _source(source: dict | None) -> str:

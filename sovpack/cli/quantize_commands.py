@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +16,7 @@ TYPES_HELP = "Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, Q4_0
 
 @app.command()
 def quantize(
-    bundle: Path = typer.Argument(..., help="Bundle directory holding the F32/F16/BF16 GGUF to quantize."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory holding the F32/F16/BF16 GGUF to quantize."),
     types: list[str] = typer.Option(
         ...,
         "--type",
@@ -49,9 +48,10 @@ def quantize(
     bytes against the inventory first, records the input digest, type, llama.cpp version and
     options for every output, and adds all outputs or none. The bundle must be signed again.
     """
+    from sovpack.cli.progress_view import ProgressView
     from sovpack.quantize.build import quantize_bundle
 
-    with _progress_display() as on_progress:
+    with ProgressView(console) as progress:
         result = quantize_bundle(
             bundle,
             types,
@@ -59,7 +59,7 @@ def quantize(
             threads=threads,
             allow_requantize=allow_requantize,
             version=version,
-            on_progress=on_progress,
+            progress=progress,
         )
     _report(bundle, result)
 
@@ -94,39 +94,3 @@ def _report(bundle: Path, result) -> None:
             f"(pass --version {result.previous_version} to keep it)"
         )
     say(f"next: sovpack sign {escape(str(bundle))} --key KEYFILE")
-
-
-@contextmanager
-def _progress_display():
-    """A spinner with elapsed time and tensor counts on a terminal; silence otherwise."""
-    if not console.is_terminal:
-        yield None
-        return
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    labels = {"checking": "checking {} against the inventory", "quantizing": "quantizing {}", "hashing": "hashing {}"}
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        TextColumn("{task.fields[count]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("starting", total=None, count="")
-
-        def on_progress(event) -> None:
-            count = ""
-            if event.stage == "quantizing" and event.total:
-                count = f"tensor {event.done}/{event.total}"
-            elif event.stage == "checking" and event.total:
-                count = f"{human_size(event.done)} / {human_size(event.total)}"
-            progress.update(
-                task,
-                description=labels[event.stage].format(event.subject),
-                completed=event.done,
-                total=event.total or None,
-                count=count,
-            )
-
-        yield on_progress

@@ -18,6 +18,14 @@ def print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, emoji=False)
 
 
+def print_usage_error(message: str, ctx) -> None:
+    """A usage error Typer found: one `error:` line, as sovpack's own, then the usage line."""
+    print_error(message)
+    if ctx is not None:
+        hint = f" (`{ctx.command_path} {ctx.help_option_names[0]}` for help)" if ctx.help_option_names else ""
+        err_console.print(escape(ctx.get_usage() + hint), soft_wrap=True, emoji=False)
+
+
 def print_json(document: object) -> None:
     sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 

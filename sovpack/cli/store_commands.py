@@ -9,66 +9,108 @@ from typing import Optional
 import typer
 
 from sovpack.cli import app
-from sovpack.cli.options import STORE_HELP
+from sovpack.cli.command import Typer
+from sovpack.cli.options import NEW_STORE_HELP, STORE_HELP, existing_store, new_or_existing_store
 from sovpack.cli.render import console, human_size, print_json
 
-trust_app = typer.Typer(help="The keys the store trusts, and how many of them must have signed.", no_args_is_help=True)
-audit_app = typer.Typer(help="The store's hash-chained audit log.", no_args_is_help=True)
+trust_app = Typer(help="The keys the store trusts, and how many of them must have signed.", no_args_is_help=True)
+audit_app = Typer(help="The store's hash-chained audit log.", no_args_is_help=True)
 app.add_typer(trust_app, name="trust")
 app.add_typer(audit_app, name="audit")
 
 
-def _store(store: Optional[Path]):
-    from sovpack.store.store import Store
-
-    return Store(store)
-
-
 @app.command("list")
 def list_command(
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON document."),
 ) -> None:
     """Installed bundles: name, version, size, signers, expiry, GGUF variants."""
     from rich.markup import escape
-    from rich.table import Table
 
-    from sovpack.store.store import installed_summary
+    from sovpack.store.listing import summarize
 
-    target = _store(store)
-    rows = [installed_summary(target, b) for b in target.installed()]
+    target = existing_store(store)
+    rows = [summarize(target, b).to_json() for b in target.installed()]
     if json_output:
         print_json({"store": str(target.root), "bundles": rows})
         return
     if not rows:
         console.print(f"no bundles installed in {escape(str(target.root))}")
         return
-    table = Table(title=f"store {escape(str(target.root))}", title_justify="left")
-    for column in ("name", "version", "size", "signers", "expires", "GGUF variants", "imported"):
-        table.add_column(column, overflow="fold")
-    for r in rows:
-        signers = escape(", ".join(r["signers"])) or "?"
-        if r["problem"]:
-            signers += f" [red]{escape(r['problem'])}[/]"
-        table.add_row(
-            escape(r["name"]),
-            str(r["version"]),
-            human_size(r["size"] or 0),
-            signers,
-            r["expires"] or "never",
-            ", ".join(r["gguf_variants"]) or "-",
-            r["imported"] or "?",
+    console.print(f"store {escape(str(target.root))}", soft_wrap=True)
+    console.print(_bundle_table(rows, console.width))
+
+
+LIST_COLUMNS = ("name", "version", "size", "signers", "expires", "GGUF variants", "imported")
+FOLDING = {"signers": 7, "GGUF variants": 8}  # lists of short words fold, down to these widths; the other columns never wrap
+
+
+def _bundle_table(rows: list[dict], width: int):
+    """One bundle per line, except where signers or GGUF variants fold; a name too long for the terminal ends in '…'."""
+    from rich.table import Table
+
+    cells = [_list_cells(r) for r in rows]
+    natural = {c: max(len(c), *(row[i].cell_len for row in cells)) for i, c in enumerate(LIST_COLUMNS)}
+    widths = _fit(natural, width - (len(LIST_COLUMNS) - 1))  # one space between columns
+    table = Table(box=None, padding=(0, 0, 0, 1), pad_edge=False, header_style="bold")
+    for column in LIST_COLUMNS:
+        table.add_column(
+            column,
+            width=widths[column],
+            no_wrap=column not in FOLDING,
+            overflow="fold" if column in FOLDING else "ellipsis",
+            justify="right" if column in ("version", "size") else "left",
         )
-    console.print(table)
+    for row in cells:
+        table.add_row(*row)
+    return table
+
+
+def _fit(natural: dict[str, int], width: int) -> dict[str, int]:
+    """Fixed columns at their natural width; then the name; the folding columns share what is left."""
+    widths = dict(natural)
+    smallest = {c: min(natural[c], least) for c, least in FOLDING.items()}
+    spare = width - sum(w for c, w in natural.items() if c != "name" and c not in FOLDING)
+    widths["name"] = max(4, min(natural["name"], spare - sum(smallest.values())))
+    left = spare - widths["name"]
+    if sum(natural[c] for c in FOLDING) > left:
+        extra = max(0, left - sum(smallest.values()))
+        wanted = sum(natural[c] - smallest[c] for c in FOLDING) or 1
+        for c in FOLDING:
+            widths[c] = smallest[c] + extra * (natural[c] - smallest[c]) // wanted
+    return widths
+
+
+def _list_cells(r: dict) -> list:
+    from rich.text import Text
+
+    signers = Text(", ".join(r["signers"]) or "?")
+    if r["problem"]:
+        signers.append(f" {r['problem']}", style="red")
+    return [
+        Text(r["name"]),
+        Text(str(r["version"])),
+        Text(human_size(r["size"] or 0)),
+        signers,
+        Text(_day(r["expires"]) if r["expires"] else "never"),
+        Text(", ".join(r["gguf_variants"]) or "-"),
+        Text(r["imported"][:10] if r["imported"] else "?"),
+    ]
+
+
+def _day(timestamp: str) -> str:
+    """2027-01-01T00:00:00Z as 2027-01-01; another time of day as 2027-01-01 12:30 (UTC)."""
+    day, _, time = timestamp.partition("T")
+    return day if time in ("", "00:00:00Z") else f"{day} {time[:5]}"
 
 
 @app.command()
 def remove(
-    spec: str = typer.Argument(..., help="NAME@VERSION, or NAME when a single version is installed."),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    spec: str = typer.Argument(..., metavar="NAME[@VERSION]", help="NAME@VERSION, or NAME when a single version is installed."),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
 ) -> None:
     """Remove an installed bundle. The rollback high-water mark stays; unshared files are deleted."""
-    target = _store(store)
+    target = existing_store(store)
     removed = target.remove(spec)
     console.print(
         f"removed {removed.name} v{removed.version}; the store still refuses "
@@ -78,22 +120,25 @@ def remove(
 
 @trust_app.command("add")
 def trust_add(
-    pub_file: Path = typer.Argument(..., help="Public key (PEM) of a signer to trust."),
-    name: Optional[str] = typer.Option(None, "--name", help="How to call this signer (default: the file name without .pub)."),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    pub_file: Path = typer.Argument(..., metavar="PUBFILE", help="Public key (PEM) of a signer to trust."),
+    name: Optional[str] = typer.Option(
+        None, "--name", metavar="NAME", help="How to call this signer (default: the file name without .pub)."
+    ),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=NEW_STORE_HELP),
 ) -> None:
     """Trust a signer's public key for import, verify and serve."""
-    key = _store(store).add_trusted_key(pub_file, name)
+    with new_or_existing_store(store) as target:
+        key = target.add_trusted_key(pub_file, name)
     console.print(f"trusted {key.name} (key id {key.key_id})")
 
 
 @trust_app.command("list")
 def trust_list(
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON document."),
 ) -> None:
     """The trusted keys and the threshold."""
-    target = _store(store)
+    target = existing_store(store)
     keys = target.trusted_keys()
     if json_output:
         print_json(
@@ -110,21 +155,21 @@ def trust_list(
 
 @trust_app.command("remove")
 def trust_remove(
-    name_or_id: str = typer.Argument(..., help="The signer's name or key id."),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    name_or_id: str = typer.Argument(..., metavar="NAME_OR_ID", help="The signer's name or key id."),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
 ) -> None:
     """Stop trusting a key. Bundles it accepted are refused by serve unless enough other trusted keys signed."""
-    key = _store(store).remove_trusted_key(name_or_id)
+    key = existing_store(store).remove_trusted_key(name_or_id)
     console.print(f"no longer trusted: {key.name} (key id {key.key_id})")
 
 
 @trust_app.command("threshold")
 def trust_threshold(
-    threshold: int = typer.Argument(..., help="How many distinct trusted keys must have signed a bundle."),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    threshold: int = typer.Argument(..., metavar="K", help="How many distinct trusted keys must have signed a bundle."),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
 ) -> None:
     """Set the store's threshold (k of n)."""
-    target = _store(store)
+    target = existing_store(store)
     target.set_threshold(threshold)
     count = len(target.trusted_keys())
     console.print(f"threshold set to {threshold} ({count} key(s) trusted)")
@@ -136,23 +181,25 @@ def trust_threshold(
 
 
 @audit_app.command("verify")
-def audit_verify(store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
+def audit_verify(store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP)) -> None:
     """Check the hash chain of the audit log and its head witness; print the head digest to note down elsewhere."""
-    target = _store(store)
+    target = existing_store(store)
     status = target.audit.verify_chain()
     console.print(f"audit log {target.audit.path}: {status.records} record(s), chain intact")
     console.print(f"head sha256 {status.head}")
+    if syslog_target := target.syslog_target():
+        console.print(f"copied to syslog {syslog_target}")
 
 
 @audit_app.command("show")
 def audit_show(
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the records as a JSON array."),
 ) -> None:
     """Print the audit log."""
     from rich.markup import escape
 
-    records = _store(store).audit.records()
+    records = existing_store(store).audit.records()
     if json_output:
         print_json(records)
         return
@@ -160,3 +207,14 @@ def audit_show(
         rest = {k: v for k, v in r.items() if k not in ("seq", "time", "event", "prev")}
         details = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}" for k, v in rest.items())
         console.print(f"{r.get('seq')}  {r.get('time')}  {escape(str(r.get('event')))}  {escape(details)}", soft_wrap=True)
+
+
+@audit_app.command("syslog")
+def audit_syslog(
+    target: str = typer.Argument(..., metavar="TARGET|off", help="/dev/log (a Unix datagram socket), udp://HOST:PORT, or off."),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
+) -> None:
+    """Copy every audit record to the system log (RFC 5424) from now on, so that a copy exists outside the store."""
+    chosen = None if target == "off" else target
+    existing_store(store).set_syslog(chosen)
+    console.print(f"audit records are copied to {chosen}" if chosen else "audit records are no longer copied to syslog")

@@ -9,92 +9,40 @@ from typing import Optional
 import typer
 
 from sovpack.cli import app
-from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP
+from sovpack.cli.options import NEW_STORE_HELP, STORE_HELP, THRESHOLD_HELP, TRUST_HELP, new_or_existing_store, trust_store
+from sovpack.cli.passwords import load_signing_key
 from sovpack.cli.render import console, err_console, human_size, print_json
-from sovpack.common.progress import Progress
 from sovpack.errors import UsageError
-
-
-class TerminalProgress(Progress):
-    """Progress bars on a terminal (on stderr, so that a stream on stdout stays clean); a line per volume unless told not to."""
-
-    def __init__(self, out, *, volume_lines: bool = True):
-        self.out, self.volume_lines = out, volume_lines
-        self.bars = None
-        self.task = None
-        if err_console.is_terminal:
-            from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-            from rich.progress import Progress as Bars
-
-            self.bars = Bars(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=err_console,
-                transient=True,
-            )
-
-    def __enter__(self) -> "TerminalProgress":
-        if self.bars:
-            self.bars.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bars:
-            self.bars.stop()
-
-    def phase(self, name: str, total: int | None = None) -> None:
-        if self.bars:
-            if self.task is not None:
-                self.bars.remove_task(self.task)
-            self.task = self.bars.add_task(name, total=total)
-
-    def advance(self, n: int) -> None:
-        if self.bars and self.task is not None:
-            self.bars.advance(self.task, n)
-
-    def volume(self, status) -> None:
-        from rich.markup import escape
-
-        if not self.volume_lines:
-            return
-        colour = {"ok": "green", "reused": "green", "damaged": "bold red", "missing": "bold red"}[status.state]
-        label = "OK" if status.state == "reused" else status.state.upper()
-        detail = f"  {escape(status.detail)}" if status.detail else ""
-        self.out.print(f"  {escape(status.file)}  [{colour}]{label}[/]{detail}", soft_wrap=True)
-
-
-def _policy(trust: Optional[list[Path]], threshold: Optional[int], store, *, required: bool = True):
-    from sovpack.bundle.trust import load_trust
-
-    if trust:
-        return load_trust(trust, threshold or 1)
-    if not required and not store.trusted_keys():
-        return None
-    return store.trust_policy(threshold)
 
 
 @app.command()
 def export(
-    bundle: Path = typer.Argument(..., help="Signed bundle directory."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Signed bundle directory."),
     to: str = typer.Option(
-        ..., "--to", help="Directory for the volumes and their index, or - for one stream on standard output (data diode)."
+        ...,
+        "--to",
+        metavar="DIR|-",
+        help="Directory for the volumes and their index, or - for one stream on standard output (data diode).",
     ),
     volume_size: Optional[str] = typer.Option(
         None,
         "--volume-size",
+        metavar="SIZE",
         help=(
             "Largest volume: 700M, 4G, 4.7G (decimal, as media are labelled) "
             "or 4095MiB (binary). Default 4095MiB, which fits FAT32."
         ),
     ),
-    key: Optional[Path] = typer.Option(None, "--key", help="Also sign the index (and so every volume) with this private key."),
-    password_file: Optional[Path] = typer.Option(None, "--password-file", help="File holding the --key password."),
+    key: Optional[Path] = typer.Option(
+        None, "--key", metavar="KEYFILE", help="Also sign the index (and so every volume) with this private key."
+    ),
+    password_file: Optional[Path] = typer.Option(
+        None, "--password-file", metavar="FILE", help="File holding the --key password."
+    ),
     since: Optional[Path] = typer.Option(
         None,
         "--since",
+        metavar="OLD_INDEX_OR_BUNDLE",
         help=(
             "Leave out files the secure side already holds: the index of an "
             "earlier export (or the directory holding it), or the earlier bundle."
@@ -102,6 +50,7 @@ def export(
     ),
 ) -> None:
     """Write a signed bundle as volumes for media (FAT32-sized by default), with an index; or as one stream."""
+    from sovpack.cli.progress_view import ProgressView
     from sovpack.transfer.export import export_stream, export_volumes
     from sovpack.transfer.index import DEFAULT_VOLUME_SIZE, parse_volume_size
 
@@ -112,25 +61,15 @@ def export(
             raise UsageError(
                 "--to - writes the bundle to standard output, which is a terminal: redirect it to a file, pipe or diode"
             )
-        with TerminalProgress(err_console) as progress:
+        with ProgressView(err_console) as progress:
             result = export_stream(bundle, sys.stdout.buffer, since=since, progress=progress)
         _render_export(result, err_console)
         return
     size = parse_volume_size(volume_size) if volume_size else DEFAULT_VOLUME_SIZE
-    private_key = _load_key(key, password_file) if key else None
-    with TerminalProgress(console) as progress:
+    private_key = load_signing_key(key, password_file) if key else None
+    with ProgressView(console, bars=err_console) as progress:
         result = export_volumes(bundle, Path(to), volume_size=size, private_key=private_key, since=since, progress=progress)
     _render_export(result, console)
-
-
-def _load_key(key: Path, password_file: Optional[Path]):
-    from sovpack.bundle.keys import load_private_key, private_key_is_encrypted
-    from sovpack.cli.bundle_commands import read_password
-
-    password = read_password(password_file)
-    if password is None and private_key_is_encrypted(key) and sys.stdin.isatty():
-        password = typer.prompt(f"password for {key}", hide_input=True).encode()
-    return load_private_key(key, password)
 
 
 def _render_export(result, out) -> None:
@@ -151,18 +90,23 @@ def _render_export(result, out) -> None:
 
 @app.command("check-volumes")
 def check_volumes_command(
-    directory: Path = typer.Argument(..., help="Directory holding the volumes and their index (or the index file)."),
-    trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP + " Used to check the index signature."),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    directory: Path = typer.Argument(
+        ..., metavar="DIR_OR_INDEX", help="Directory holding the volumes and their index (or the index file)."
+    ),
+    trust: Optional[list[Path]] = typer.Option(
+        None, "--trust", metavar="DIR_OR_PUBFILE", help=TRUST_HELP + " Used to check the index signature."
+    ),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON report."),
 ) -> None:
     """Check every volume on its own against the index: OK, damaged or missing. Nothing is written."""
-    from sovpack.store.store import Store
+    from sovpack.cli.progress_view import ProgressView
+    from sovpack.store.target import choose_policy
     from sovpack.transfer.index import find_index
     from sovpack.transfer.volume_check import check_volumes
 
-    policy = _policy(trust, None, Store(store), required=False)
-    with TerminalProgress(err_console if json_output else console, volume_lines=not json_output) as progress:
+    policy = choose_policy(trust_store(trust, store), trust or (), None, required=False)
+    with ProgressView(err_console if json_output else console, bars=err_console, volume_lines=not json_output) as progress:
         report = check_volumes(find_index(directory), policy, progress=progress)
     if json_output:
         print_json(_volume_report_json(report))
@@ -199,11 +143,13 @@ def _render_volume_summary(report) -> None:
 @app.command("import")
 def import_command(
     source: str = typer.Argument(
-        ..., help="Directory holding the volumes and their index, the index file, or - for a stream on standard input."
+        ...,
+        metavar="DIR_OR_INDEX_OR_-",
+        help="Directory holding the volumes and their index, the index file, or - for a stream on standard input.",
     ),
-    trust: Optional[list[Path]] = typer.Option(None, "--trust", help=TRUST_HELP),
-    threshold: Optional[int] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", metavar="DIR_OR_PUBFILE", help=TRUST_HELP),
+    threshold: Optional[int] = typer.Option(None, "--threshold", metavar="K", help=THRESHOLD_HELP),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=NEW_STORE_HELP),
     allow_downgrade: bool = typer.Option(
         False, "--allow-downgrade", help="Install a version not newer than the highest ever installed."
     ),
@@ -211,17 +157,17 @@ def import_command(
     """Check the volumes, reassemble and fully verify the bundle, then install it into the store atomically."""
     from rich.markup import escape
 
-    from sovpack.store.store import Store
+    from sovpack.cli.progress_view import ProgressView
+    from sovpack.store.target import choose_policy
     from sovpack.transfer.import_ import import_bundle
 
-    target = Store(store)
-    policy = _policy(trust, threshold, target)
-    with TerminalProgress(console) as progress:
+    policy = choose_policy(trust_store(trust, store), trust or (), threshold)
+    with new_or_existing_store(store) as target, ProgressView(console, bars=err_console) as progress:
         result = import_bundle(source, target, policy, allow_downgrade=allow_downgrade, stdin=sys.stdin.buffer, progress=progress)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     b = result.installed
-    signers = ", ".join(a["name"] for a in b.record.get("accepted_by", [])) or "?"
+    signers = ", ".join(b.record.signer_names) or "?"
     if result.outcome == "already-installed":
         console.print(f"{escape(b.name)} v{b.version} is already installed (same signed sovpack.json) at {escape(str(b.path))}")
         return
@@ -232,7 +178,7 @@ def import_command(
             f", {result.linked} already held by the store" if result.linked else ""
         )
     console.print(
-        f"[bold green]INSTALLED[/] {escape(b.name)} v{b.version} ({human_size(b.record.get('size', 0))}, {origin}), "
+        f"[bold green]INSTALLED[/] {escape(b.name)} v{b.version} ({human_size(b.record.size or 0)}, {origin}), "
         f"accepted by {escape(signers)} -> {escape(str(b.path))}",
         soft_wrap=True,
     )

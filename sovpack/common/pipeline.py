@@ -25,7 +25,6 @@ from sovpack.common.hashing import READ_SIZE
 RING_BUFFERS = 6
 ALIGN = 4096  # O_DIRECT wants file offsets, lengths and memory aligned to the device's block (512 or 4096 bytes)
 O_DIRECT = getattr(os, "O_DIRECT", 0)
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write refused for want of room (or of a larger file limit)
 
 
 class Lane:
@@ -190,14 +189,3 @@ def _start_direct_io(fd: int) -> bool:
 def _stop_direct_io(fd: int) -> bool:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
     return False
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file that is no longer open to disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None
-    finally:
-        os.close(fd)

@@ -15,7 +15,6 @@ checked: a half-written bundle is never published.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -25,12 +24,14 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from sovpack import __version__
-from sovpack.bundle.directory import write_atomically
 from sovpack.bundle.metadata import BundleMetadata, FileEntry, check_name, parse_expiry
 from sovpack.bundle.pack import StagedBundle, file_entry
+from sovpack.common.files import DISK_FULL, HeldLock, require_free_space, write_atomically
 from sovpack.common.hashing import SHARD_SIZE, FileDigest
+from sovpack.common.progress import Progress
 from sovpack.common.sizes import human_size
 from sovpack.errors import Failure, UsageError
 from sovpack.fetch.hub import Hub, RemoteFile
@@ -43,22 +44,12 @@ MAX_PARALLEL = 8  # files downloaded at once (as snapshot_download)
 SPACE_MARGIN = 16 * 1024 * 1024
 
 
-class FetchEvents:
-    """Progress callbacks; the command line renders them, tests may record them. Called from worker threads."""
-
-    def planned(self, plan: Plan, status: dict[str, FileStatus]) -> None: ...
-
-    def started(self, f: RemoteFile, kept: int) -> None: ...
-
-    def advanced(self, f: RemoteFile, n: int) -> None: ...
-
-    def finished(self, f: RemoteFile, reused: bool = False) -> None:
-        """`f` is checked and in place; `reused` when an earlier run had already downloaded and checked it."""
+FileState = Literal["download", "partial", "staged"]  # nothing kept, `kept` bytes kept, complete and checked
 
 
 @dataclass(frozen=True)
 class FileStatus:
-    state: str  # "download" (nothing kept), "partial" (`kept` bytes kept), "staged" (complete and checked)
+    state: FileState
     kept: int = 0
 
 
@@ -89,11 +80,17 @@ def fetch(
     *,
     endpoint: str | None = None,
     dry_run: bool = False,
-    events: FetchEvents | None = None,
+    progress: Progress | None = None,
     now: datetime | None = None,
 ) -> FetchResult:
-    """Fetch `request` into a new bundle at `out` (or, with `dry_run`, only say what would be fetched)."""
-    events = events or FetchEvents()
+    """Fetch `request` into a new bundle at `out` (or, with `dry_run`, only say what would be fetched).
+
+    `progress` gets a note per resolved commit and per file left out, then a phase for the
+    whole download and an item per file. Raises: UsageError (the request or `out`), Refused (a
+    file that does not match what the Hub published, one the file-kind gate refuses: a pickle
+    by its bytes or a kind sovpack does not check; an unsafe name), Failure (network, disk).
+    """
+    progress = progress or Progress()
     now = now or datetime.now(timezone.utc)
     name = bundle_name(request)
     expires = parse_expiry(request.expires, now)
@@ -109,14 +106,15 @@ def fetch(
         else {f.path: FileStatus("download") for f in plan.files}
     )
     result = FetchResult(plan, status, out=out)
-    events.planned(plan, status)
+    _note_plan(plan, progress)
     if dry_run:
         return result
     _check_free_space(out, result.to_download)
+    progress.phase(f"total ({len(plan.files)} files)", plan.total_size)
 
     staged = StagedBundle(out, resume=True)
     try:
-        return _fetch_into(staged, hub, plan, result, events, name=name, expires=expires, now=now, version=request.version)
+        return _fetch_into(staged, hub, plan, result, progress, name=name, expires=expires, now=now, version=request.version)
     except OSError as e:
         raise _write_failure(e, "the bundle", staged.dir) from None
 
@@ -126,7 +124,7 @@ def _fetch_into(
     hub: Hub,
     plan: Plan,
     result: FetchResult,
-    events: FetchEvents,
+    progress: Progress,
     *,
     name: str,
     version: int,
@@ -141,9 +139,9 @@ def _fetch_into(
         digests = {f.path: staging.complete[f.path].digest for f in plan.files if status[f.path].state == "staged"}
         for f in plan.files:
             if status[f.path].state == "staged":
-                events.started(f, f.size)
-                events.finished(f, reused=True)
-        entries = _download_all(hub, staging, todo, status, events)
+                progress.item_started(f.path, f.size, f.size)
+                progress.item_finished(f.path, _checked(f), reused=True)
+        entries = _download_all(hub, staging, todo, status, progress)
         for f in plan.files:
             if f.path not in entries:
                 entries[f.path] = file_entry(staging.root / f.path, f.path, digests[f.path], f.provenance(hub.endpoint))
@@ -163,7 +161,19 @@ def _fetch_into(
     return result
 
 
-def _download_all(hub: Hub, staging: _Staging, todo: list[RemoteFile], status, events: FetchEvents) -> dict[str, FileEntry]:
+def _note_plan(plan: Plan, progress: Progress) -> None:
+    for selection, snapshot in plan.snapshots:
+        progress.note(f"{selection.repo}@{selection.revision} -> commit {snapshot.commit}")
+    for s in plan.skipped:
+        progress.note(f"  skipped {s.repo}:{s.path} ({s.reason})")
+
+
+def _checked(f: RemoteFile) -> str:
+    """How a file was checked, for the line that says it is."""
+    return f"{human_size(f.size)}, {f.expected[0]} {f.expected[1][:16]}..."
+
+
+def _download_all(hub: Hub, staging: _Staging, todo: list[RemoteFile], status, progress: Progress) -> dict[str, FileEntry]:
     """Download `todo` in parallel, largest first; the first failure stops the others (their bytes are kept)."""
     entries: dict[str, FileEntry] = {}
     if not todo:
@@ -171,11 +181,11 @@ def _download_all(hub: Hub, staging: _Staging, todo: list[RemoteFile], status, e
     cancel = threading.Event()
 
     def one(f: RemoteFile) -> FileEntry:
-        events.started(f, status[f.path].kept)
+        progress.item_started(f.path, f.size, status[f.path].kept)
         try:
             partial = staging.partial_path(f.path)
             staging.record_partial(f)
-            digest = hub.download(f, partial, on_bytes=lambda n: events.advanced(f, n), cancel=cancel)
+            digest = hub.download(f, partial, on_bytes=lambda n: progress.item_advanced(f.path, n), cancel=cancel)
             target = staging.root / f.path
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial, target)
@@ -183,7 +193,7 @@ def _download_all(hub: Hub, staging: _Staging, todo: list[RemoteFile], status, e
             staging.record_complete(f, digest)
         except OSError as e:
             raise _write_failure(e, f.path, staging.root) from None
-        events.finished(f)
+        progress.item_finished(f.path, _checked(f))
         return entry
 
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(todo)), thread_name_prefix="fetch") as pool:
@@ -201,7 +211,7 @@ def _download_all(hub: Hub, staging: _Staging, todo: list[RemoteFile], status, e
 
 
 def _write_failure(error: OSError, what: str, root: Path) -> Failure:
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in DISK_FULL:
         return Failure(
             f"disk full while writing {what} into {root}: free some space and re-run the same command; "
             "what was downloaded so far is kept and the fetch continues from there"
@@ -211,15 +221,17 @@ def _write_failure(error: OSError, what: str, root: Path) -> Failure:
 
 
 def _check_free_space(out: Path, needed: int) -> None:
-    existing = next((p for p in (out.absolute(), *out.absolute().parents) if p.exists()), None)
-    if existing is None or needed <= 0:
+    if needed <= 0:
         return
-    free = shutil.disk_usage(existing).free
-    if needed + SPACE_MARGIN > free:
-        raise Failure(
-            f"not enough free space for this fetch in {existing}: it needs {human_size(needed)} more, "
-            f"{human_size(free)} is free. Free some space or choose another --out; nothing was downloaded"
-        )
+    require_free_space(
+        out,
+        needed + SPACE_MARGIN,
+        lambda free: (
+            f"not enough free space for this fetch on the file system holding {out}: it needs "
+            f"{human_size(needed)} more, {human_size(free)} is free. Free some space or choose another --out; "
+            "nothing was downloaded"
+        ),
+    )
 
 
 # ---------------------------------------------------------------------- staging state
@@ -326,24 +338,16 @@ class _Staging:
         self.state_path = self.work / "state.json"
         self.lock = threading.Lock()
         self.state = _State()
-        self._lock_file = None
+        self._lock = HeldLock(self.work / "lock", f"another sovpack fetch is writing {self.root}; wait for it to finish")
 
     def __enter__(self) -> _Staging:
-        import fcntl
-
         self.partials.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.work / "lock", "w")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock_file.close()
-            raise Failure(f"another sovpack fetch is writing {self.root}; wait for it to finish") from None
+        self._lock.__enter__()
         self.state = _State.read(self.state_path)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()
+        self._lock.__exit__()
 
     @property
     def complete(self) -> dict[str, _Complete]:

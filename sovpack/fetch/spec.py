@@ -185,7 +185,10 @@ class _Table:
 
 
 def load_spec(path: Path) -> FetchRequest:
-    """Read and validate a spec; every problem is a UsageError naming the file and key."""
+    """Read and validate a spec.
+
+    Raises: UsageError for every problem, naming the file and key.
+    """
     import tomllib
 
     try:

@@ -19,14 +19,13 @@ Three decisions shape this module (docs/quantize.md explains them for users):
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,16 +33,18 @@ from importlib.util import find_spec
 from pathlib import Path, PurePosixPath
 
 from sovpack import __version__
-from sovpack.bundle.directory import fsync_dir, read_metadata, require_bundle_dir, scan_tree, write_atomically, write_metadata
+from sovpack.bundle.directory import read_metadata, require_bundle_dir, scan_tree, write_metadata
+from sovpack.bundle.gguf_parts import listed_parts, split_of
 from sovpack.bundle.metadata import BundleMetadata, FileEntry, check_inventory_paths
 from sovpack.bundle.pack import file_entry
 from sovpack.bundle.verify import check_digests, check_inventory
+from sovpack.common.files import fsync_dir, fsync_path, require_free_space, try_lock, write_atomically
 from sovpack.common.hashing import cpu_count, digest_file, sha256_file
-from sovpack.common.pipeline import fsync_path
+from sovpack.common.progress import Progress
 from sovpack.common.sizes import human_size
 from sovpack.errors import Failure, Refused, UsageError
 from sovpack.formats import inspect_file
-from sovpack.formats.gguf import FILE_TYPES, SPLIT_NAME, UNQUANTIZED_FILE_TYPES
+from sovpack.formats.gguf import FILE_TYPES, UNQUANTIZED_FILE_TYPES
 from sovpack.quantize.llama import QuantizerRun, run_llama_quantize
 
 # The types offered: llama.cpp's quantize-tool names for types that need no importance
@@ -74,19 +75,6 @@ _SOURCE_BITS = {"F32": 32, "F16": 16, "BF16": 16}
 _SPACE_MARGIN = 64 << 20
 
 _TYPE_SUFFIX = re.compile(r"[-._](?:FP32|FP16|" + "|".join(FILE_TYPES.values()) + r")$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class QuantizeProgress:
-    """What the quantizer is doing; `done` and `total` count bytes (checking) or tensors (quantizing)."""
-
-    stage: str  # "checking" the source's digests, "quantizing", "hashing" the output
-    subject: str  # path in the bundle: the source while checking, the output otherwise
-    done: int = 0
-    total: int = 0
-
-
-ProgressCallback = Callable[[QuantizeProgress], None]
 
 
 @dataclass(frozen=True)
@@ -131,9 +119,9 @@ def parse_types(names: list[str]) -> list[str]:
 def output_path_for(source_path: str, qtype: str) -> str:
     """`gguf/Model-F16.gguf` -> `gguf/Model-Q4_K_M.gguf`; a split's `-00001-of-00003` goes too."""
     path = PurePosixPath(source_path)
-    split = SPLIT_NAME.match(path.name)
+    split = split_of(path.name)
     if split:
-        stem = split["stem"]
+        stem = split.stem
     else:
         stem = path.name[:-5] if path.name.lower().endswith(".gguf") else path.stem
     stem = _TYPE_SUFFIX.sub("", stem) or "model"
@@ -210,17 +198,16 @@ def _source_model(metadata: BundleMetadata, entry: FileEntry) -> SourceModel:
     _, count = _split(entry)
     if count == 1:
         return SourceModel(entry, (entry,), gguf_file_type(entry))
-    match = SPLIT_NAME.match(entry.path)
-    if not match or int(match["part"]) != 1 or int(match["count"]) != count:
+    split = split_of(entry.path)
+    if not split or not split.is_first or split.count != count:
         raise Refused(
             f"{entry.path} is the first of {count} split GGUF parts, but its name does not end in -00001-of-{count:05d}.gguf, "
             "so llama.cpp cannot find the other parts"
         )
-    names = [f"{match['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
-    missing = [n for n in names if metadata.file(n) is None]
+    parts, missing = listed_parts(metadata, split)
     if missing:
         raise Refused(f"{entry.path} is split into {count} parts, but the bundle's inventory lacks {', '.join(missing)}")
-    return SourceModel(entry, tuple(metadata.file(n) for n in names), gguf_file_type(entry))
+    return SourceModel(entry, parts, gguf_file_type(entry))
 
 
 def _describe(entries: list[FileEntry]) -> str:
@@ -241,18 +228,11 @@ def check_precision(source: SourceModel, allow_requantize: bool) -> None:
     )
 
 
-def _check_source_bytes(root: Path, metadata: BundleMetadata, source: SourceModel, on_progress: ProgressCallback | None) -> None:
+def _check_source_bytes(root: Path, metadata: BundleMetadata, source: SourceModel, progress: Progress) -> None:
     """Every byte llama.cpp will read must match the inventory; the headers must still parse."""
-    total, done, lock = source.size, [0], threading.Lock()
-
-    def advance(n: int) -> None:
-        with lock:
-            done[0] += n
-            if on_progress:
-                on_progress(QuantizeProgress("checking", source.entry.path, done[0], total))
-
+    progress.phase(f"checking {source.entry.path} against the inventory", source.size)
     try:
-        check_digests(root, metadata, [p.path for p in source.parts], on_progress=advance)
+        check_digests(root, metadata, [p.path for p in source.parts], on_progress=progress.advance)
     except Refused as e:
         raise Refused(f"refusing to quantize: {e}; sovpack quantizes only bytes that match the bundle's inventory") from None
     for part in source.parts:
@@ -278,12 +258,17 @@ def quantize_bundle(
     threads: int | None = None,
     allow_requantize: bool = False,
     version: int | None = None,
-    on_progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize one GGUF of the bundle at `root` to every type in `types`, all or nothing.
 
     `version`: the bundle's new version (default: unchanged, or one up if it was signed).
+    `progress` gets a phase per step: checking the source (bytes), quantizing (tensors), hashing.
+    Raises: UsageError (a type, the source, the version), Refused (the source does not match the
+    inventory, is already quantized, changed meanwhile; llama.cpp refused), Failure (llama.cpp
+    missing, disk full, another quantize running).
     """
+    progress = progress or Progress()
     types = parse_types(types)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be 1 or more, got {threads}")
@@ -303,8 +288,8 @@ def quantize_bundle(
         targets = _plan_outputs(root, metadata, model, types)
         work.check_free_space(estimate_output_size(model) * len(types), model.entry.path)
         identity = _file_identity(root, model)  # before its bytes are checked: a file swapped after the check is caught
-        _check_source_bytes(root, metadata, model, on_progress)
-        builder = _Builder(root, work, metadata, model, threads or cpu_count(), allow_requantize, on_progress)
+        _check_source_bytes(root, metadata, model, progress)
+        builder = _Builder(root, work, metadata, model, threads or cpu_count(), allow_requantize, progress)
         built = builder.build_all(targets, identity)
         updated = _updated_metadata(metadata, [b.entry for b in built], new_version)
         work.commit(built, updated)
@@ -360,7 +345,7 @@ class _Builder:
     source: SourceModel
     threads: int
     allow_requantize: bool
-    on_progress: ProgressCallback | None
+    progress: Progress
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def build_all(self, targets: list[tuple[str, str]], identity: list[tuple[int, int, int]]) -> list[BuiltFile]:
@@ -375,7 +360,8 @@ class _Builder:
     def build(self, qtype: str, rel: str) -> BuiltFile:
         started = time.monotonic()
         partial = self.work.partial_path(rel)
-        self._report("quantizing", rel)
+        self.progress.phase(f"quantizing {rel}", unit="tensors")
+        tensors = _TensorCount(self.progress)
         run = run_llama_quantize(
             self.root / self.source.entry.path,
             partial,
@@ -384,10 +370,10 @@ class _Builder:
             threads=self.threads,
             allow_requantize=self.allow_requantize,
             name=self.source.entry.path,
-            on_tensor=lambda done, total: self._report("quantizing", rel, done, total),
+            on_tensor=tensors.update,
         )
         fsync_path(partial)
-        self._report("hashing", rel)
+        self.progress.phase(f"hashing {rel}")
         digest = digest_file(partial, self.metadata.shard_size)
         entry = file_entry(partial, rel, digest, _provenance(self.source, qtype, run))
         written = (entry.details or {}).get("file_type")
@@ -398,9 +384,20 @@ class _Builder:
         self.seconds[qtype] = time.monotonic() - started
         return BuiltFile(entry, partial)
 
-    def _report(self, stage: str, subject: str, done: int = 0, total: int = 0) -> None:
-        if self.on_progress:
-            self.on_progress(QuantizeProgress(stage, subject, done, total))
+
+class _TensorCount:
+    """llama.cpp's "tensor i of n" lines, as progress in the current phase."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.done, self.total = progress, 0, 0
+
+    def update(self, done: int, total: int) -> None:
+        if total != self.total:
+            self.total = total
+            self.progress.set_total(total)
+        if done > self.done:
+            self.progress.advance(done - self.done)
+            self.done = done
 
 
 def _provenance(source: SourceModel, qtype: str, run: QuantizerRun) -> dict:
@@ -478,14 +475,9 @@ class WorkDir:
     def _lock(self) -> None:
         lock_path = self.path / self.LOCK
         while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise Failure(
-                    f"another sovpack quantize is running on {self.root} (it holds {lock_path}); wait for it to finish"
-                ) from None
+            fd = try_lock(lock_path, 0o600)
+            if fd is None:
+                raise Failure(f"another sovpack quantize is running on {self.root} (it holds {lock_path}); wait for it to finish")
             try:
                 same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
             except FileNotFoundError:
@@ -526,13 +518,14 @@ class WorkDir:
         return self.path / (rel.replace("/", "%") + ".partial")
 
     def check_free_space(self, needed: int, source: str) -> None:
-        st = os.statvfs(self.path)
-        free = st.f_bavail * st.f_frsize
-        if free < needed + (1 << 20):  # and room for the new sovpack.json
-            raise Failure(
-                f"not enough free disk space to quantize {source}: the output(s) may need up to {human_size(needed)} on the "
-                f"filesystem holding {self.root}, which has {human_size(free)} free; nothing was changed"
-            )
+        require_free_space(
+            self.path,
+            needed + (1 << 20),  # and room for the new sovpack.json
+            lambda free: (
+                f"not enough free disk space to quantize {source}: the output(s) may need up to {human_size(needed)} "
+                f"on the filesystem holding {self.root}, which has {human_size(free)} free; nothing was changed"
+            ),
+        )
 
     def commit(self, built: list[BuiltFile], metadata: BundleMetadata) -> None:
         """Move the outputs in and rewrite sovpack.json; the journal lets the next run undo a half-done commit."""

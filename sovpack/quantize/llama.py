@@ -9,7 +9,6 @@ into progress callbacks and, on failure, into llama.cpp's reason.
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sovpack.common.files import DISK_FULL, FILE_TOO_LARGE, free_space
 from sovpack.common.hashing import sha256_file
 from sovpack.common.sizes import human_size
 from sovpack.errors import Failure, Refused
@@ -168,13 +168,12 @@ def library_digests(paths: list[str] | None) -> dict[str, str] | None:
 
 def _write_error_message(error: OSError, output: Path, qtype: str, name: str) -> str:
     where = output.parent.parent
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        st = os.statvfs(output.parent)
+    if error.errno in DISK_FULL:
         return (
             f"the disk filled up while writing the {qtype} output of {name} ({error.strerror}; the filesystem holding {where} "
-            f"has {human_size(st.f_bavail * st.f_frsize)} free); nothing was added to the bundle: free some space, run again"
+            f"has {human_size(free_space(output.parent))} free); nothing was added to the bundle: free some space, run again"
         )
-    if error.errno == errno.EFBIG:
+    if error.errno == FILE_TOO_LARGE:
         return (
             f"the {qtype} output of {name} grew past a file-size limit ({error.strerror}: ulimit -f, or the largest file the "
             f"filesystem holding {where} can store); nothing was added to the bundle"

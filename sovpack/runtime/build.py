@@ -4,7 +4,9 @@ On the connected build host, pip collects the wheels (`pip wheel`; llama-cpp-pyt
 once for this host's CPU and pip's wheel cache keeps it; `--gpu cuda` compiles it again with
 CUDA), then the lock (runtime-lock.json) records every wheel's size and SHA-256, the target
 (Python minor version, machine) and the installer's SHA-256, and everything is packed as the
-ordinary bundle `sovpack-runtime`: signed, exported and imported like a model.
+ordinary bundle `sovpack-runtime`: signed, exported and imported like a model. The wheels enter
+it under the signed allowance `wheels/*.whl` (WHEEL_ALLOWANCE): the file-kind gate takes a wheel
+only under an allowance, and `inspect` and `verify` show it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ from pathlib import Path
 from sovpack import __version__
 from sovpack.bundle.metadata import BundleMetadata
 from sovpack.bundle.pack import pack
+from sovpack.common.files import remove_tree
 from sovpack.common.hashing import sha256_file
+from sovpack.common.progress import Progress
 from sovpack.errors import Failure, UsageError
 from sovpack.runtime import installer
 from sovpack.runtime.installer import INSTALLER_FILE, LOCK_FILE, LOCK_FORMAT, LOCK_FORMAT_VERSION, RUNTIME_NAME, WHEELS_DIR
+from sovpack.runtime.upgrade import bounded_json
 
 EXTRAS = "serve"  # what the secure side runs: verify, import, serve (llama-cpp-python[server]), quantize
 GPU_BUILDS = {"cuda": ("nvcc", "-DGGML_CUDA=on")}  # --gpu: the compiler that must be there, llama.cpp's CMake flag
+WHEEL_ALLOWANCE = f"{WHEELS_DIR}/*.whl"  # the signed allowance the gate needs to carry wheels
 
 
 @dataclass(frozen=True)
@@ -54,9 +60,14 @@ def build_runtime(
     version: int = 1,
     source: Path | None = None,
     gpu: str | None = None,
-    log=print,
+    progress: Progress | None = None,
 ) -> BuiltRuntime:
-    """Collect the wheels into a staging directory, lock them, and pack the bundle at `out`."""
+    """Collect the wheels into a staging directory, lock them, and pack the bundle at `out` (wheels under WHEEL_ALLOWANCE).
+
+    Raises: UsageError (no source checkout, an unknown --gpu, `out` exists), Failure (pip failed,
+    no GPU compiler), Refused (a file the file-kind gate refuses).
+    """
+    progress = progress or Progress()
     source = source or project_root()
     if source is None or not (source / "pyproject.toml").is_file():
         raise UsageError("give --source: a sovpack source checkout (the running sovpack was not installed from one)")
@@ -65,21 +76,24 @@ def build_runtime(
     if out.exists():
         raise UsageError(f"{out} already exists; choose a new --out directory")
     staging = out.with_name(f".{out.name}.wheels")
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_tree(staging)
     try:
         wheels = staging / WHEELS_DIR
-        collect_wheels(source.resolve(), wheels, gpu, log)
+        collect_wheels(source.resolve(), wheels, gpu, progress)
         shutil.copyfile(Path(installer.__file__), staging / INSTALLER_FILE)
         installer_sha256 = sha256_file(staging / INSTALLER_FILE)
         lock = write_lock(staging, version, gpu, installer_sha256)
-        log(f"packing {len(lock['wheels'])} wheels as {RUNTIME_NAME} v{version}")
-        metadata, _ = pack(staging, out, RUNTIME_NAME, version=version)
+        progress.phase(f"packing {len(lock['wheels'])} wheels as {RUNTIME_NAME} v{version}")
+        progress.note(
+            f"packing {len(lock['wheels'])} wheels as {RUNTIME_NAME} v{version} (allowance --allow-file {WHEEL_ALLOWANCE!r})"
+        )
+        metadata, _ = pack(staging, out, RUNTIME_NAME, version=version, allowances=[WHEEL_ALLOWANCE])
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
     return BuiltRuntime(out, metadata, sha256_file(out / LOCK_FILE), installer_sha256, len(lock["wheels"]))
 
 
-def collect_wheels(source: Path, wheels: Path, gpu: str | None, log) -> None:
+def collect_wheels(source: Path, wheels: Path, gpu: str | None, progress: Progress) -> None:
     """pip wheel sovpack[serve] and pip itself (the installer runs pip from its wheel) into `wheels`."""
     wheels.mkdir(parents=True)
     if gpu:
@@ -87,10 +101,12 @@ def collect_wheels(source: Path, wheels: Path, gpu: str | None, log) -> None:
         if shutil.which(compiler) is None:
             raise Failure(f"--gpu {gpu} needs the {gpu.upper()} toolkit on this build host, but {compiler} is not on PATH")
         # pip's wheel cache would hand back the CPU build: compile llama-cpp-python again, uncached, first
-        log(f"compiling llama-cpp-python with {cmake_flag} (several minutes)")
+        progress.phase(f"compiling llama-cpp-python with {cmake_flag}")
+        progress.note(f"compiling llama-cpp-python with {cmake_flag} (several minutes)")
         env = os.environ | {"CMAKE_ARGS": f"{os.environ.get('CMAKE_ARGS', '')} {cmake_flag}".strip()}
         _pip(["wheel", "--no-cache-dir", "--no-deps", "--wheel-dir", str(wheels), _llama_requirement(source)], env)
-    log(f"collecting sovpack[{EXTRAS}] and its dependencies as wheels (pip wheel; llama-cpp-python from pip's cache)")
+    progress.phase(f"collecting sovpack[{EXTRAS}] as wheels")
+    progress.note(f"collecting sovpack[{EXTRAS}] and its dependencies as wheels (pip wheel; llama-cpp-python from pip's cache)")
     _pip(["wheel", "--wheel-dir", str(wheels), "--find-links", str(wheels), f"{source}[{EXTRAS}]", "pip"], os.environ)
     odd = sorted(p.name for p in wheels.iterdir() if not p.name.endswith(".whl"))
     if odd:
@@ -136,6 +152,6 @@ def write_lock(staging: Path, version: int, gpu: str | None, installer_sha256: s
         "wheels": [{"path": f"{WHEELS_DIR}/{w.name}", "size": w.stat().st_size, "sha256": sha256_file(w)} for w in wheels],
     }
     raw = (json.dumps(lock, indent=2) + "\n").encode()
-    installer.parse_lock(raw)  # what the installer will read back
+    installer.parse_lock(raw, loads=bounded_json)  # what the installer will read back
     (staging / LOCK_FILE).write_bytes(raw)
     return lock

@@ -6,8 +6,8 @@ install-runtime.py, and an installed sovpack imports it for `sovpack runtime ins
 `rollback`, so that the first install and every upgrade take the same steps:
 
 1. unpack: the export's volumes, each checked against the index's SHA-256, read as one tar
-   stream into PREFIX/tmp/ (only regular files at safe paths under the bundle's top directory);
-   a bundle directory is used as it is;
+   stream into PREFIX/tmp/ (only regular files at safe paths under the bundle's top directory;
+   no links on the media, no GNU sparse members); a bundle directory is used as it is;
 2. anchor: the signed statement in signatures/ is checked with `openssl` against the officer's
    public key (ECDSA cannot be verified with the standard library alone), and every file of the
    bundle against it; without openssl, the lock's SHA-256 is compared with a value carried on
@@ -18,6 +18,11 @@ install-runtime.py, and an installed sovpack imports it for `sovpack runtime ins
    checked wheels, installs with --no-index from wheels/ only), its runtime.json written last;
    a failed install is deleted; then PREFIX/current is switched to it by one rename, and
    PREFIX/previous keeps the runtime it replaced, for `sovpack runtime rollback`.
+
+Every JSON document it reads (the index, signature files, the signed statement, the lock,
+runtime.json) is measured before it is parsed (`bounded_loads`: size, nesting, duplicate keys,
+NaN), as sovpack's common/safe_json.py does, which sovpack passes in (`loads=`) when it runs
+this module itself.
 
 Exit codes: 0 installed; 1 refused (a check failed, named in the message); 2 usage error;
 3 any other failure; 130 interrupted.
@@ -38,7 +43,7 @@ import sys
 import tarfile
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -57,6 +62,11 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _WHEEL_NAME = re.compile(r"^[A-Za-z0-9_.+!-]+\.whl$")
 _CURVES = {"secp384r1": "-sha384", "prime256v1": "-sha256", "secp256r1": "-sha256"}
+MAX_JSON_DEPTH = 64
+MAX_LOCK_BYTES = 16 << 20
+MAX_INDEX_BYTES = 64 << 20  # as sovpack's transfer/index.py
+MAX_SIGNATURE_BYTES = 64 << 20  # as sovpack's bundle/signature.py
+MAX_RECORD_BYTES = 16 << 20
 
 
 class InstallError(Exception):
@@ -74,6 +84,51 @@ class UsageError(InstallError):
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ---- bounded JSON: the standard-library installer's own small version of sovpack's common/safe_json.py
+
+Loads = Callable[[bytes, int], object]  # (raw, max_bytes) -> document; ValueError when refused
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def bounded_loads(raw: bytes, max_bytes: int) -> object:
+    """JSON from untrusted bytes, measured first: at most `max_bytes`, MAX_JSON_DEPTH levels, no key twice, no NaN."""
+    if len(raw) > max_bytes:
+        raise ValueError(f"{len(raw)} bytes, over the {max_bytes} byte limit")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _nesting(raw) > MAX_JSON_DEPTH:
+        raise ValueError(f"it nests deeper than {MAX_JSON_DEPTH} levels")
+    return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
+def _nesting(raw: bytes) -> int:
+    """The deepest bracket nesting outside strings (escapes removed first, so every quote left opens or closes one)."""
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(unescaped.split(b'"')[0::2]).translate(None, _NOT_BRACKETS)
+    deepest = level = 0
+    for byte in brackets:
+        level += 1 if byte in b"[{" else -1
+        deepest = max(deepest, level)
+    return deepest
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    if len({key for key, _ in pairs}) != len(pairs):
+        raise ValueError("a key appears twice in one object")
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def read_small(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a file no larger than `limit`, refused naming it otherwise (and when it is a link on the media)."""
+    if path.is_symlink():
+        raise Refused(f"{path.name} in {path.parent} is a symbolic link; the media must hold the files themselves")
+    if path.stat().st_size > limit:
+        raise Refused(f"{path.name} is larger than {limit} bytes; not {what}")
+    return path.read_bytes()
 
 
 # ---- the lock
@@ -102,11 +157,11 @@ class Lock:
         return next((w for w in self.wheels if w.path == path), None)
 
 
-def parse_lock(raw: bytes, source: str = LOCK_FILE) -> Lock:
+def parse_lock(raw: bytes, source: str = LOCK_FILE, loads: Loads = bounded_loads) -> Lock:
     """Validate every field of a lock file; problems name the file and the field."""
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        doc = loads(raw, MAX_LOCK_BYTES)
+    except ValueError as e:  # UnicodeDecodeError included
         raise Refused(f"{source} is not a runtime lock (invalid JSON: {e})") from None
 
     def field(data, key, kind, where=""):
@@ -215,7 +270,7 @@ def _find_index(source: Path) -> Path:
 def unpack_volumes(index_path: Path, into: Path) -> Path:
     """Check every volume against the index, then unpack the tar stream they make; returns the bundle directory."""
     try:
-        index = json.loads(index_path.read_bytes())
+        index = bounded_loads(read_small(index_path, MAX_INDEX_BYTES, "an export index"), MAX_INDEX_BYTES)
         bundle, volumes = index["bundle"], index["volumes"]
         stem = f"{bundle['name']}-v{int(bundle['version'])}"
         volumes = [(str(v["file"]), int(v["size"]), str(v["sha256"])) for v in volumes]
@@ -232,9 +287,26 @@ def unpack_volumes(index_path: Path, into: Path) -> Path:
         path = directory / file
         if PurePosixPath(file).name != file or not path.is_file():
             raise Refused(f"volume {file} listed in {index_path.name} is missing from {directory}")
+        if path.is_symlink():
+            raise Refused(f"volume {file} in {directory} is a symbolic link; the media must hold the files themselves")
         if path.stat().st_size != size or sha256_file(path) != digest:
             raise Refused(f"volume {file} is damaged: its size or SHA-256 differs from {index_path.name}")
-    with _Concatenated([directory / f for f, _, _ in volumes]) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+    try:
+        with _Concatenated([directory / f for f, _, _ in volumes]) as stream:
+            _extract(tarfile.open(fileobj=stream, mode="r|", tarinfo=_NoSparseTarInfo), stem, into)
+    except _SparseMember as e:
+        raise Refused(
+            f"{e.args[0]} in the volumes of {index_path.name} is a GNU sparse member; bundles hold only regular files"
+        ) from None
+    except (tarfile.TarError, EOFError, ValueError, OverflowError) as e:  # ValueError: malformed numbers in headers
+        raise Refused(f"the volumes of {index_path.name} do not hold a whole tar stream ({e})") from None
+    if not (into / stem / METADATA_FILE).is_file():
+        raise Refused(f"the volumes of {index_path.name} hold no {stem}/{METADATA_FILE}")
+    return into / stem
+
+
+def _extract(tar: tarfile.TarFile, stem: str, into: Path) -> None:
+    with tar:
         for member in tar:
             rel = _member_path(member, stem)
             if member.isdir():
@@ -243,9 +315,26 @@ def unpack_volumes(index_path: Path, into: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tar.extractfile(member) as src, open(target, "xb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
-    if not (into / stem / METADATA_FILE).is_file():
-        raise Refused(f"the volumes of {index_path.name} hold no {stem}/{METADATA_FILE}")
-    return into / stem
+
+
+class _SparseMember(Exception):
+    """A GNU sparse member (raised from inside tarfile, as sovpack's transfer/archive.py does)."""
+
+
+class _NoSparseTarInfo(tarfile.TarInfo):
+    """tarfile's header reader, minus GNU sparse members: refused before their (unbounded) maps are read."""
+
+    def _proc_sparse(self, tarfile):
+        raise _SparseMember(self.name)
+
+    def _proc_gnusparse_00(self, next, pax_headers, buf):
+        raise _SparseMember(next.name)
+
+    def _proc_gnusparse_01(self, next, pax_headers):
+        raise _SparseMember(next.name)
+
+    def _proc_gnusparse_10(self, next, pax_headers, tarfile):
+        raise _SparseMember(next.name)
 
 
 def _member_path(member: tarfile.TarInfo, stem: str) -> str:
@@ -322,10 +411,10 @@ def check_signature(root: Path, public_key: Path) -> str:
 def _signature_by(root: Path, hint: str, public_key: Path) -> tuple[dict, str]:
     for path in sorted((root / SIGNATURES_DIR).glob("*.sig")):
         try:
-            doc = json.loads(path.read_bytes())
+            doc = bounded_loads(read_small(path, MAX_SIGNATURE_BYTES, "a signature file"), MAX_SIGNATURE_BYTES)
             if doc["verificationMaterial"]["publicKey"]["hint"] == hint and doc["dsseEnvelope"]["payloadType"] == PAYLOAD_TYPE:
                 return doc["dsseEnvelope"], f"{SIGNATURES_DIR}/{path.name}"
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, Refused):
             continue
     raise Refused(
         f"{root / SIGNATURES_DIR} holds no signature by {public_key} (key sha256 {hint}): {LOCK_FILE} was not signed "
@@ -336,7 +425,7 @@ def _signature_by(root: Path, hint: str, public_key: Path) -> tuple[dict, str]:
 def _check_statement(root: Path, payload: bytes, name: str) -> None:
     """Every file of the bundle (outside signatures/) is listed in the signed statement with its SHA-256, and no more."""
     try:
-        resources = {r["name"]: r["digest"] for r in json.loads(payload)["predicate"]["resources"]}
+        resources = {r["name"]: r["digest"] for r in bounded_loads(payload, MAX_SIGNATURE_BYTES)["predicate"]["resources"]}
     except (ValueError, KeyError, TypeError) as e:
         raise Refused(f"{name}: the signed statement is malformed ({type(e).__name__}: {e})") from None
     present = {
@@ -366,14 +455,14 @@ class Verified:
     wheels: tuple[LockedWheel, ...]
 
 
-def verify_runtime(root: Path, public_keys: list[Path], lock_sha256: str | None) -> Verified:
+def verify_runtime(root: Path, public_keys: list[Path], lock_sha256: str | None, loads: Loads = bounded_loads) -> Verified:
     """Anchor the lock (signature and/or SHA-256 carried separately), then check the wheels and the target."""
     if not public_keys and not lock_sha256:
         raise UsageError("nothing to anchor the check to: give --public-key OFFICER.pub and/or --lock-sha256 HEX (from paper)")
     lock_path = root / LOCK_FILE
     if not lock_path.is_file():
         raise Refused(f"{root} holds no {LOCK_FILE}: it is not a sovpack runtime")
-    raw = lock_path.read_bytes()
+    raw = read_small(lock_path, MAX_LOCK_BYTES, "a runtime lock")
     digest = hashlib.sha256(raw).hexdigest()
     anchors = []
     if lock_sha256:
@@ -382,7 +471,7 @@ def verify_runtime(root: Path, public_keys: list[Path], lock_sha256: str | None)
         anchors.append(f"{LOCK_FILE} sha256 {digest} matches the value carried separately")
     for key in public_keys:
         anchors.append(check_signature(root, key))
-    lock = parse_lock(raw)
+    lock = parse_lock(raw, loads=loads)
     installer = root / INSTALLER_FILE
     if not installer.is_file() or sha256_file(installer) != lock.installer_sha256:
         raise Refused(f"{INSTALLER_FILE} in {root} is missing or differs from the SHA-256 {LOCK_FILE} records")
@@ -397,8 +486,9 @@ def verify_runtime(root: Path, public_keys: list[Path], lock_sha256: str | None)
 class Prefix:
     """PREFIX/runtimes/VERSION (one virtual environment each), PREFIX/current and PREFIX/previous (symlinks)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, loads: Loads = bounded_loads):
         self.root = Path(root).absolute()
+        self.loads = loads
         self.runtimes = self.root / "runtimes"
         self.current_link = self.root / "current"
         self.previous_link = self.root / "previous"
@@ -431,7 +521,15 @@ class Prefix:
         return self._target(self.previous_link)
 
     def record(self, version: int) -> dict:
-        return json.loads((self.path(version) / RECORD_FILE).read_bytes())
+        """What the install of VERSION wrote last (runtime.json); a damaged one is refused, naming it."""
+        path = self.path(version) / RECORD_FILE
+        try:
+            record = self.loads(read_small(path, MAX_RECORD_BYTES, "a runtime record"), MAX_RECORD_BYTES)
+        except ValueError as e:
+            raise Refused(f"{path} is damaged ({e}): reinstall that runtime") from None
+        if not isinstance(record, dict):
+            raise Refused(f"{path} is damaged (not a JSON object): reinstall that runtime")
+        return record
 
     def sweep_incomplete(self) -> list[str]:
         """Remove what a killed install left: runtimes without runtime.json, unpacked media."""
@@ -486,19 +584,29 @@ def check_not_older(prefix: Prefix, version: int) -> None:
         )
 
 
+def check_installable(verified: Verified, prefix: Prefix) -> str:
+    """What installing would do: "installed" (a new runtime) or "switched" (this very runtime is installed); refused
+    when it is older than the highest installed, or when its version is installed from another lock."""
+    lock = verified.lock
+    check_not_older(prefix, lock.version)
+    if lock.version not in prefix.installed():
+        return "installed"
+    if prefix.record(lock.version).get("lock_sha256") != verified.lock_sha256:
+        raise Refused(
+            f"{RUNTIME_NAME} v{lock.version} is already installed in {prefix.path(lock.version)} from another lock: "
+            "two different runtimes carry the same version"
+        )
+    return "switched"
+
+
 def install(verified: Verified, prefix: Prefix, source: str, python: str | None = None) -> Installed:
     """A fresh virtual environment from the checked wheels, then the switch; nothing half-installed is left."""
     lock = verified.lock
-    check_not_older(prefix, lock.version)
+    outcome = check_installable(verified, prefix)
     prefix.root.mkdir(parents=True, exist_ok=True)
     target = prefix.path(lock.version)
-    if lock.version in prefix.installed():
-        if prefix.record(lock.version).get("lock_sha256") != verified.lock_sha256:
-            raise Refused(
-                f"{RUNTIME_NAME} v{lock.version} is already installed in {target} from another lock: two different "
-                "runtimes carry the same version"
-            )
-        sovpack_version = prefix.record(lock.version).get("sovpack_version", "")
+    if outcome == "switched":
+        sovpack_version = str(prefix.record(lock.version).get("sovpack_version", ""))
         return Installed(lock.version, target, prefix.switch_to(lock.version), sovpack_version, "switched")
     try:
         _create_environment(verified, target, python or sys.executable)

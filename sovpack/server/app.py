@@ -12,23 +12,22 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
-from starlette.middleware.cors import CORSMiddleware
 
 from sovpack.bundle.metadata import format_time
-from sovpack.server.errors import ApiError, ClientGone, error_body
-from sovpack.server.generation import Job
+from sovpack.server.errors import ApiError, BadRequest, ClientGone, error_body
 from sovpack.server.middleware import AccessRecordMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
 from sovpack.server.requests import (
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
-    chat_kwargs,
+    chat_job,
     check_model,
-    completion_kwargs,
-    embedding_kwargs,
+    completion_job,
+    embedding_job,
     include_usage,
 )
 from sovpack.server.responses import generate
+from sovpack.server.security import browser_sdk_cors
 from sovpack.server.state import ServerState
 
 
@@ -39,22 +38,17 @@ def create_app(state: ServerState):
     app = BodyLimitMiddleware(api, state.max_request_bytes)
     app = ApiKeyMiddleware(app, state.keys)
     if state.cors_origins:
-        app = CORSMiddleware(
-            app,
-            allow_origins=list(state.cors_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-            allow_credentials=False,
-        )
+        app = browser_sdk_cors(app, state.cors_origins)
     return AccessRecordMiddleware(app, state)
 
 
 def _add_routes(api: FastAPI, state: ServerState) -> None:
     @api.get("/health")
     async def health():
-        ready = state.status == "ready"
-        body = {"status": state.status, "model": state.model.model_id}
-        return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "2"})
+        ready = state.status == "ready"  # the status only: without a key, nothing about the model
+        return JSONResponse(
+            {"status": state.status}, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "2"}
+        )
 
     @api.get("/metrics")
     async def metrics():
@@ -62,35 +56,32 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
 
     @api.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card(state)]}
+        names = [state.limits.model_id, *state.limits.aliases]
+        return {"object": "list", "data": [model_card(state, name) for name in names]}
 
     @api.get("/v1/models/{model_id}")
     async def model(model_id: str):
         check_model(model_id, state.limits)
-        return model_card(state)
+        return model_card(state, model_id)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatRequest):
-        kwargs = chat_kwargs(body, state.limits)
         _note(request, state, body, body.messages)
+        job = chat_job(body, state.limits)
         _require_generative(state)
-        return await generate(
-            request, state, Job("chat", body, kwargs), stream=body.stream, include_usage=include_usage(body), body=body
-        )
+        return await generate(request, state, job, stream=body.stream, include_usage=include_usage(body), body=body)
 
     @api.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        kwargs = completion_kwargs(body, state.limits)
         _note(request, state, body, body.prompt)
+        job = completion_job(body, state.limits)
         _require_generative(state)
-        return await generate(
-            request, state, Job("completion", body, kwargs), stream=body.stream, include_usage=include_usage(body), body=body
-        )
+        return await generate(request, state, job, stream=body.stream, include_usage=include_usage(body), body=body)
 
     @api.post("/v1/embeddings")
     async def embeddings(request: Request, body: EmbeddingRequest):
-        kwargs = embedding_kwargs(body, state.limits)
         _note(request, state, body, body.input)
+        job = embedding_job(body, state.limits)
         if not state.engine.embeddings:
             raise ApiError(
                 400,
@@ -99,17 +90,19 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
                 param="model",
                 code="embeddings_not_supported",
             )
-        return await generate(request, state, Job("embedding", body, kwargs), stream=False, include_usage=False, body=body)
+        return await generate(request, state, job, stream=False, include_usage=False, body=body)
 
 
-def model_card(state: ServerState) -> dict:
+def model_card(state: ServerState, name: str | None = None) -> dict:
+    """The served model, under its name or one of its --alias names (`sovpack.name` is always the bundle's)."""
     m, entry = state.model, state.model.choice.entry
     return {
-        "id": m.model_id,
+        "id": name if name in state.limits.aliases else m.model_id,
         "object": "model",
         "created": int(m.metadata.created.timestamp()),
         "owned_by": "sovpack",
         "sovpack": {
+            "name": m.model_id,
             "version": m.metadata.version,
             "file": entry.path,
             "sha256": entry.sha256,
@@ -141,6 +134,10 @@ def _add_error_handlers(api: FastAPI) -> None:
     async def api_error(request: Request, exc: ApiError):
         request.state.record.error = exc.code or exc.type
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @api.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest):
+        return await api_error(request, exc.api_error())
 
     @api.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone):

@@ -28,6 +28,20 @@ class ApiError(Exception):
         return json.dumps(self.body()).encode()
 
 
+class BadRequest(ValueError):
+    """A 400 found where a job runs (maybe in another process): plain arguments, so that it pickles."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message, param, code)
+        self.message, self.param, self.code = message, param, code
+
+    def __str__(self) -> str:
+        return self.message
+
+    def api_error(self) -> ApiError:
+        return ApiError(400, self.message, param=self.param, code=self.code)
+
+
 class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
 
@@ -63,6 +77,8 @@ def from_engine(exc: BaseException, body=None) -> ApiError:
 
     from sovpack.server.template import NoChatTemplate
 
+    if isinstance(exc, ApiError):  # already an answer (e.g. engine_failed, when a worker process dies)
+        return exc
     text = str(exc)
     match = _CONTEXT.search(text)
     if match:
@@ -75,6 +91,8 @@ def from_engine(exc: BaseException, body=None) -> ApiError:
             code="context_length_exceeded",
             param=param,
         )
+    if isinstance(exc, BadRequest):
+        return exc.api_error()
     if isinstance(exc, NoChatTemplate):
         return ApiError(400, text, code="chat_not_supported", param="messages")
     if isinstance(exc, TemplateError):

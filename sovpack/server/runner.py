@@ -1,6 +1,6 @@
 """`sovpack serve` from start to stop: check, bind, verify, audit, serve, shut down.
 
-1. options, API keys, TLS files, bind policy (usage errors, exit 2);
+1. options, API keys, TLS files, the store (it must exist), bind policy (usage errors, exit 2);
 2. resolve the target and its trust (not installed: 2; trust revoked: refused, 1);
 3. import the serve extra (missing: exit 3), only now, so that usage errors answer fast;
    bind the socket and open the access log, so that a port in use or an unwritable log
@@ -41,7 +41,7 @@ UVICORN_INTERNALS = ("capture_signals", "_wait_tasks_to_complete")
 
 def require_serve_extra() -> None:
     missing = []
-    for module in ("llama_cpp", "fastapi", "uvicorn"):
+    for module in ("llama_cpp", "fastapi", "uvicorn", "jsonschema"):
         try:
             __import__(module)
         except ImportError:
@@ -65,7 +65,7 @@ def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
     keys = ApiKeys.load(options.api_key_file) if options.api_key_file else None
     if warning := keys and keys.permission_warning():
         say(f"warning: {warning}")
-    store = Store(options.store)
+    store = Store.existing(options.store)  # serve audits in it; a usage refusal creates no store
     family, address = resolve_bind(options.host, options.port)
     audit = Auditor(store, options)
     try:
@@ -132,6 +132,7 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
     import uvicorn
 
     from sovpack.server.app import create_app
+    from sovpack.server.connections import ConnectionLimits, guarded_protocol
     from sovpack.server.engine import Engine, gpu_layers
     from sovpack.server.requests import Limits
     from sovpack.server.state import ServerState
@@ -145,7 +146,12 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
         model=model,
         engine=Engine(model, settings),
         limits=Limits(
-            model.model_id, frozenset({f"{model.model_id}@{model.metadata.version}"}), options.max_tokens or settings.ctx_size
+            model.model_id,
+            frozenset({f"{model.model_id}@{model.metadata.version}", *options.aliases}) - {model.model_id},
+            options.max_tokens or settings.ctx_size,
+            max_n=options.max_n,
+            logprobs=options.logprobs,
+            aliases=options.aliases,
         ),
         keys=keys,
         access_log=access_log,
@@ -153,6 +159,7 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
         max_request_bytes=options.max_request_bytes,
         cors_origins=options.cors_origins,
         say=say,
+        audit=audit.event,
     )
     url = f"{scheme}://{_show_host(host)}:{port}"
     audit.start(model, settings, backend, url, is_loopback(host), keys, access_path)
@@ -167,10 +174,14 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=options.shutdown_timeout,  # seconds, fractions too; 0: cancel at once
-        timeout_keep_alive=5,
+        http=guarded_protocol(
+            ConnectionLimits(options.header_timeout, options.body_timeout, options.max_pending_connections, keys)
+        ),
+        timeout_keep_alive=options.idle_timeout,
         server_header=False,
         proxy_headers=False,
-        limit_concurrency=max(64, 4 * (options.parallel + options.max_queue)),
+        # pending connections are bounded by the protocol (the oldest closed); this bounds the rest
+        limit_concurrency=options.max_pending_connections + max(64, 4 * (options.parallel + options.max_queue)),
     )
     server = graceful_server(config, state)
     started = time.monotonic()
@@ -192,7 +203,12 @@ def _engine_settings(options: ServeOptions, model, layers: int):
     ctx = options.ctx_size or min(DEFAULT_CTX, trained if isinstance(trained, int) and trained > 0 else DEFAULT_CTX)
     threads = options.threads or default_threads(options.parallel, cpu_count())
     return EngineSettings(
-        ctx_size=ctx, parallel=options.parallel, threads=threads, n_gpu_layers=layers, max_queue=options.max_queue
+        ctx_size=ctx,
+        parallel=options.parallel,
+        threads=threads,
+        n_gpu_layers=layers,
+        max_queue=options.max_queue,
+        logprobs=options.logprobs,
     )
 
 
@@ -304,6 +320,10 @@ class Auditor:
             raise Failure(
                 f"cannot write the audit log {self.store.audit.path}: {e.strerror}; refusing to serve unaudited"
             ) from None
+
+    def event(self, event: str, **fields) -> None:
+        """Any other serve record (an engine crash, its restart); Failure if it cannot be written."""
+        self._append(event, **fields)
 
     def refused(self, error: SovpackError, **fields) -> None:
         step = getattr(error, "step", None)

@@ -113,3 +113,38 @@ def check_cors_origins(origins: tuple[str, ...]) -> None:
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
             raise UsageError(f"--cors-origin {origin!r}: give a scheme and host, like https://chat.example.mil:8443")
+
+
+SDK_HEADER_PREFIX = "x-stainless-"  # the openai SDKs' telemetry headers (x-stainless-os, -lang, -retry-count...)
+CORS_HEADERS = ("Authorization", "Content-Type")
+
+
+def browser_sdk_cors(app, origins: tuple[str, ...]):
+    """CORS for the listed origins only: GET and POST, no credentials, the headers Authorization and
+    Content-Type plus the `x-stainless-*` headers that the openai SDKs send from a browser."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    class _Cors(CORSMiddleware):
+        def preflight_response(self, request_headers):
+            requested = [h.strip().lower() for h in (request_headers.get("access-control-request-headers") or "").split(",")]
+            sdk = [h for h in requested if h.startswith(SDK_HEADER_PREFIX)]
+            if not sdk:
+                return super().preflight_response(request_headers)
+            others = [h for h in requested if h and not h.startswith(SDK_HEADER_PREFIX)]
+            headers = request_headers.mutablecopy()
+            del headers["access-control-request-headers"]
+            if others:
+                headers["access-control-request-headers"] = ", ".join(others)
+            response = super().preflight_response(headers)
+            if response.status_code == 200:
+                response.headers["Access-Control-Allow-Headers"] = ", ".join([*CORS_HEADERS, *sdk])
+            return response
+
+    return _Cors(
+        app,
+        allow_origins=list(origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=list(CORS_HEADERS),
+        expose_headers=["x-request-id", "retry-after"],
+        allow_credentials=False,
+    )

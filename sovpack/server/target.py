@@ -1,15 +1,10 @@
 """What `sovpack serve NAME_OR_BUNDLE` points at, and the trust it must be verified under.
 
-The argument is read as `sovpack verify` reads it (store.verify_target): a bundle directory
-when it is an existing directory, contains "/" or starts with "."; otherwise NAME or
-NAME@VERSION of a bundle installed in the store.
-
-- a bundle directory: verified under `--trust` and `--threshold` (default 1), or, without
-  `--trust`, under the store's trusted keys and the store's threshold, which `--threshold`
-  replaces.
-- an installed bundle: verified under the keys and threshold it was imported with, minus
-  keys revoked since (Store.policy_for); `--threshold` can raise that threshold; a lower
-  one is refused. `--trust` replaces that policy, as for a directory.
+The argument and the policy are read by the rules every command shares (store/target.py):
+a bundle directory is verified under `--trust` and `--threshold`, or the store's keys and
+threshold; an installed bundle under the keys and threshold it was imported with, minus keys
+revoked since (Store.policy_for), which `--threshold` can only raise; `--trust` replaces that
+policy, as for a directory.
 """
 
 from __future__ import annotations
@@ -17,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovpack.bundle.directory import require_bundle_dir
-from sovpack.bundle.trust import TrustPolicy, load_trust
-from sovpack.store.store import InstalledBundle, Store, is_bundle_path
+from sovpack.bundle.trust import TrustPolicy
+from sovpack.store.store import InstalledBundle, Store
+from sovpack.store.target import choose_policy, find_target
 
 
 @dataclass(frozen=True)
@@ -35,16 +30,6 @@ class ServeTarget:
 
 def resolve_target(spec: str, store: Store, trust: tuple[Path, ...], threshold: int | None) -> ServeTarget:
     """Raises UsageError (not a bundle, not installed, no trust) or Refused (trust revoked below the threshold)."""
-    if is_bundle_path(spec):
-        bundle, installed = Path(spec), None
-        require_bundle_dir(bundle)
-    else:
-        installed = store.find(spec)
-        bundle = installed.path
-    if trust:
-        policy = load_trust(list(trust), threshold or 1)
-    elif installed is None:
-        policy = store.trust_policy(threshold)
-    else:
-        policy = store.policy_for(installed, threshold)
-    return ServeTarget(bundle, policy, installed)
+    target = find_target(spec, store)
+    policy = choose_policy(store, trust, threshold, imported_under=target.installed)
+    return ServeTarget(target.path, policy, target.installed)

@@ -8,13 +8,12 @@ part and all parts are verified, since llama.cpp loads them all.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from sovpack.bundle.gguf_parts import GgufSplit, listed_parts, split_of
 from sovpack.bundle.metadata import BundleMetadata, FileEntry
 from sovpack.errors import UsageError
-from sovpack.formats.gguf import SPLIT_NAME
 
 
 @dataclass(frozen=True)
@@ -36,8 +35,8 @@ def choose_gguf(metadata: BundleMetadata, variant: str | None) -> GgufChoice:
     for f in metadata.files:
         if f.format != "gguf":
             continue
-        split = SPLIT_NAME.match(PurePosixPath(f.path).name)
-        if split is None or int(split["part"]) == 1:
+        split = split_of(f.path)
+        if split is None or split.is_first:
             models.append((f, split))
     if not models:
         raise UsageError(
@@ -60,14 +59,10 @@ def _matches(entry: FileEntry, variant: str) -> bool:
     return wanted.upper() == quantization(entry).upper() or wanted in (entry.path, PurePosixPath(entry.path).name)
 
 
-def _parts(metadata: BundleMetadata, first: FileEntry, split: re.Match | None) -> tuple[FileEntry, ...]:
+def _parts(metadata: BundleMetadata, first: FileEntry, split: GgufSplit | None) -> tuple[FileEntry, ...]:
     if split is None:
         return (first,)
-    parent = PurePosixPath(first.path).parent
-    count = int(split["count"])
-    names = [f"{split['stem']}-{i:05d}-of-{split['count']}.gguf" for i in range(1, count + 1)]
-    parts = [metadata.file(str(parent / n) if str(parent) != "." else n) for n in names]
-    missing = [n for n, p in zip(names, parts, strict=True) if p is None]
+    parts, missing = listed_parts(metadata, split)
     if missing:
-        raise UsageError(f"{first.path} is part 1 of {count} but the bundle lacks {', '.join(missing)}")
-    return tuple(parts)
+        raise UsageError(f"{first.path} is part 1 of {split.count} but the bundle lacks {', '.join(missing)}")
+    return parts

@@ -5,10 +5,11 @@ Layout (documented in docs/store.md):
     STORE/
       trust/keys/NAME.pub          keys the organisation trusts
       trust/policy.json            {"threshold": K}
-      bundles/NAME/VERSION/        installed bundles exactly as signed; files read-only (0444)
+      bundles/NAME/VERSION/        installed bundles exactly as signed; files 0444, directories 0555
       records/NAME/VERSION.json    how each bundle was accepted (keys, threshold, when, from where)
       state/versions.json          highest version ever installed per name (rollback protection)
       state/audit-head.json        records in audit.log and the digest of its last line (audit.py)
+      state/syslog.json            {"target": "/dev/log" | "udp://HOST:PORT"}: a copy of each record (syslog.py)
       objects/sha256/AB/DIGEST     one inode per distinct content, hard-linked into bundles/ (dedup)
       tmp/                         imports being staged and removals, on the same file system
       audit.log                    hash-chained JSON lines
@@ -21,11 +22,9 @@ them if the process was killed in between.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-import shutil
 import stat
 import uuid
 from collections.abc import Iterator
@@ -33,14 +32,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovpack.bundle.directory import fsync_dir, require_bundle_dir, write_atomically
 from sovpack.bundle.keys import public_pem
-from sovpack.bundle.metadata import METADATA_FILE, NAME_PATTERN, BundleMetadata, check_name, format_time, parse_metadata
+from sovpack.bundle.metadata import METADATA_FILE, NAME_PATTERN, BundleMetadata, check_name, parse_metadata
 from sovpack.bundle.trust import TrustedKey, TrustPolicy, trusted_key_from_file
-from sovpack.bundle.verify import VerifyReport, verify_bundle
-from sovpack.errors import Refused, UsageError
+from sovpack.common.files import files_under, fsync_dir, locked, make_read_only, remove_tree, write_atomically
+from sovpack.errors import Failure, Refused, UsageError
+from sovpack.store import syslog
 from sovpack.store.audit import AuditLog
-from sovpack.transfer.reassembly import files_under
+from sovpack.store.record import ImportRecord, damaged, is_count, read_record, read_store_json
 
 STORE_ENV = "SOVPACK_HOME"
 _VERSION_DIR = re.compile(r"^[1-9][0-9]{0,17}$")
@@ -59,7 +58,7 @@ class InstalledBundle:
     name: str
     version: int
     path: Path
-    record: dict  # records/NAME/VERSION.json: accepted_by, threshold, imported, metadata_sha256, size
+    record: ImportRecord | None  # records/NAME/VERSION.json; None until a killed import is run again
 
 
 class Store:
@@ -72,7 +71,28 @@ class Store:
         self.versions_path = self.root / "state" / "versions.json"
         self.objects_dir = self.root / "objects" / "sha256"
         self.tmp_dir = self.root / "tmp"
-        self.audit = AuditLog(self.root / "audit.log", self.root / "state" / "audit-head.json")
+        self.syslog_setting = self.root / "state" / "syslog.json"
+        self.audit = AuditLog(self.root / "audit.log", self.root / "state" / "audit-head.json", self.syslog_setting)
+
+    @classmethod
+    def existing(cls, root: Path | None = None) -> "Store":
+        """The store at `root` (else $SOVPACK_HOME, else the platform data directory), which must exist.
+
+        A mistyped path must not read as an empty store: only `trust add`, `import` and `pull` create one.
+        """
+        store = cls(root)
+        if store.root.is_dir():
+            return store
+        named_by = "--store" if root else f"${STORE_ENV}" if os.environ.get(STORE_ENV) else "the default store"
+        if store.root.exists():
+            raise UsageError(f"{store.root} ({named_by}) is not a directory, so it cannot be a store")
+        creating = "`sovpack trust add KEY.pub` or `sovpack import DIR --trust KEY.pub` creates one"
+        if named_by == "the default store":
+            raise UsageError(
+                f"no store exists yet at {store.root} (the default store): {creating}; "
+                f"to use another store, give --store DIR or set ${STORE_ENV}"
+            )
+        raise UsageError(f"no store exists at {store.root} ({named_by}): check the path; {creating}")
 
     # trust
 
@@ -90,36 +110,57 @@ class Store:
                 raise UsageError(f"key {key.key_id} is already trusted as {existing.name!r}")
             if existing.name == key.name:
                 raise UsageError(f"a different key is already trusted as {key.name!r}; choose another --name")
-        self.trust_keys_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.trust_keys_dir / f"{key.name}.pub", public_pem(key.public_key))
-        self.audit.append("trust-add", signer=key.name, key_id=key.key_id)
+        with self.audit.ahead_of("trust-add", signer=key.name, key_id=key.key_id):
+            self.trust_keys_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.trust_keys_dir / f"{key.name}.pub", public_pem(key.public_key))
         return key
 
     def remove_trusted_key(self, name_or_id: str) -> TrustedKey:
         for key in self.trusted_keys():
             if name_or_id in (key.name, key.key_id, key.hint):
-                (self.trust_keys_dir / f"{key.name}.pub").unlink()
-                self.audit.append("trust-remove", signer=key.name, key_id=key.key_id)
+                with self.audit.ahead_of("trust-remove", signer=key.name, key_id=key.key_id):
+                    (self.trust_keys_dir / f"{key.name}.pub").unlink()
                 return key
         raise UsageError(f"no trusted key named or with id {name_or_id!r} in {self.trust_keys_dir}")
 
     @property
     def threshold(self) -> int:
         repair = "set it again with `sovpack trust threshold K`"
-        policy = self._read_json(self.policy_path, repair)
+        policy = read_store_json(self.policy_path, repair)
         if policy is None:
             return 1
         threshold = policy.get("threshold")
-        if not _is_count(threshold):
-            raise _damaged(self.policy_path, "its 'threshold' is not a whole number of at least 1", repair)
+        if not is_count(threshold):
+            raise damaged(self.policy_path, "its 'threshold' is not a whole number of at least 1", repair)
         return threshold
+
+    def set_syslog(self, target: str | None) -> None:
+        """Copy every audit record to `target` from now on (None: stop); the target must answer a probe first."""
+        if target is not None:
+            syslog.check_target(target)
+            probe = json.dumps({"event": "audit-syslog", "probe": True, "store": str(self.root)}).encode()
+            try:
+                syslog.send(target, syslog.message("audit-syslog", probe, None))
+            except OSError as e:
+                raise Failure(
+                    f"cannot send to the syslog target {target}: {e.strerror or e}; the setting was not changed"
+                ) from None
+        with self.audit.ahead_of("audit-syslog", target=target):
+            if target is None:
+                self.syslog_setting.unlink(missing_ok=True)
+            else:
+                self.syslog_setting.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(self.syslog_setting, json.dumps({"target": target}).encode())
+
+    def syslog_target(self) -> str | None:
+        return syslog.read_target(self.syslog_setting)
 
     def set_threshold(self, threshold: int) -> None:
         if threshold < 1:
             raise UsageError("the threshold must be 1 or more")
-        self.policy_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.policy_path, json.dumps({"threshold": threshold}).encode())
-        self.audit.append("trust-threshold", threshold=threshold)
+        with self.audit.ahead_of("trust-threshold", threshold=threshold):
+            self.policy_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.policy_path, json.dumps({"threshold": threshold}).encode())
 
     def trust_policy(self, threshold: int | None = None) -> TrustPolicy:
         keys = self.trusted_keys()
@@ -137,9 +178,10 @@ class Store:
 
         `threshold` can raise the threshold (the larger of the import's and the store's applies); a lower one is refused.
         """
+        accepted_by = installed.record.accepted_by if installed.record else ()
         still_trusted = {k.hint: k for k in self.trusted_keys()}
-        keys = tuple(still_trusted[a["hint"]] for a in installed.record.get("accepted_by", []) if a["hint"] in still_trusted)
-        required = max(installed.record.get("threshold", 1), self.threshold)
+        keys = tuple(still_trusted[s.hint] for s in accepted_by if s.hint in still_trusted)
+        required = max(installed.record.threshold if installed.record else 1, self.threshold)
         if threshold is not None and threshold < required:
             raise UsageError(
                 f"--threshold {threshold} is below the {required} trusted signatures {installed.name} v{installed.version} is "
@@ -150,7 +192,7 @@ class Store:
         if len(keys) < threshold:
             raise Refused(
                 f"{installed.name} v{installed.version} was accepted by "
-                f"{', '.join(a['name'] for a in installed.record.get('accepted_by', [])) or 'no key'}, but only "
+                f"{', '.join(s.name for s in accepted_by) or 'no key'}, but only "
                 f"{len(keys)} of those keys are still trusted and {threshold} are required"
             )
         return TrustPolicy(keys, threshold)
@@ -174,7 +216,7 @@ class Store:
             names = sorted(p.name for p in self.bundles_dir.iterdir()) if self.bundles_dir.is_dir() else []
             stray = [n for n in names if not NAME_PATTERN.match(n)]
             if stray:
-                raise _damaged(self.bundles_dir / stray[0], "it is not named as a bundle is", "move it out of bundles/")
+                raise damaged(self.bundles_dir / stray[0], "it is not named as a bundle is", "move it out of bundles/")
         found = []
         for n in names:
             directory = self.bundles_dir / n
@@ -184,35 +226,8 @@ class Store:
                 ]
         return found
 
-    def _read_record(self, name: str, version: int) -> dict:
-        path = self.record_path(name, version)
-        repair = "delete it and run the same import again, which verifies the bundle and writes its record anew"
-        record = self._read_json(path, repair)
-        if record is None:
-            return {}
-        accepted_by = record.get("accepted_by", [])
-        if not isinstance(accepted_by, list) or not all(
-            isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("hint"), str) for a in accepted_by
-        ):
-            raise _damaged(path, "its 'accepted_by' is not a list of signers with a name and a hint", repair)
-        if not _is_count(record.get("threshold", 1)):
-            raise _damaged(path, "its 'threshold' is not a whole number of at least 1", repair)
-        if "size" in record and (not isinstance(record["size"], int) or isinstance(record["size"], bool) or record["size"] < 0):
-            raise _damaged(path, "its 'size' is not a number of bytes", repair)
-        return record
-
-    @staticmethod
-    def _read_json(path: Path, repair: str) -> dict | None:
-        """A JSON object the store wrote; None when the file does not exist. A damaged one is refused, naming it."""
-        try:
-            data = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except ValueError as e:  # UnicodeDecodeError included
-            raise _damaged(path, f"it is not valid JSON ({e})", repair) from None
-        if not isinstance(data, dict):
-            raise _damaged(path, "it does not hold a JSON object", repair)
-        return data
+    def _read_record(self, name: str, version: int) -> ImportRecord | None:
+        return read_record(self.record_path(name, version), name, version)
 
     def find(self, spec: str) -> InstalledBundle:
         """NAME (the highest installed version) or NAME@VERSION."""
@@ -236,11 +251,11 @@ class Store:
     def _recorded_versions(self) -> dict[str, int]:
         """state/versions.json: the high-water marks, which nothing else can restore."""
         repair = "restore it from a backup: it holds the highest version ever installed of each bundle (rollback protection)"
-        versions = self._read_json(self.versions_path, repair)
+        versions = read_store_json(self.versions_path, repair)
         if versions is None:
             return {}
-        if not all(_is_count(v) for v in versions.values()):
-            raise _damaged(self.versions_path, "a version in it is not a whole number of at least 1", repair)
+        if not all(is_count(v) for v in versions.values()):
+            raise damaged(self.versions_path, "a version in it is not a whole number of at least 1", repair)
         return versions
 
     def highest_version(self, name: str) -> int:
@@ -259,12 +274,8 @@ class Store:
     def lock(self) -> Iterator[None]:
         """Exclusive among sovpack processes while bundles, records and objects change."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(self.root / ".lock"):
             yield
-        finally:
-            os.close(fd)
 
     def object_path(self, sha256: str) -> Path:
         return self.objects_dir / sha256[:2] / sha256
@@ -293,15 +304,16 @@ class Store:
             fsync_dir(target.parent)
         return target
 
-    def complete_install(self, installed: InstalledBundle, record: dict | None = None) -> InstalledBundle:
+    def complete_install(self, installed: InstalledBundle, record: ImportRecord | None = None) -> InstalledBundle:
         """The steps after the commit, each idempotent: record, shared objects, high-water mark."""
         if record is not None:
             path = self.record_path(installed.name, installed.version)
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, json.dumps(record, indent=2, sort_keys=True).encode())
+            write_atomically(path, record.to_bytes())
             installed = InstalledBundle(installed.name, installed.version, installed.path, record)
         metadata = self.read_installed_metadata(installed)
         with self.lock():
+            make_read_only(installed.path)
             for f in metadata.files:
                 self._share(installed.path / f.path, f.sha256)
             self.record_version(installed.name, installed.version)
@@ -325,17 +337,17 @@ class Store:
             versions = ", ".join(str(b.version) for b in candidates)
             raise UsageError(f"{candidates[0].name} has {len(candidates)} versions installed ({versions}): give NAME@VERSION")
         bundle = candidates[0]
-        with self.lock():
+        recorded = bundle.record.metadata_sha256 if bundle.record else None
+        with self.lock(), self.audit.ahead_of("remove", name=bundle.name, version=bundle.version, metadata_sha256=recorded):
             self.record_version(bundle.name, bundle.version)  # removing never lowers the high-water mark
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             trash = self.tmp_dir / f"remove-{bundle.name}-{bundle.version}-{uuid.uuid4().hex[:8]}"
+            os.chmod(bundle.path, 0o755)  # moving a directory to another parent rewrites its '..'
             os.rename(bundle.path, trash)
             self.record_path(bundle.name, bundle.version).unlink(missing_ok=True)
             _remove_empty(bundle.path.parent)
+        with self.lock():
             self.sweep_removals()
-        self.audit.append(
-            "remove", name=bundle.name, version=bundle.version, metadata_sha256=bundle.record.get("metadata_sha256")
-        )
         return bundle
 
     def sweep_removals(self) -> int:
@@ -357,14 +369,6 @@ class Store:
         return deleted
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _damaged(path: Path, what: str, repair: str) -> Refused:
-    return Refused(f"the store's {path} is damaged: {what}; {repair}")
-
-
 def _name_from_command_line(name: str, spec: str) -> str:
     try:
         return check_name(name)
@@ -372,68 +376,8 @@ def _name_from_command_line(name: str, spec: str) -> str:
         raise UsageError(f"{spec!r} is not NAME or NAME@VERSION of an installed bundle (see `sovpack list`)") from None
 
 
-def installed_summary(store: Store, bundle: InstalledBundle) -> dict:
-    """One row of `sovpack list --json` (docs/store.md)."""
-    try:
-        metadata = store.read_installed_metadata(bundle)
-    except (OSError, Refused) as e:
-        metadata, problem = None, str(e)
-    else:
-        problem = None
-    record = bundle.record
-    return {
-        "name": bundle.name,
-        "version": bundle.version,
-        "path": str(bundle.path),
-        "size": record.get("size", metadata.size if metadata else None),
-        "signers": [a.get("name") for a in record.get("accepted_by", [])],
-        "threshold": record.get("threshold"),
-        "imported": record.get("imported"),
-        "created": metadata and format_time(metadata.created),
-        "expires": metadata and metadata.expires and format_time(metadata.expires),
-        "gguf_variants": sorted({(f.details or {}).get("file_type") or "unknown" for f in metadata.files if f.format == "gguf"})
-        if metadata
-        else [],
-        "metadata_sha256": record.get("metadata_sha256"),
-        "problem": problem if problem else (None if record else "no import record: run the import again to complete it"),
-    }
-
-
 def _remove_empty(directory: Path) -> None:
     try:
         directory.rmdir()
     except OSError:
         pass
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a tree whose files are read-only (its directories are not)."""
-    shutil.rmtree(path, ignore_errors=not path.exists())
-
-
-def is_bundle_path(spec: str) -> bool:
-    """Whether a NAME_OR_BUNDLE argument names a directory (else a bundle installed in the store)."""
-    return Path(spec).is_dir() or "/" in spec or spec.startswith(".")
-
-
-def verify_target(spec: str, store: Store, policy: TrustPolicy | None, threshold: int | None) -> VerifyReport:
-    """`sovpack verify`: a bundle directory, or NAME[@VERSION] installed in the store (audited).
-
-    Without explicit trust (policy None) the store's trusted keys and threshold apply.
-    """
-    path = Path(spec)
-    if is_bundle_path(spec):
-        require_bundle_dir(path)
-        return verify_bundle(path, policy or store.trust_policy(threshold))
-    installed = store.find(spec)
-    report = verify_bundle(installed.path, policy or store.trust_policy(threshold))
-    failure = {"step": report.failure.step, "reason": str(report.failure)} if report.failure else {}
-    store.audit.append(
-        "verify",
-        name=installed.name,
-        version=installed.version,
-        ok=report.ok,
-        signers=[k.name for k in report.signers],
-        **failure,
-    )
-    return report

@@ -5,10 +5,12 @@ numbered volumes (`media`), each hashed as written; the `index` describing them 
 
 Import (`import_`), every phase leaving the installed store untouched until the last:
 
-1. read the `index`; stop if this bundle is already installed; refuse an old version early
+1. read the `index` (a stream: its sovpack.json, read first); if this very bundle is installed,
+   that is the result and nothing more is read; refuse an old version early
 2. read the volumes once, in order, as one stream (`media`), checking each as it passes
    (`stream_check`; `volume_check` checks them on their own, for `check-volumes`)
 3. unpack the tar stream safely (`archive`) into files hashed as written (`reassembly`), in a
    work directory that survives a kill (`import_workdir`)
-4. verify the reassembled bundle fully, then install it into the store by one rename
+4. verify the reassembled bundle fully, then install it into the store by one rename and write
+   its record (store/record.py)
 """

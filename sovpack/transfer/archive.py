@@ -9,7 +9,9 @@ bundle directory.
 Reading trusts nothing in the stream: only regular files (and directories, which are
 ignored), only safe relative paths under the expected top directory, only `sovpack.json`,
 signature files and files listed in that `sovpack.json`, each at exactly its listed size.
-Everything else is refused before a byte of it is written.
+Everything else is refused before a byte of it is written. GNU sparse members (old GNU
+headers or pax GNU.sparse.*) are refused as soon as tarfile meets their header: tarfile's
+own parsing of their maps is unbounded and raises ValueError on a malformed one.
 """
 
 from __future__ import annotations
@@ -130,6 +132,26 @@ class _BundleFile:
 # ---- reading
 
 
+class SparseMember(Exception):
+    """A GNU sparse member, which an export never holds (raised from inside tarfile, so not a TarError)."""
+
+
+class _ExportTarInfo(tarfile.TarInfo):
+    """tarfile's header reader, minus GNU sparse members: refused before their maps are read."""
+
+    def _proc_sparse(self, tarfile):
+        raise SparseMember(self.name)
+
+    def _proc_gnusparse_00(self, next, pax_headers, buf):
+        raise SparseMember(next.name)
+
+    def _proc_gnusparse_01(self, next, pax_headers):
+        raise SparseMember(next.name)
+
+    def _proc_gnusparse_10(self, next, pax_headers, tarfile):
+        raise SparseMember(next.name)
+
+
 @dataclass
 class Extracted:
     written: int = 0  # files whose bytes came from the stream
@@ -139,42 +161,62 @@ class Extracted:
 FindObject = Callable[[str, int], "Path | None"]  # (sha256, size) -> a file the store already holds with that digest
 
 
-def extract_archive(
-    reader: ConcatenatedReader,
-    files: StagedFiles,
-    *,
-    find_object: FindObject,
-    top: str | None = None,
-    on_metadata: Callable[[BundleMetadata, bytes], None] | None = None,
-    missing_hint: Callable[[FileEntry], str] | None = None,
-) -> Extracted:
-    """Rebuild the bundle into `files` (the staging directory) from the stream; files the store holds are linked, not written.
+class ArchiveExtraction:
+    """Rebuild the bundle into `files` (the staging directory) from the stream, in two steps.
 
-    The bytes written are hashed and written to disk by `files` meanwhile; `files.finish()` waits for that.
+    `read_metadata` reads up to the bundle's sovpack.json, so that the caller can decide
+    whether to go on (an import stops there when the bundle is installed already);
+    `extract_files` reads the rest. Files the store holds are linked, not written. The bytes
+    written are hashed and written to disk by `files` meanwhile; `files.finish()` waits for that.
     """
-    files.root.mkdir(parents=True, exist_ok=True)
-    reader.max_read = MAX_HEADER_BYTES
-    try:
-        tar = tarfile.open(fileobj=reader, mode="r:")
-    except tarfile.TarError as e:
-        raise Refused(f"{reader.where} does not hold a tar stream of a bundle ({e})") from None
-    extraction = _Extraction(reader, files, find_object, top, on_metadata)
-    while (member := _next_member(tar, reader)) is not None:
-        extraction.add(member)
-    return extraction.finish(missing_hint)
+
+    def __init__(self, reader: ConcatenatedReader, files: StagedFiles, *, find_object: FindObject, top: str | None = None):
+        files.root.mkdir(parents=True, exist_ok=True)
+        reader.max_read = MAX_HEADER_BYTES
+        try:
+            self._tar = tarfile.open(fileobj=reader, mode="r:", tarinfo=_ExportTarInfo)
+        except SparseMember as e:
+            raise _sparse_refusal(reader, e) from None
+        except (tarfile.TarError, ValueError, OverflowError) as e:
+            raise Refused(f"{reader.where} does not hold a tar stream of a bundle ({e})") from None
+        self._reader = reader
+        self._extraction = _Extraction(reader, files, find_object, top)
+
+    def read_metadata(self) -> tuple[BundleMetadata, bytes]:
+        """The bundle's sovpack.json (parsed, NOT verified yet) and its bytes, the stream's first file."""
+        while self._extraction.metadata is None:
+            member = _next_member(self._tar, self._reader)
+            if member is None:
+                raise Refused(f"{self._reader.where} holds no bundle (no {METADATA_FILE})")
+            self._extraction.add(member)
+        return self._extraction.metadata, self._extraction.raw_metadata
+
+    def extract_files(self, missing_hint: Callable[[FileEntry], str] | None = None) -> Extracted:
+        """The rest of the stream; every file sovpack.json lists must be in it or in the store."""
+        self.read_metadata()
+        while (member := _next_member(self._tar, self._reader)) is not None:
+            self._extraction.add(member)
+        return self._extraction.finish(missing_hint)
 
 
 def _next_member(tar: tarfile.TarFile, reader: ConcatenatedReader) -> tarfile.TarInfo | None:
     try:
         return tar.next()
-    except (tarfile.TarError, EOFError) as e:
+    except SparseMember as e:
+        raise _sparse_refusal(reader, e) from None
+    except (tarfile.TarError, EOFError, ValueError, OverflowError) as e:  # ValueError: malformed numbers in headers
         raise Refused(f"{reader.where}: the tar stream is damaged or cut short ({e})") from None
 
 
+def _sparse_refusal(reader: ConcatenatedReader, e: SparseMember) -> Refused:
+    return Refused(f"{e.args[0]} in {reader.where} is a GNU sparse member; bundles hold only regular files")
+
+
 class _Extraction:
-    def __init__(self, reader: ConcatenatedReader, files: StagedFiles, find_object: FindObject, top: str | None, on_metadata):
-        self.reader, self.files, self.find_object, self.top, self.on_metadata = reader, files, find_object, top, on_metadata
+    def __init__(self, reader: ConcatenatedReader, files: StagedFiles, find_object: FindObject, top: str | None):
+        self.reader, self.files, self.find_object, self.top = reader, files, find_object, top
         self.metadata: BundleMetadata | None = None  # as read from the stream: NOT verified yet
+        self.raw_metadata = b""
         self.seen: set[str] = set()
         self.signatures = 0
         self.by_digest: dict[str, Path] = {}  # files of this bundle already in staging, for identical copies
@@ -221,12 +263,10 @@ class _Extraction:
         if member.size > MAX_METADATA_BYTES:
             raise Refused(f"{member.name} in {self.reader.where} is larger than {MAX_METADATA_BYTES} bytes")
         raw = self.reader.read_exactly(member.size, member.name)
-        self.metadata = parse_metadata(raw)
+        self.metadata, self.raw_metadata = parse_metadata(raw), raw
         expected_top = f"{self.metadata.name}-v{self.metadata.version}"
         if self.top != expected_top:
             raise Refused(f"the stream's directory {self.top}/ does not match the bundle it holds ({expected_top})")
-        if self.on_metadata:
-            self.on_metadata(self.metadata, raw)
         self.files.write_bytes(METADATA_FILE, raw)
 
     def _add_signature(self, member: tarfile.TarInfo, rel: str) -> None:
@@ -268,8 +308,6 @@ class _Extraction:
         return False
 
     def finish(self, missing_hint: Callable[[FileEntry], str] | None) -> Extracted:
-        if self.metadata is None:
-            raise Refused(f"{self.reader.where} holds no bundle (no {METADATA_FILE})")
         for entry in self.metadata.files:
             if entry.path in self.seen:
                 continue

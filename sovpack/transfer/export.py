@@ -10,7 +10,6 @@ twice and memory stays flat.
 
 from __future__ import annotations
 
-import shutil
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -19,10 +18,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sovpack import __version__
-from sovpack.bundle.directory import read_metadata_bytes, require_bundle_dir, scan_tree, write_atomically
+from sovpack.bundle.directory import read_metadata_bytes, require_bundle_dir, scan_tree
 from sovpack.bundle.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
 from sovpack.bundle.signature import read_statement
 from sovpack.bundle.verify import check_digests, check_expiry, check_inventory, check_sizes, digest_failure
+from sovpack.common.files import require_free_space, write_atomically
 from sovpack.common.hashing import ShardHasher, compare_shards
 from sovpack.common.pipeline import Lane
 from sovpack.common.progress import Progress
@@ -199,6 +199,12 @@ def export_volumes(
     progress: Progress | None = None,
     now: datetime | None = None,
 ) -> ExportResult:
+    """Write the signed bundle at `root` as volumes of at most `volume_size` bytes, and their index, into `to`.
+
+    Raises: UsageError (a bad destination, an earlier export there, a bad --since), Refused (the bundle
+    is unsigned, expired, or does not match its inventory), Failure (I/O, a full destination). What was
+    written is removed on failure.
+    """
     progress = progress or Progress()
     checked = check_exportable(root, now)
     plan, left_out, since_doc = _plan(checked, since)
@@ -257,13 +263,15 @@ def _prepare_destination(to: Path, stem: str, archive_size: int, volume_size: in
     for p in to.iterdir():  # volumes of an interrupted export into this directory (it has no index)
         if volume_stem(p.name) == stem and p.is_file():
             p.unlink()
-    free = shutil.disk_usage(to).free
-    if free < archive_size:
-        count = -(-archive_size // volume_size)
-        raise Failure(
+    count = -(-archive_size // volume_size)
+    require_free_space(
+        to,
+        archive_size,
+        lambda free: (
             f"{to} has {free} bytes free but the export of {stem} needs {archive_size} bytes ({count} volume(s) of "
             f"at most {volume_size} bytes); export to a larger disk and copy the volumes onto several media"
-        )
+        ),
+    )
 
 
 def export_stream(

@@ -12,12 +12,11 @@ as it was, and the next import clears or reuses what it finds (`sweep_staging`).
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
-from sovpack.errors import Failure
-from sovpack.store.store import Store, remove_tree
+from sovpack.common.files import HeldLock, remove_tree, try_lock
+from sovpack.store.store import Store
 from sovpack.transfer.volume_check import CheckJournal
 
 # Journal key: true once the whole bundle is staged on disk (a re-run verifies and installs it);
@@ -32,22 +31,17 @@ class ImportJob:
         self.directory = directory
         self.staging = directory / "bundle"
         self.journal: CheckJournal  # read in __enter__, once the lock is held
-        self._lock_fd: int | None = None
+        lock = directory / "lock"
+        self._lock = HeldLock(lock, f"another sovpack import of this export is running (it holds {lock}); wait for it to finish")
 
     def __enter__(self) -> "ImportJob":
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _try_lock(self.directory / "lock")
-        if self._lock_fd is None:
-            raise Failure(
-                f"another sovpack import of this export is running (it holds {self.directory / 'lock'}); wait for it to finish"
-            )
+        self._lock.__enter__()
         self.journal = CheckJournal(self.directory / "journal.json")
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.__exit__()
 
     @property
     def reassembled(self) -> bool:
@@ -69,16 +63,6 @@ class ImportJob:
         remove_tree(self.directory)
 
 
-def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 def sweep_staging(store: Store) -> None:
     """Clear what killed imports left in tmp/: partial stagings (a re-run redoes them) and streams."""
     if not store.tmp_dir.is_dir():
@@ -86,7 +70,7 @@ def sweep_staging(store: Store) -> None:
     for directory in store.tmp_dir.iterdir():
         if not directory.name.startswith(("import-", "stream-")):
             continue
-        fd = _try_lock(directory / "lock") if directory.is_dir() else None
+        fd = try_lock(directory / "lock") if directory.is_dir() else None
         if fd is None:
             continue  # running
         try:

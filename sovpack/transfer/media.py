@@ -15,7 +15,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from sovpack.common.pipeline import DISK_FULL, BufferRing, DirectFile, Lane, wait_all
+from sovpack.common.files import out_of_room
+from sovpack.common.pipeline import BufferRing, DirectFile, Lane, wait_all
 from sovpack.common.progress import Progress
 from sovpack.errors import Failure, Refused
 from sovpack.transfer.index import ExportIndex, VolumeEntry, volume_name
@@ -107,7 +108,7 @@ class VolumeWriter:
     def _failure(self, e: OSError) -> Failure:
         """A write, or the fsync that ends a volume, failed (the OSError names the volume)."""
         name = Path(e.filename).name if e.filename else self.written[-1].name
-        full = " (the destination is full or does not allow files this large)" if e.errno in DISK_FULL else ""
+        full = " (the destination is full or does not allow files this large)" if out_of_room(e) else ""
         return Failure(f"cannot write volume {name} in {self.directory}: {e.strerror}{full}")
 
     def _close_current(self) -> None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sovpack.common.files import files_under, fsync_path, out_of_room
 from sovpack.common.hashing import ShardDigests, ShardHasher
-from sovpack.common.pipeline import DISK_FULL, BufferRing, DirectFile, Lane, fsync_path, wait_all
+from sovpack.common.pipeline import BufferRing, DirectFile, Lane, wait_all
 from sovpack.errors import Failure
 
 if TYPE_CHECKING:
@@ -123,19 +124,12 @@ def flush_tree(root: Path) -> None:
     flush_files(files_under(root))
 
 
-def files_under(root: Path) -> Iterator[Path]:
-    """Every file of a staged tree (which holds only directories and regular files)."""
-    for directory, _, names in os.walk(root):
-        for name in names:
-            yield Path(directory, name)
-
-
 def _flush_failure(e: OSError) -> Failure:
     return Failure(f"cannot flush the staged bundle to the store's disk: {e.strerror} ({e.filename})")
 
 
 def write_failure(rel: str, staging: Path, e: OSError) -> Failure:
     full = ""
-    if e.errno in DISK_FULL:
+    if out_of_room(e):
         full = " (the store's disk is full or does not allow files this large)"
     return Failure(f"cannot write {rel} into the store's staging directory {staging}: {e.strerror}{full}")

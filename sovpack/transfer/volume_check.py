@@ -13,9 +13,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from sovpack.bundle.directory import write_atomically
 from sovpack.bundle.trust import TrustPolicy
+from sovpack.common.files import write_atomically
 from sovpack.common.hashing import READ_SIZE, cpu_count
 from sovpack.common.progress import Progress
 from sovpack.transfer.index import (
@@ -30,11 +31,13 @@ from sovpack.transfer.index import (
     volume_stem,
 )
 
+VolumeState = Literal["ok", "reused", "damaged", "missing"]  # reused: ok in an earlier run, unchanged since
+
 
 @dataclass(frozen=True)
 class VolumeStatus:
     file: str
-    state: str  # "ok", "reused" (ok in an earlier run, unchanged since), "damaged", "missing"
+    state: VolumeState
     detail: str = ""
 
     @property
@@ -120,7 +123,11 @@ def check_volumes(
     journal: CheckJournal | None = None,
     progress: Progress | None = None,
 ) -> VolumeReport:
-    """Check every volume against the index on its own, several at once, before any reassembly."""
+    """Check every volume against the index on its own, several at once, before any reassembly.
+
+    Damaged and missing volumes are in the report, not raised. Raises: Refused (an index that is
+    malformed, or whose signature is by a key `policy` does not trust or does not match), Failure (I/O).
+    """
     index, raw = read_index(index_path)
     signature = check_index_signature(index_path.parent, index, raw, policy)
     return check_index_volumes(index_path, index, signature, journal=journal, progress=progress)
