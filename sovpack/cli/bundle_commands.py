@@ -158,9 +158,12 @@ def render_verify_report(report) -> None:
     console.print(table)
     for s in report.signatures:
         who = f"{s.signer.name} ({s.key_id})" if s.signer else f"key {s.key_id}"
+        if s.certificate:
+            who = f"{_certificate_text(s.certificate)}, key {s.key_id}"
         verdict = {
             "valid": "[green]valid, trusted[/]",
             "stale": "[yellow]trusted, but signs another version of sovpack.json[/]",
+            "rejected": f"[red]not counted: {escape(s.problem or '')}[/]",
         }.get(s.status, "[yellow]not in the trust set[/]")
         console.print(f"  {escape(s.file)}: {escape(who)} {verdict}", soft_wrap=True)
     # the verdict: one line however wide the terminal; a refusal on stderr, as every other refusal
@@ -215,7 +218,13 @@ def render_description(doc: dict) -> None:
             if s["covers_metadata"]
             else f"[yellow]does not cover this metadata[/] {escape(s['problem'] or '')}"
         )
-        console.print(f"signature {escape(s['file'])}: key {s['key_id']} {state}")
+        certificate = s.get("certificate")
+        who = escape(_certificate_text(certificate)) + " " if certificate else ""
+        console.print(f"signature {escape(s['file'])}: {who}key {s['key_id']} {state}", soft_wrap=True)
+
+
+def _certificate_text(certificate: dict) -> str:
+    return f"certificate {certificate['subject']} (issuer {certificate['issuer']}, serial {certificate['serial']})"
 
 
 def _details(details: dict | None) -> str:
