@@ -245,7 +245,7 @@ def trust_threshold(
     target.set_threshold(threshold)
     count = len(target.trusted_keys())
     console.print(f"threshold set to {threshold} ({count} key(s) trusted)")
-    if threshold > count:
+    if threshold > count and not target.trusted_roots():  # with a root, any number of certified signers may count
         console.print(
             f"[yellow]warning:[/] {threshold} signatures are required but only "
             f"{count} key(s) are trusted: add keys with `sovpack trust add`"
