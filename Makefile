@@ -1,20 +1,25 @@
 # make demo   - set everything up, then run the whole flow on the embedded default model
 # make test   - set everything up, then run the whole test suite
+# make fuzz   - the fuzz tests of every untrusted-input parser, with 50 times as many cases (minutes)
 # make lint   - ruff: lint and format check
 # make bench  - run every benchmark in bench/ and regenerate docs/benchmarks.md
+#               (the first run builds llama.cpp's llama-server, the serve reference, into .cache/llama-server/)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test lint format bench model clean
+.PHONY: demo test fuzz lint format bench model clean
 
 demo: $(STAMP) $(MODEL)
 	$(BIN)/python scripts/demo.py
 
 test: $(STAMP) $(MODEL)
 	$(BIN)/python -m pytest
+
+fuzz: $(STAMP)
+	SOVPACK_FUZZ=1 $(BIN)/python -m pytest tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

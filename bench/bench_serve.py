@@ -5,6 +5,10 @@
   time to first token overhead. Both generate exactly N tokens (min_tokens = max_tokens).
 - 4 concurrent streams with --parallel 1 and --parallel 2: all complete, aggregate tokens/s,
   p50/p95 request latency.
+- 4 and 8 concurrent streams against llama.cpp's own `llama-server` (built by
+  bench/llama_server.py from the llama.cpp that llama-cpp-python vendors): same model, same
+  slot count (--parallel / -np), same prompt and length (exactly N tokens each: min_tokens
+  for serve, ignore_eos for llama-server), greedy; aggregate tokens/s and p95 request latency.
 - start-up, command to /health 200: a store-installed bundle with the recorded-check fast
   path vs --full-verify.
 
@@ -14,6 +18,7 @@ Writes bench/out/serve.json. Usage: python bench/bench_serve.py [--quick]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -114,14 +119,17 @@ class Server:
         return self.proc.stderr.read().decode()
 
 
-def http_stream(url: str, n: int, client=None) -> Run:
-    """One streamed completion over HTTP, counting tokens from the final usage chunk."""
+def http_stream(url: str, n: int, client=None, exact: dict | None = None) -> Run:
+    """One streamed completion over HTTP, counting tokens from the final usage chunk.
+
+    `exact`: how the server is told to generate exactly n tokens (serve: min_tokens).
+    """
     import httpx2
 
     body = {
         "prompt": PROMPT,
         "max_tokens": n,
-        "min_tokens": n,
+        **(exact if exact is not None else {"min_tokens": n}),
         **SAMPLING,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -136,7 +144,7 @@ def http_stream(url: str, n: int, client=None) -> Run:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"][0]["text"]:
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
                 last = time.perf_counter()
                 first = first or last
     return Run(first - start, last - start, tokens)
@@ -217,22 +225,62 @@ def one_stream(gguf: Path, store: Path, n: int, repeats: int, threads: int, prim
 
 
 def concurrent(store: Path, parallel: int, n: int, rounds: int) -> dict:
-    server = Server(store, "--parallel", str(parallel))
+    return streams_against(functools.partial(Server, store, "--parallel", str(parallel)), 4, n, rounds, None)
+
+
+def run_four(url: str, n: int, failures: list[str], streams: int = 4, exact: dict | None = None) -> list:
+    """`streams` streams at once; returns their runs and, last, the wall time of the round."""
+    results: list = []
+
+    def one():
+        try:
+            results.append(http_stream(url, n, exact=exact))
+        except Exception as e:  # recorded: the target is that none fails
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=one) for _ in range(streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [*results, time.perf_counter() - start]
+
+
+class LlamaServer:
+    """llama.cpp's own server on the same GGUF: `streams` slots of CTX tokens each (its --ctx-size is shared)."""
+
+    def __init__(self, binary: Path, gguf: Path, slots: int, threads: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["-np", str(slots), "-c", str(CTX * slots), "-t", str(threads), "-tb", str(threads), "--no-webui"]
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        Server._wait_ready(self)  # the same /health polling as for serve
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        return ""
+
+
+def streams_against(run_server, streams: int, n: int, rounds: int, exact: dict | None) -> dict:
+    """`rounds` rounds of `streams` simultaneous streams of n tokens against the server `run_server()` starts."""
+    server = run_server()
     runs: list[Run] = []
-    walls = []
-    failures = []
+    walls, failures = [], []
     try:
-        http_stream(server.url, 4)
+        http_stream(server.url, 4, exact=exact)  # warm
         for _ in range(rounds):
-            round_runs = run_four(server.url, n, failures)
+            round_runs = run_four(server.url, n, failures, streams=streams, exact=exact)
             walls.append(round_runs.pop())
             runs += round_runs
     finally:
         server.stop()
-    complete = not failures and len(runs) == 4 * rounds and all(r.tokens == n for r in runs)
     latencies = sorted(r.total for r in runs)
     return {
-        "complete": complete,
+        "complete": not failures and len(runs) == streams * rounds and all(r.tokens == n for r in runs),
         "aggregate_tokens_per_s": round(sum(r.tokens for r in runs) / sum(walls), 1),
         "p50_latency_s": round(statistics.median(latencies), 2),
         "p95_latency_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 2),
@@ -242,23 +290,60 @@ def concurrent(store: Path, parallel: int, n: int, rounds: int) -> dict:
     }
 
 
-def run_four(url: str, n: int, failures: list[str]) -> list:
-    """Four streams at once; returns their runs and, last, the wall time of the round."""
-    results: list = []
+def versus_llama_server(gguf: Path, store: Path, n: int, rounds: int) -> list[Result]:
+    """4 and 8 streams: serve with as many slots, against llama-server with as many (-np), same threads budget."""
+    from llama_server import ensure_llama_server
 
-    def one():
-        try:
-            results.append(http_stream(url, n))
-        except Exception as e:  # recorded: the target is that none fails
-            failures.append(repr(e))
+    binary = ensure_llama_server()
+    cores = cpu_count()
+    results = []
+    for streams in (4, 8):
+        per_slot = default_threads(streams, cores)  # serve's default: (cores - 1) / slots, at least 1
+        budget = default_threads(1, cores)  # the same compute threads for llama-server's batched decoding
+        ours, theirs = [], []
+        for _ in range(rounds):  # alternated, so that the machine's drift hits both alike
+            serve = functools.partial(Server, store, "--parallel", str(streams), "--threads", str(per_slot))
+            ours.append(streams_against(serve, streams, n, 1, None))
+            peer = functools.partial(LlamaServer, binary, gguf, streams, budget)
+            theirs.append(streams_against(peer, streams, n, 1, {"ignore_eos": True}))
+        o, t = _merge(ours), _merge(theirs)
+        setting = (
+            f"{streams} slots; serve {per_slot} thread(s) per slot ({per_slot * streams} in all), "
+            f"llama-server -t {budget} for its batched decoding"
+        )
+        reference = f"llama.cpp llama-server {binary.parent.name} (llama-cpp-python's vendored llama.cpp), {setting}"
+        absolute = {"serve": o, "llama_server": t}
+        tps = o["aggregate_tokens_per_s"] / t["aggregate_tokens_per_s"]
+        p95 = o["p95_latency_s"] / t["p95_latency_s"]
+        results += [
+            Result(
+                metric=f"{streams} concurrent streams of {n} tokens: aggregate tokens/s",
+                ratio=round(tps, 2),
+                target=">= 0.9 of llama-server",
+                meets=tps >= 0.9 and o["complete"],
+                reference=reference,
+                absolute=absolute,
+            ),
+            Result(
+                metric=f"{streams} concurrent streams of {n} tokens: p95 request latency",
+                ratio=round(p95, 2),
+                target="<= 1.2 of llama-server",
+                meets=p95 <= 1.2 and o["complete"],
+                reference=reference,
+                absolute=absolute,
+            ),
+        ]
+    return results
 
-    threads = [threading.Thread(target=one) for _ in range(4)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return [*results, time.perf_counter() - start]
+
+def _merge(samples: list[dict]) -> dict:
+    """Medians over alternated samples of streams_against."""
+    keys = ("aggregate_tokens_per_s", "p50_latency_s", "p95_latency_s", "p50_ttft_s")
+    merged = {k: round(statistics.median(s[k] for s in samples), 2) for k in keys}
+    merged["complete"] = all(s["complete"] for s in samples)
+    merged["requests"] = sum(s["requests"] for s in samples)
+    merged["failures"] = [f for s in samples for f in s["failures"]][:3]
+    return merged
 
 
 def startup(bundle_store: Path, repeats: int) -> Result:
@@ -286,6 +371,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer and shorter generations")
     args = parser.parse_args()
     n, repeats, rounds = (64, 3, 1) if args.quick else (256, 7, 3)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="sovpack-bench-serve-") as tmp:
         os.environ["SOVPACK_HOME"] = str(Path(tmp) / "home")
         gguf, _, store = prepare(Path(tmp))
@@ -294,6 +380,7 @@ def main() -> None:
         if default_threads(1, cores) != cores:
             results += one_stream(gguf, store, n, repeats, cores, primary=False)
         by_slots = {p: concurrent(store, p, n // 2, rounds) for p in (1, 2)}
+        peer = versus_llama_server(gguf, store, n // 2, rounds)
         results.append(startup(store, repeats))
     for p, r in by_slots.items():
         results.append(
@@ -322,12 +409,16 @@ def main() -> None:
             },
         )
     )
+    results += peer
     notes = [
         "Threads: serve's default is (cores - 1) / --parallel per slot, "
         "at least 1; the in-process reference uses the same count.",
         "With every core given to llama.cpp, the server's own work (event loop, SSE, the client here) preempts one of the "
         "llama.cpp threads, which wait for each other at every step: see the all-cores line.",
         "The HTTP client reads SSE lines with httpx2 in the benchmark process, which shares the machine's cores with the server.",
+        "Against llama-server: serve runs one llama.cpp context per slot, each in its own worker process decoding its own "
+        "sequence; llama-server decodes all its slots in one batch per step (see docs/serve.md, Performance).",
+        f"Load average (1 min) at the start {load_before:.1f}, at the end {os.getloadavg()[0]:.1f}, on {cpu_count()} cores.",
     ]
     write_results("serve", "sovpack serve vs in-process llama-cpp-python", results, notes)
 

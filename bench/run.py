@@ -58,11 +58,18 @@ def render(quick: bool) -> str:
             if r["absolute"] == shown:  # several ratios drawn from the same measurements: listed once, under the first
                 continue
             shown = r["absolute"]
-            values = ", ".join(f"{k} {v}" for k, v in r["absolute"].items())
+            values = ", ".join(f"{k} {_shown(v)}" for k, v in r["absolute"].items())
             lines.append(f"- {r['metric']}: {values}")
         lines += [f"- note: {n}" for n in doc.get("notes", [])]
         lines.append("")
     return "\n".join(lines)
+
+
+def _shown(value) -> str:
+    """A measurement; one side's several measurements (a dict) in parentheses."""
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {v}" for k, v in value.items()) + ")"
+    return str(value)
 
 
 def main() -> None:

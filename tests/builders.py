@@ -147,3 +147,33 @@ def write_llama_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return writer.format_shard_names(path)[0] if split_max_tensors else path
+
+
+def sentencepiece_model() -> bytes:
+    """A real SentencePiece tokenizer.model (a protobuf ModelProto of 120 pieces), trained by the library itself."""
+    import io
+    import random
+
+    import sentencepiece
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(400)]
+    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(400)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=120, minloglevel=2)
+    return model.getvalue()
+
+
+def card_images(size: tuple[int, int] = (16, 8)) -> dict[str, bytes]:
+    """The same picture as PNG, JPEG, GIF and WebP, written by Pillow, keyed by card/figure.EXT."""
+    import io
+
+    from PIL import Image
+
+    picture = Image.new("RGB", size, (200, 30, 30))
+    out = {}
+    for kind in ("PNG", "JPEG", "GIF", "WEBP"):
+        buffer = io.BytesIO()
+        picture.save(buffer, kind)
+        out[f"card/figure.{kind.lower()}"] = buffer.getvalue()
+    return out

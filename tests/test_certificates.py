@@ -356,3 +356,136 @@ def test_a_token_key_signs_with_a_certificate(cli, tmp_path, model_dir, ca, pki_
     assert code == 0 and report["signatures"][0]["signer"] == "CN=Officer Token,O=MoD"
     (signature,) = (bundle / "signatures").glob("*.sig")
     assert model_signing_certificate(bundle, signature, ca.root_pem).returncode == 0
+
+
+def test_the_import_record_holds_each_certificate_signer_typed(cli, tmp_path, model_dir, ca, pki_store, keys):
+    from sovpack.bundle.certificates import subject_identity
+    from sovpack.store.record import Signer, SignerCertificate, read_record
+
+    assert cli("trust", "add", keys / "alice.pub", "--store", pki_store).code == 0
+    key, chain, cert = ca.leaf("Officer Jones")
+    bundle = unsigned(cli, tmp_path, model_dir)
+    assert cli("sign", bundle, "--key", key, "--cert", chain).code == 0
+    assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
+    assert cli("export", bundle, "--to", tmp_path / "media").code == 0
+    assert cli("import", tmp_path / "media", "--store", pki_store, "--threshold", "2").code == 0
+    path = pki_store / "records" / "tiny" / "3.json"
+    record = read_record(path, "tiny", 3)
+    officer = SignerCertificate("CN=Officer Jones,O=MoD", "CN=Root CA Issuing,O=MoD", f"{cert.serial_number:x}", "mod-root")
+    (certified,) = [s for s in record.accepted_by if s.certificate]
+    assert certified == Signer("CN=Officer Jones,O=MoD", subject_identity("CN=Officer Jones,O=MoD"), officer)
+    assert [s.name for s in record.accepted_by if s.certificate is None] == ["alice"]
+    written = json.loads(path.read_text())
+    assert {"name": "CN=Officer Jones,O=MoD", "hint": certified.hint, "certificate": officer.to_json()} in written["accepted_by"]
+    # a certificate signer the record names with another identity, or a certificate that is not the four fields: damaged
+    for damage in ({"hint": "x509:" + "0" * 64}, {"certificate": ["CN=Officer Jones,O=MoD"]}):
+        entry = {"name": "CN=Officer Jones,O=MoD", "hint": certified.hint, "certificate": officer.to_json()} | damage
+        path.chmod(0o644)
+        path.write_text(json.dumps(written | {"accepted_by": [entry]}))
+        listed = cli("list", "--store", pki_store)
+        assert listed.code == 1 and f"{path} is damaged" in listed.err and "accepted_by" in listed.err, listed.err
+
+
+def test_serving_an_installed_bundle_keeps_its_certificate_signers_while_their_root_is_trusted(
+    cli, tmp_path, model_dir, ca, pki_store
+):
+    from sovpack.errors import Refused
+    from sovpack.store.store import Store
+
+    key, chain, _ = ca.leaf("Officer Jones")
+    bundle = unsigned(cli, tmp_path, model_dir)
+    assert cli("sign", bundle, "--key", key, "--cert", chain).code == 0
+    assert cli("export", bundle, "--to", tmp_path / "media").code == 0
+    imported = cli("import", tmp_path / "media", "--store", pki_store)
+    assert imported.code == 0 and "does not trust" not in imported.err, imported.err
+    store = Store(pki_store)
+    policy = store.policy_for(store.find("tiny"))
+    assert [r.name for r in policy.roots] == ["mod-root"] and policy.keys == () and policy.threshold == 1
+    other = CA(tmp_path / "other", "Other CA")
+    assert cli("trust", "add-root", other.root_pem, "--name", "other-root", "--store", pki_store).code == 0
+    assert [r.name for r in Store(pki_store).policy_for(store.find("tiny")).roots] == ["mod-root"]  # only its own root
+    for suffix in (".pem", ".json"):  # the root it was accepted under is no longer trusted
+        (pki_store / "trust" / "roots" / f"mod-root{suffix}").unlink()
+    with pytest.raises(Refused, match="only 0 of those signers are still trusted and 1 are required"):
+        Store(pki_store).policy_for(store.find("tiny"))
+    refused = cli("verify", "tiny", "--store", pki_store)
+    assert refused.code == 1 and "is neither a trusted root" in refused.err, refused.err
+
+
+def test_trust_add_root_and_crl_add_are_recorded_before_they_change_the_store(cli, tmp_path, ca, pki_store):
+    from helpers import audit_records, sovpack
+    from test_audit import without_file_growth_beyond
+
+    other = CA(tmp_path / "other", "Other CA")
+    log_size = (pki_store / "audit.log").stat().st_size
+    full = without_file_growth_beyond(log_size)
+    root = sovpack("trust", "add-root", other.root_pem, "--store", pki_store, preexec_fn=full)
+    assert root.returncode == 3 and b"audit.log" in root.stderr, root.stderr
+    assert sorted(p.name for p in (pki_store / "trust" / "roots").iterdir()) == ["mod-root.json", "mod-root.pem"]
+    crl = sovpack("trust", "crl", "add", ca.crl(), "--issuer", ca.intermediate_pem, "--store", pki_store, preexec_fn=full)
+    assert crl.returncode == 3 and b"audit.log" in crl.stderr, crl.stderr
+    assert not (pki_store / "trust" / "crls").exists()
+    assert [r["event"] for r in audit_records(pki_store)] == ["trust-add-root"]
+    assert cli("trust", "crl", "add", ca.crl(), "--issuer", ca.intermediate_pem, "--store", pki_store).code == 0
+    (held,) = (pki_store / "trust" / "crls").iterdir()
+    added = audit_records(pki_store)[-1]
+    assert added["event"] == "trust-crl-add" and added["sha256"] == held.stem and "Root CA Issuing" in added["checked_with"]
+    assert cli("audit", "verify", "--store", pki_store).code == 0
+
+
+@pytest.mark.parametrize("damage", ["not a certificate", "two certificates", "a CRL that is not one"])
+def test_damaged_roots_and_crls_in_the_store_are_named(cli, tmp_path, model_dir, ca, pki_store, damage):
+    key, chain, cert = ca.leaf("Officer Jones")
+    bundle = unsigned(cli, tmp_path, model_dir)
+    assert cli("sign", bundle, "--key", key, "--cert", chain).code == 0
+    root_file = pki_store / "trust" / "roots" / "mod-root.pem"
+    if damage == "not a certificate":
+        root_file.write_bytes(root_file.read_bytes().replace(b"MII", b"MIJ", 1))
+        named = root_file
+    elif damage == "two certificates":
+        root_file.write_bytes(root_file.read_bytes() * 2)
+        named = root_file
+    else:
+        assert cli("trust", "crl", "add", ca.crl(cert), "--issuer", ca.intermediate_pem, "--store", pki_store).code == 0
+        (named,) = (pki_store / "trust" / "crls").iterdir()
+        named.write_bytes(named.read_bytes()[:40])
+    result = cli("verify", bundle, "--store", pki_store)
+    assert result.code == 1 and str(named) in result.err and "is damaged" in result.err, result.err
+    assert cli("trust", "list", "--store", pki_store).code == 1
+
+
+def test_a_bundle_accepted_by_a_certificate_signer_is_served_and_verified_again_after_an_engine_crash(tmp_path, smollm_gguf, ca):
+    """serve NAME takes its policy from the record (Store.policy_for): a root, not a key; a worker crash re-verifies under it."""
+    import os
+    import signal
+
+    from test_serve import PROMPT, Env, Server, run
+    from test_serve_safety import wait_for, workers
+
+    from sovpack.store.store import Store
+
+    env = Env(tmp_path / "serve", smollm_gguf)
+    key, chain, _ = ca.leaf("Officer Jones")
+    bundle = env.pack("certified", sign=False)
+    assert run("sign", bundle, "--key", key, "--cert", chain) == 0
+    assert run("export", bundle, "--to", tmp_path / "media") == 0
+    store = tmp_path / "pki-serve-store"
+    assert run("trust", "add-root", ca.root_pem, "--name", "mod-root", "--store", store) == 0
+    assert run("import", tmp_path / "media", "--store", store) == 0
+    server = Server(env, "smollm2", "--parallel", "1", store=store, name="certified").wait_ready()
+    try:
+        assert "signed by 'CN=Officer Jones,O=MoD' (certificate serial" in server.output(), server.output()
+        (before,) = workers(server.proc.pid)
+        os.kill(before, signal.SIGKILL)
+
+        def restarted() -> list[dict]:
+            return [r for r in Store(store).audit.records() if r["event"] == "serve-engine-restarted"]
+
+        (record,) = wait_for(restarted, 120, "the engine to restart")
+        (after,) = workers(server.proc.pid)
+        assert after != before and record["workers"] == [after]
+        reply = server.client().completions.create(model="smollm2", prompt=PROMPT, max_tokens=3, temperature=0)
+        assert reply.choices[0].text
+        assert "ready again" in server.output()
+    finally:
+        assert server.stop() == 0, server.output()

@@ -12,9 +12,8 @@ import pytest
 from builders import write_gguf, write_safetensors
 
 from sovpack.errors import FormatError
-from sovpack.formats import classify, inspect_file
+from sovpack.formats import examine, role_of
 from sovpack.formats.gguf import inspect_gguf, read_chat_template
-from sovpack.formats.pickle import pickle_reason
 from sovpack.formats.safetensors import inspect_safetensors
 
 
@@ -39,7 +38,7 @@ def test_safetensors_header_is_summarised(tmp_path):
             '"shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
             b"\0" * 4,
             None,
-            "duplicate key 'a'",
+            "the key 'a' appears twice",
         ),
         ('{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, None, "unknown dtype 'F33'"),
         (
@@ -156,46 +155,59 @@ def test_gguf_tensor_offset_overlap_is_refused(tmp_path):
     [
         ("pytorch_model.bin", b"anything", "extension .bin"),
         ("model.ckpt", b"x", "extension .ckpt"),
-        ("weights.data", pickle.dumps({"a": 1}, protocol=4), "pickle protocol 4"),
+        ("weights.data", pickle.dumps({"a": 1}, protocol=4), "a pickle of protocol 4"),
     ],
 )
 def test_pickles_are_recognised(tmp_path, name, content, reason):
     path = tmp_path / name
     path.write_bytes(content)
-    assert reason in pickle_reason(path)
-    with pytest.raises(FormatError, match=f"{name}: refused as pickle-based weights.*safetensors"):
-        inspect_file(path, name, "other")
+    with pytest.raises(FormatError, match=f"{name}: refused as pickle-based weights: .*{reason}.*safetensors"):
+        examine(path, name)
 
 
 def test_torch_zip_archive_is_a_pickle(tmp_path):
     path = tmp_path / "model.weights"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", pickle.dumps([1]))
-    assert "PyTorch zip" in pickle_reason(path)
+    with pytest.raises(FormatError, match="a zip archive holding a pickle of protocol 4 .member 'archive/data.pkl'"):
+        examine(path, "model.weights", ["*"])
 
 
 def test_plain_files_are_not_pickles(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"a": 1}))
-    assert pickle_reason(tmp_path / "config.json") is None
-    assert pickle_reason(write_safetensors(tmp_path / "m.safetensors", {"x": np.zeros(2, np.float32)})) is None
+    assert examine(tmp_path / "config.json", "config.json").format == "json"
+    st = write_safetensors(tmp_path / "m.safetensors", {"x": np.zeros(2, np.float32)})
+    assert examine(st, "m.safetensors").format == "safetensors"
 
 
 @pytest.mark.parametrize(
-    "path, role, fmt",
+    "path, fmt, role",
     [
-        ("model-00001-of-00002.safetensors", "weights", "safetensors"),
-        ("model.safetensors.index.json", "weights-index", "json"),
-        ("gguf/x-Q4_K_M.gguf", "weights", "gguf"),
-        ("config.json", "config", "json"),
-        ("generation_config.json", "config", "json"),
-        ("tokenizer.json", "tokenizer", "json"),
-        ("tokenizer.model", "tokenizer", "sentencepiece"),
-        ("chat_template.jinja", "chat-template", "jinja"),
-        ("LICENSE", "license", "other"),
-        ("README.md", "documentation", "text"),
-        ("notes.bin.txt", "documentation", "text"),
-        ("images/logo.png", "other", "other"),
+        ("model-00001-of-00002.safetensors", "safetensors", "weights"),
+        ("weights.dat", "safetensors", "weights"),
+        ("model.safetensors.index.json", "json", "weights-index"),
+        ("gguf/x-Q4_K_M.gguf", "gguf", "weights"),
+        ("config.json", "json", "config"),
+        ("generation_config.json", "json", "config"),
+        ("tokenizer.json", "json", "tokenizer"),
+        ("tokenizer.model", "sentencepiece", "tokenizer"),
+        ("chat_template.jinja", "jinja", "chat-template"),
+        ("LICENSE", "text", "license"),
+        ("README.md", "text", "documentation"),
+        ("notes.bin.txt", "text", "documentation"),
+        ("images/logo.png", "image", "other"),
     ],
 )
-def test_roles_and_formats(path, role, fmt):
-    assert classify(path) == (role, fmt)
+def test_roles_and_formats(path, fmt, role):
+    assert role_of(path, fmt) == role
+
+
+def test_a_safetensors_file_whose_first_bytes_read_as_pickle_opcodes_is_not_a_pickle(tmp_path):
+    """Header lengths 76 ('L': a protocol 0 opcode reading a line of zeros) and 0x0280 (0x80 0x02: a protocol 2 header)."""
+    from helpers import write_big_safetensors
+
+    big = write_big_safetensors(tmp_path / "big.safetensors", 128 << 20)  # sparse: its header is 76 bytes
+    assert big.read_bytes()[:1] == b"L" and examine(big, "big.safetensors").format == "safetensors"
+    header = json.dumps({"w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}).encode().ljust(0x0280)
+    path = raw_safetensors(tmp_path / "p.safetensors", header, b"\0" * 4)
+    assert path.read_bytes()[:2] == b"\x80\x02" and examine(path, "p.safetensors").format == "safetensors"

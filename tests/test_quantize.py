@@ -411,9 +411,9 @@ def test_existing_output_is_not_replaced(cli, bundle):
 
 
 def test_a_directory_where_the_output_would_go_is_found_before_llama_cpp_runs(cli, bundle):
-    (bundle / "gguf" / "tiny-Q8_0.gguf").mkdir()  # empty: not a file, so the inventory check lets it pass
+    (bundle / "gguf" / "tiny-Q8_0.gguf").mkdir()  # an empty directory: refused by the inventory check (issue 13)
     result = cli("quantize", bundle, "--type", "Q8_0")
-    assert result.code == 2 and "gguf/tiny-Q8_0.gguf is already in the bundle" in result.err
+    assert result.code == 1 and "gguf/tiny-Q8_0.gguf/ is an empty directory" in result.err
     assert not _work_dir(bundle).exists()
 
 

@@ -8,18 +8,26 @@ digitalSignature, extended key usage codeSigning or what the root requires); no 
 the path is revoked by a CRL the store holds (a CRL applies when its issuer's key in the path
 signed it); and the signer's subject matches the root's subject pattern, if it has one.
 Every refusal names the certificate at fault by subject and serial.
+
+Certificates and CRLs come from outside (signature files, files carried across the gap), so each
+is parsed whole as soon as it is loaded (`parse_certificate`, `parse_crl`): names, validity, serial,
+extensions, key and signature algorithm, every revoked entry. `cryptography` parses those lazily
+and raises, besides ValueError, its own exceptions (InvalidVersion, UnsupportedAlgorithm,
+DuplicateExtension, ...) and warnings (a serial that is not positive); all of them make the
+certificate or CRL unreadable here, a refusal, instead of surfacing later as a traceback.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -29,6 +37,18 @@ from sovpack.bundle.metadata import format_time
 from sovpack.errors import Failure, Refused, UsageError
 
 MAX_PATH = 8  # certificates between a signer and its root; deeper chains are refused
+MAX_CHAIN = 16  # certificates a signature or a --cert file may carry
+MAX_CERTIFICATE_FILE_BYTES = 1 << 20  # a PEM chain of MAX_CHAIN certificates is a few dozen KiB
+MAX_CRL_BYTES = 64 << 20  # the CRLs of large CAs run to tens of MiB
+UNREADABLE = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    Warning,
+)
 EKU_NAMES = {
     "codeSigning": ExtendedKeyUsageOID.CODE_SIGNING,
     "serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
@@ -57,19 +77,69 @@ def eku_oid(name: str) -> x509.ObjectIdentifier:
         raise UsageError(f"unknown extended key usage {name!r}: use {', '.join(EKU_NAMES)} or a dotted OID") from None
 
 
+def parse_certificate(der: bytes) -> x509.Certificate:
+    """A DER certificate parsed whole (see the module docstring); ValueError saying why it is unreadable."""
+    return _parsed(lambda: _touch_certificate(x509.load_der_x509_certificate(der)), "certificate")
+
+
+def parse_pem_certificates(data: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM file, each parsed whole; ValueError saying why one is unreadable."""
+    return _parsed(lambda: [_touch_certificate(c) for c in x509.load_pem_x509_certificates(data)], "PEM certificate")
+
+
+def parse_crl(data: bytes) -> x509.CertificateRevocationList:
+    """A CRL (PEM or DER) parsed whole, every revoked entry included; ValueError saying why it is unreadable."""
+    load = x509.load_pem_x509_crl if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl
+    return _parsed(lambda: _touch_crl(load(data)), "CRL")
+
+
+def _parsed(parse, what: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what cryptography only warns about today (a serial not positive) it will refuse
+        try:
+            return parse()
+        except UNREADABLE as e:
+            raise ValueError(f"not a {what} sovpack can read ({type(e).__name__}: {e})") from None
+
+
+def _touch_certificate(cert: x509.Certificate) -> x509.Certificate:
+    _ = cert.serial_number, cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm
+    _ = cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(), list(cert.extensions), cert.public_key()
+    return cert
+
+
+def _touch_crl(crl: x509.CertificateRevocationList) -> x509.CertificateRevocationList:
+    _ = crl.issuer.rfc4514_string(), crl.last_update_utc, crl.next_update_utc, list(crl.extensions), crl.signature_hash_algorithm
+    for revoked in crl:
+        _ = revoked.serial_number, revoked.revocation_date_utc, list(revoked.extensions)
+    return crl
+
+
 def load_certificates(path: Path, what: str) -> list[x509.Certificate]:
-    """Every certificate in a PEM file (DER: one); errors name the file."""
+    """Every certificate in a PEM file (DER: one), each parsed whole; errors name the file."""
+    data = _read(path, what, MAX_CERTIFICATE_FILE_BYTES)
     try:
-        data = path.read_bytes()
+        if b"-----BEGIN" in data:
+            certificates = parse_pem_certificates(data)
+        else:
+            certificates = [parse_certificate(data)]
+    except ValueError as e:
+        raise UsageError(f"{what} {path} holds no X.509 certificate sovpack can read (PEM or DER): {e}") from None
+    if len(certificates) > MAX_CHAIN:
+        raise UsageError(f"{what} {path} holds {len(certificates)} certificates, more than the {MAX_CHAIN} sovpack reads")
+    return certificates
+
+
+def _read(path: Path, what: str, limit: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise UsageError(f"{what} {path} is {size} bytes, larger than the {limit} bytes sovpack reads")
+        return path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"{what} {path} does not exist") from None
     except OSError as e:
         raise Failure(f"cannot read {what} {path}: {e.strerror}") from None
-    try:
-        certificates = x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
-    except ValueError:
-        raise UsageError(f"{what} {path} holds no X.509 certificate (PEM or DER)") from None
-    return certificates
 
 
 def check_signing_chain(chain: list[x509.Certificate], public_key: ec.EllipticCurvePublicKey, now: datetime) -> None:
@@ -95,7 +165,15 @@ def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
         return True
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, UnsupportedAlgorithm, InvalidSignature):
+        return False
+
+
+def crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    """Whether `issuer` (named as the CRL's issuer) signed `crl`."""
+    try:
+        return crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         return False
 
 
@@ -120,6 +198,11 @@ class TrustedRoot:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
 
+def subject_identity(subject: str) -> str:
+    """A certificate signer's identity, as the threshold counts it and store records hold it: "x509:" + SHA-256 of the subject."""
+    return "x509:" + hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 @dataclass(frozen=True)
 class CertifiedSigner:
     """A signer known by its certificate: counted once per subject, whatever key it used."""
@@ -137,7 +220,7 @@ class CertifiedSigner:
     @property
     def hint(self) -> str:
         """What identifies the signer in records and in the threshold: its subject, not its key."""
-        return "x509:" + hashlib.sha256(self.subject.encode()).hexdigest()
+        return subject_identity(self.subject)
 
     @property
     def identity(self) -> str:
@@ -260,7 +343,7 @@ def _check_signer_usage(leaf: x509.Certificate, root: TrustedRoot) -> None:
 def _check_revocation(path: tuple[x509.Certificate, ...], crls: tuple[x509.CertificateRevocationList, ...]) -> None:
     for cert, issuer in zip(path, path[1:], strict=False):
         for crl in crls:
-            if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):
+            if not crl_signed_by(crl, issuer):
                 continue
             revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
             if revoked is not None:
@@ -271,14 +354,9 @@ def _check_revocation(path: tuple[x509.Certificate, ...], crls: tuple[x509.Certi
 
 
 def load_crl(path: Path) -> x509.CertificateRevocationList:
-    """A CRL from a PEM or DER file; errors name the file."""
+    """A CRL from a PEM or DER file, parsed whole; errors name the file."""
+    data = _read(path, "CRL file", MAX_CRL_BYTES)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"CRL file {path} does not exist") from None
-    except OSError as e:
-        raise Failure(f"cannot read CRL file {path}: {e.strerror}") from None
-    try:
-        return x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
-    except ValueError:
-        raise Refused(f"{path} is not a certificate revocation list (PEM or DER)") from None
+        return parse_crl(data)
+    except ValueError as e:
+        raise Refused(f"{path} is not a certificate revocation list sovpack can read (PEM or DER): {e}") from None

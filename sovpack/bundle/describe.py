@@ -6,10 +6,11 @@ from pathlib import Path
 
 from sovpack.bundle.certificates import identity_of
 from sovpack.bundle.directory import read_metadata_bytes, require_bundle_dir, scan_tree
-from sovpack.bundle.metadata import format_time, parse_metadata
+from sovpack.bundle.metadata import BundleMetadata, format_time, parse_metadata
 from sovpack.bundle.signature import parse_statement, read_signature_file
 from sovpack.common.hashing import sha256_bytes
 from sovpack.errors import Refused
+from sovpack.formats import OTHER, allowance_for
 
 
 def describe_bundle(root: Path) -> dict:
@@ -31,9 +32,19 @@ def describe_bundle(root: Path) -> dict:
         "metadata_sha256": metadata_sha256,
         "total_size": metadata.size,
         "sources": metadata.sources,
+        "allowed_files": allowances(metadata),
         "files": [f.to_json() | {"shards": len(f.shards)} for f in sorted(metadata.files, key=lambda f: f.path)],
         "signatures": _signatures(root, metadata_sha256),
     }
+
+
+def allowances(metadata: BundleMetadata) -> list[dict]:
+    """Each signed allowance (--allow-file GLOB) with the files of no checked kind it lets through."""
+    carried = [f.path for f in metadata.files if f.format == OTHER]
+    return [
+        {"glob": glob, "files": [p for p in carried if allowance_for(p, metadata.allowed_files) == glob]}
+        for glob in metadata.allowed_files
+    ]
 
 
 def _signatures(root: Path, metadata_sha256: str) -> list[dict]:

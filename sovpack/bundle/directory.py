@@ -67,6 +67,8 @@ def _walk(root: Path, prefix: str):
         entries = sorted(os.scandir(root / prefix if prefix else root), key=lambda e: e.name)
     except OSError as e:
         raise Failure(f"cannot read directory {root / prefix}: {e.strerror}") from None
+    if not entries and prefix and prefix != SIGNATURES_DIR + "/":  # not in the inventory, so nothing could vouch for it
+        raise Refused(f"{prefix} is an empty directory; bundles hold only the files their inventory lists")
     for entry in entries:
         rel = f"{prefix}{entry.name}"
         reason = unsafe_reason(rel)

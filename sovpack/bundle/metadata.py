@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from sovpack.common import safe_json
 from sovpack.common.hashing import FileDigest, shard_count
 from sovpack.common.jsonfields import HEX64, JsonFields
 from sovpack.common.safepath import case_collisions, check_safe_path
@@ -20,6 +21,8 @@ SIGNATURES_DIR = "signatures"
 RESERVED_NAMES = (METADATA_FILE, SIGNATURES_DIR)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MAX_ALLOWANCES = 100
+_ALLOWANCE = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
 MAX_METADATA_BYTES = 64 * 1024 * 1024
 
 
@@ -64,6 +67,7 @@ class BundleMetadata:
     expires: datetime | None = None
     created_by: str = ""
     sources: list[dict] = field(default_factory=list)  # repos and commits a fetch resolved
+    allowed_files: list[str] = field(default_factory=list)  # operator allowances: globs of files of no checked kind
 
     def file(self, path: str) -> FileEntry | None:
         return next((f for f in self.files if f.path == path), None)
@@ -89,6 +93,8 @@ class BundleMetadata:
             "sources": self.sources,
             "files": [f.to_json() for f in sorted(self.files, key=lambda f: f.path)],
         }
+        if self.allowed_files:  # only when used, so that other bundles still read with older sovpack versions
+            data["allowed_files"] = self.allowed_files
         return data
 
     def to_bytes(self) -> bytes:
@@ -140,8 +146,8 @@ def _parse_file(data: object, index: int, shard_size: int) -> FileEntry:
 def parse_metadata(raw: bytes) -> BundleMetadata:
     """Parse and validate sovpack.json; every problem is a Refused naming the field."""
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        data = safe_json.loads(raw, max_bytes=MAX_METADATA_BYTES)
+    except ValueError as e:  # UnicodeDecodeError and UnsafeJson included
         raise Refused(f"{METADATA_FILE} is not valid JSON: {e}") from None
     top = JsonFields(
         data,
@@ -158,6 +164,7 @@ def parse_metadata(raw: bytes) -> BundleMetadata:
             "shard_size",
             "sources",
             "files",
+            "allowed_files",
         },
     )
     if top.get("format", str) != FORMAT:
@@ -182,12 +189,36 @@ def parse_metadata(raw: bytes) -> BundleMetadata:
         shard_size=shard_size,
         sources=top.get("sources", list),
         files=files,
+        allowed_files=check_allowances(top.get("allowed_files", list, optional=True) or [], Refused),
     )
+
+
+def check_allowances(globs: list, error: type[Exception] = UsageError) -> list[str]:
+    """Operator allowances (--allow-file GLOB): up to 100 globs of 1-200 printable characters, no duplicates."""
+    where = "--allow-file" if error is UsageError else f"{METADATA_FILE}: field 'allowed_files'"
+    if len(globs) > MAX_ALLOWANCES:
+        raise error(f"{where}: {len(globs)} allowances, over the limit of {MAX_ALLOWANCES}")
+    for glob in globs:
+        if not isinstance(glob, str) or not _ALLOWANCE.match(glob):
+            raise error(f"{where}: {glob!r} is not a glob of 1-200 printable characters")
+    if len(set(globs)) != len(globs):
+        raise error(f"{where} names the same glob twice")
+    return list(globs)
 
 
 def check_inventory_paths(paths: list[str]) -> None:
     if len(set(paths)) != len(paths):
         raise Refused(f"{METADATA_FILE} lists the same file twice")
+    by_folded = {p.casefold(): p for p in paths}
+    for p in paths:
+        parts = p.split("/")
+        for depth in range(1, len(parts)):
+            folder = by_folded.get("/".join(parts[:depth]).casefold())
+            if folder is not None:
+                raise Refused(
+                    f"{METADATA_FILE} lists {folder} as a file and {p} inside it as if it were a directory; "
+                    "one path cannot be both"
+                )
     for p in paths:
         if p.split("/")[0] in RESERVED_NAMES:
             raise Refused(f"{METADATA_FILE} lists {p}, a name reserved for sovpack's own files")

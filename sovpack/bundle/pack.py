@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,20 +17,20 @@ from pathlib import Path
 
 from sovpack import __version__
 from sovpack.bundle.directory import write_metadata
-from sovpack.bundle.metadata import RESERVED_NAMES, BundleMetadata, FileEntry, check_inventory_paths, check_name
+from sovpack.bundle.metadata import RESERVED_NAMES, BundleMetadata, FileEntry, check_allowances, check_inventory_paths, check_name
 from sovpack.common.hashing import SHARD_SIZE, FileDigest, cpu_count, digest_file
 from sovpack.common.safepath import unsafe_reason
 from sovpack.errors import Failure, Refused, UsageError
-from sovpack.formats import classify, inspect_file, refuse_pickle
+from sovpack.formats import allowance_for, examine, role_of
 
 GIT_METADATA = (".git", ".gitattributes", ".gitignore", ".github")
 
 
-def file_entry(path: Path, rel: str, digest: FileDigest, source: dict | None = None) -> FileEntry:
-    """Describe one staged file: role, format, what its inspector finds (refusing pickles)."""
-    role, fmt = classify(rel)
-    details = inspect_file(path, rel, fmt)
-    return FileEntry(rel, digest.size, digest.sha256, digest.shards, role, fmt, details, source)
+def file_entry(path: Path, rel: str, digest: FileDigest, source: dict | None = None, allowances: list[str] = ()) -> FileEntry:
+    """Describe one staged file: it passes the file-kind gate (formats/gate.py), then role, format, what its inspector finds."""
+    examined = examine(path, rel, allowances)
+    role = role_of(rel, examined.format)
+    return FileEntry(rel, digest.size, digest.sha256, digest.shards, role, examined.format, examined.details, source)
 
 
 class StagedBundle:
@@ -123,11 +123,16 @@ def pack(
     expires: datetime | None = None,
     now: datetime | None = None,
     on_file: Callable[[str], None] | None = None,
+    allowances: Sequence[str] = (),
 ) -> tuple[BundleMetadata, list[str]]:
     """Pack `src` into a new unsigned bundle at `out`; returns its metadata and the skipped paths.
 
-    Raises: UsageError (a bad name, version or expiry, `out` exists, nothing to pack), Refused (a file
-    sovpack cannot check, an unsafe path or link), Failure (I/O). Nothing is left at `out` on failure.
+    `allowances` (--allow-file) are globs of bundle paths that may hold files of no kind sovpack
+    checks; each must match a file. They are recorded in the signed metadata; pickles stay refused.
+
+    Raises: UsageError (a bad name, version, expiry or allowance, one that matches no file, `out`
+    exists, nothing to pack), Refused (a file the file-kind gate refuses, a pickle whatever the
+    allowance, an unsafe path or link), Failure (I/O). Nothing is left at `out` on failure.
     """
     check_name(name, UsageError)
     if version < 1:
@@ -135,11 +140,15 @@ def pack(
     files, skipped = collect_source_files(src)
     if not files:
         raise UsageError(f"{src} holds no files to pack")
-    for f in files:  # refuse pickles before copying anything
-        refuse_pickle(f.path, f.rel)
+    allowances = check_allowances(list(allowances))
+    for glob in allowances:
+        if not any(allowance_for(f.rel, [glob]) for f in files):
+            raise UsageError(f"--allow-file {glob!r} matches no file in {src} (globs match the whole path, e.g. 'onnx/*.onnx')")
+    for f in files:  # the gate, before copying anything
+        examine(f.path, f.rel, allowances)
     staged = StagedBundle(out)
     try:
-        entries = _stage_files(staged.dir, files, on_file)
+        entries = _stage_files(staged.dir, files, on_file, allowances)
         metadata = BundleMetadata(
             name=name,
             version=version,
@@ -148,6 +157,7 @@ def pack(
             created_by=f"sovpack {__version__}",
             shard_size=SHARD_SIZE,
             files=entries,
+            allowed_files=allowances,
         )
         staged.publish(metadata)
     except BaseException:
@@ -156,14 +166,14 @@ def pack(
     return metadata, skipped
 
 
-def _stage_files(staging: Path, files: list[SourceFile], on_file) -> list[FileEntry]:
+def _stage_files(staging: Path, files: list[SourceFile], on_file, allowances: list[str]) -> list[FileEntry]:
     def stage(f: SourceFile) -> FileEntry:
         target = staging / f.rel
         try:
             _place(f.path, target)
         except OSError as e:
             raise Failure(f"cannot copy {f.rel} into the bundle: {e.strerror}") from None
-        entry = file_entry(target, f.rel, digest_file(target), {"type": "local"})
+        entry = file_entry(target, f.rel, digest_file(target), {"type": "local"}, allowances)
         if on_file:
             on_file(f.rel)
         return entry

@@ -22,6 +22,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,8 +32,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sovpack.bundle.certificates import MAX_CHAIN, parse_certificate
 from sovpack.bundle.keys import key_hint
 from sovpack.bundle.metadata import METADATA_FILE, SIGNATURES_DIR, format_time, parse_time
+from sovpack.common import safe_json
 from sovpack.errors import Refused
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -41,6 +44,7 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 SERIALIZATION = {"method": "files", "hash_type": "sha256", "allow_symlinks": False, "ignore_paths": [SIGNATURES_DIR]}
 MAX_SIGNATURE_BYTES = 64 * 1024 * 1024
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # lower case only, as model-signing writes it: one spelling per digest
 
 
 def _pae(payload: bytes) -> bytes:
@@ -128,7 +132,7 @@ def parse_signature(raw: bytes, name: str) -> SignatureFile:
         return Refused(f"{name} is not a valid model-signing signature file: {why}")
 
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = safe_json.loads(raw, max_bytes=MAX_SIGNATURE_BYTES)
         if doc["mediaType"] != BUNDLE_MEDIA_TYPE:
             raise bad(f"media type {doc['mediaType']!r}, expected {BUNDLE_MEDIA_TYPE}")
         material = doc["verificationMaterial"]
@@ -143,18 +147,18 @@ def parse_signature(raw: bytes, name: str) -> SignatureFile:
         signature = base64.b64decode(envelope["signatures"][0]["sig"], validate=True)
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, binascii.Error) as e:
         raise bad(f"{type(e).__name__}: {e}") from None
-    if not isinstance(hint, str) or len(hint) != 64:
-        raise bad("the public key hint is not a SHA-256 hex digest")
-    return SignatureFile(name, hint.lower(), payload, signature, certificates)
+    if not isinstance(hint, str) or not _SHA256_HEX.fullmatch(hint):
+        raise bad("the public key hint is not a SHA-256 hex digest (64 lower-case hex digits)")
+    return SignatureFile(name, hint, payload, signature, certificates)
 
 
 def _certificates(chain: dict) -> tuple[x509.Certificate, ...]:
-    """The DER certificates of a verification material's chain; ValueError when it is empty or not X.509."""
-    certificates = tuple(
-        x509.load_der_x509_certificate(base64.b64decode(c["rawBytes"], validate=True)) for c in chain["certificates"]
-    )
-    if not certificates:
-        raise ValueError("the certificate chain is empty")
+    """The DER certificates of a verification material's chain, each parsed whole; ValueError when it is empty, too
+    long, or holds a certificate sovpack cannot read."""
+    listed = chain["certificates"]
+    if not isinstance(listed, list) or not 1 <= len(listed) <= MAX_CHAIN:
+        raise ValueError(f"the certificate chain is not a list of 1 to {MAX_CHAIN} certificates")
+    certificates = tuple(parse_certificate(base64.b64decode(c["rawBytes"], validate=True)) for c in listed)
     if not isinstance(certificates[0].public_key(), ec.EllipticCurvePublicKey):
         raise ValueError("the signing certificate's key is not an ECDSA key")
     return certificates
@@ -184,28 +188,26 @@ def read_statement(path: Path, name: str) -> Statement:
 
 
 def parse_statement(payload: bytes, name: str) -> Statement:
-    """Read the signed statement; refuse anything but model-signing v1.0 'files' over SHA-256."""
+    """Read the signed statement; refuse anything but model-signing v1.0 'files' over SHA-256, digests in lower-case hex."""
 
     def bad(why: str) -> Refused:
         return Refused(f"{name}: the signed statement {why}")
 
     try:
-        doc = json.loads(payload.decode("utf-8"))
+        doc = safe_json.loads(payload, max_bytes=MAX_SIGNATURE_BYTES)
         if doc["_type"] != STATEMENT_TYPE or doc["predicateType"] != PREDICATE_TYPE:
             raise bad(f"has type {doc['_type']!r} / predicate {doc['predicateType']!r}, expected model-signing v1.0")
         serialization = doc["predicate"]["serialization"]
         if serialization.get("method") != "files" or serialization.get("hash_type") != "sha256":
             raise bad(f"uses serialization {serialization!r}; sovpack signs whole files with SHA-256")
-        resources = {}
-        for r in doc["predicate"]["resources"]:
-            if r["algorithm"] != "sha256" or r["name"] in resources:
-                raise bad(f"lists {r['name']!r} twice or with algorithm {r['algorithm']!r}")
-            resources[r["name"]] = r["digest"].lower()
+        resources = _resources(doc["predicate"]["resources"], bad)
         (subject,) = doc["subject"]
-        subject_name, subject_digest = str(subject["name"]), subject["digest"].get("sha256")
+        subject_name, subject_digest = subject["name"], subject["digest"]["sha256"]
         signed_at = doc["predicate"].get("signed_at")
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError and UnsafeJson are ValueErrors
         raise bad(f"is malformed ({type(e).__name__}: {e})") from None
+    if not isinstance(subject_name, str) or not _is_sha256_hex(subject_digest):
+        raise bad("has a subject without a name or a lower-case SHA-256 hex digest")
     if subject_digest != _root_digest(resources):
         raise bad("is inconsistent: its subject digest does not match its resources")
     if signed_at is not None and not isinstance(signed_at, str):
@@ -220,3 +222,19 @@ def _signing_time(value: str | None, name: str) -> datetime | None:
         return parse_time(value, "signed_at")
     except Refused:
         raise Refused(f"{name}: the signed statement's signed_at {value!r} is not a UTC time like 2027-01-31T00:00:00Z") from None
+
+
+def _resources(listed: list, bad) -> dict[str, str]:
+    resources: dict[str, str] = {}
+    for r in listed:
+        resource, algorithm, digest = r["name"], r["algorithm"], r["digest"]
+        if not isinstance(resource, str) or algorithm != "sha256" or resource in resources:
+            raise bad(f"lists {resource!r} twice or with algorithm {algorithm!r}")
+        if not _is_sha256_hex(digest):
+            raise bad(f"lists {resource} with digest {digest!r}, not a lower-case SHA-256 hex digest")
+        resources[resource] = digest
+    return resources
+
+
+def _is_sha256_hex(value: object) -> bool:
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None

@@ -16,6 +16,7 @@ from typing import Literal
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sovpack.bundle.certificates import CertifiedSigner, identity_of, validate_chain
+from sovpack.bundle.describe import allowances
 from sovpack.bundle.directory import Tree, read_metadata_bytes, scan_tree
 from sovpack.bundle.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
 from sovpack.bundle.signature import SignatureFile, Statement, parse_statement, read_signature_file
@@ -30,8 +31,9 @@ from sovpack.common.hashing import (
     shard_jobs,
 )
 from sovpack.errors import Refused, SovpackError
-from sovpack.formats import inspect_file
+from sovpack.formats import Examined, examine, legacy_format
 
+LEGACY_LABELS = ("json", "jinja", "text", "sentencepiece", "other")  # labels once given by name, never checked against bytes
 STEPS = ("signatures", "threshold", "metadata", "inventory", "digests", "formats", "expiry")
 # valid: trusted, covers this sovpack.json; stale: trusted, covers another one; untrusted: not in the trust policy;
 # rejected: a certificate signature whose chain reaches no trusted root or fails a check (`problem` says which certificate)
@@ -105,6 +107,7 @@ class VerifyReport:
             "created": format_time(m.created) if m else None,
             "expires": format_time(m.expires) if m and m.expires else None,
             "threshold": self.threshold,
+            "allowed_files": allowances(m) if m else [],
             "signatures": [s.to_json() for s in self.signatures],
             "checks": [{"step": step, "ok": True, "detail": detail} for step, detail in self.checks],
             "files": [
@@ -213,6 +216,13 @@ def check_metadata(raw: bytes, metadata_sha256: str, results: list[SignatureResu
         raise StepFailed("metadata", str(e), METADATA_FILE) from None
     expected = {f.path: f.sha256 for f in metadata.files} | {METADATA_FILE: metadata_sha256}
     for r in results:
+        if r.status == "valid" and r.statement.subject_name != metadata.name:
+            raise StepFailed(
+                "metadata",
+                f"{r.file} signs a statement whose subject is bundle {r.statement.subject_name!r}, but this bundle is "
+                f"{metadata.name!r}: the statement was made for another bundle",
+                r.file,
+            )
         if r.status == "valid" and r.statement.resources != expected:
             odd = sorted(set(r.statement.resources.items()) ^ set(expected.items()))[0][0]
             raise StepFailed("metadata", f"{r.file} and {METADATA_FILE} disagree about {odd}", odd)
@@ -301,24 +311,36 @@ def digest_failure(mismatches: list[ShardMismatch]) -> StepFailed:
     )
 
 
-def check_formats(root: Path, metadata: BundleMetadata) -> int:
-    inspected = 0
+def check_formats(root: Path, metadata: BundleMetadata) -> str:
+    """Every file passes the file-kind gate again (by its bytes, under the signed allowances) and is what sovpack.json says."""
+    kinds: dict[str, int] = {}
+    carried = []
     for f in metadata.files:
         try:
-            details = inspect_file(root / f.path, f.path, f.format)
+            examined = examine(root / f.path, f.path, metadata.allowed_files)
         except Refused as e:
             raise StepFailed("formats", str(e), f.path) from None
-        if details is not None:
-            inspected += 1
-            recorded = (f.details or {}).get("chat_template_sha256")
-            if recorded != details.get("chat_template_sha256"):
-                raise StepFailed(
-                    "formats",
-                    f"{f.path}: chat template SHA-256 is {details.get('chat_template_sha256')}, "
-                    f"{METADATA_FILE} records {recorded}",
-                    f.path,
-                )
-    return inspected
+        _check_recorded_format(f, examined)
+        kinds[examined.format] = kinds.get(examined.format, 0) + 1
+        if examined.allowed_by:
+            carried.append(f"{f.path} (--allow-file {examined.allowed_by!r})")
+    detail = "no pickles; every file of a checked kind (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")"
+    if carried:
+        detail += f"; carried under the signed allowance: {_list(carried)}"
+    return detail
+
+
+def _check_recorded_format(f: FileEntry, examined: Examined) -> None:
+    """The format recorded must be the one the bytes show (bundles signed before the gate: their name-based label)."""
+    legacy = f.format in LEGACY_LABELS and f.format == legacy_format(f.path)
+    if f.format != examined.format and not legacy:
+        raise StepFailed(
+            "formats", f"{f.path}: {METADATA_FILE} records it as {f.format}, but its bytes are {examined.format}", f.path
+        )
+    recorded = (f.details or {}).get("chat_template_sha256")
+    found = (examined.details or {}).get("chat_template_sha256")
+    if examined.format == "gguf" and recorded != found:
+        raise StepFailed("formats", f"{f.path}: chat template SHA-256 is {found}, {METADATA_FILE} records {recorded}", f.path)
 
 
 def check_expiry(metadata: BundleMetadata, now: datetime) -> str:
@@ -380,7 +402,7 @@ def verify_bundle(
         checked = check_digests(root, report.metadata, paths, on_progress, known_digests)
         report.checks.append(("digests", f"{checked} bytes match their signed SHA-256 shard digests"))
         step = "formats"
-        report.checks.append(("formats", f"{check_formats(root, report.metadata)} weight file header(s) valid, no pickles"))
+        report.checks.append(("formats", check_formats(root, report.metadata)))
         step = "expiry"
         report.checks.append(("expiry", check_expiry(report.metadata, now)))
     except StepFailed as e:

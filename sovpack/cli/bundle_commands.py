@@ -64,18 +64,34 @@ def pack(
     expires: Optional[str] = typer.Option(
         None, "--expires", metavar="90d|DATE", help="Expiry: 90d, 2027-01-01 or 2027-01-01T00:00:00Z."
     ),
+    allow_file: Optional[list[str]] = typer.Option(
+        None,
+        "--allow-file",
+        metavar="GLOB",
+        help="Carry files matching GLOB (whole bundle path, e.g. 'onnx/*.onnx') even though sovpack cannot check "
+        "their kind; recorded in the signed metadata and shown by inspect and verify. Pickles are refused regardless. "
+        "Repeatable.",
+    ),
 ) -> None:
-    """Turn a local model directory into an unsigned bundle (files copied or hard-linked)."""
+    """Turn a local model directory into an unsigned bundle (files copied or hard-linked).
+
+    Every file must be of a kind sovpack checks by its bytes: safetensors, GGUF, SentencePiece, PNG/JPEG/GIF/WebP,
+    JSON, Jinja or plain text. Pickles are always refused.
+    """
     from datetime import datetime, timezone
 
+    from sovpack.bundle.describe import allowances
     from sovpack.bundle.metadata import parse_expiry
     from sovpack.bundle.pack import pack as pack_bundle
 
     now = datetime.now(timezone.utc)
-    metadata, skipped = pack_bundle(src, out, name, version=version, expires=parse_expiry(expires, now), now=now)
+    metadata, skipped = pack_bundle(
+        src, out, name, version=version, expires=parse_expiry(expires, now), now=now, allowances=allow_file or []
+    )
     for s in skipped:
         console.print(f"skipped {s} (git metadata)")
     warn_if_expired(metadata)
+    _print_allowances(allowances(metadata))  # the allowances just recorded, and what each carries
     total = sum(f.size for f in metadata.files)
     console.print(f"packed {metadata.name} v{metadata.version}: {len(metadata.files)} files, {human_size(total)} -> {out}")
     console.print(f"next: sovpack sign {out} --key KEYFILE")
@@ -156,6 +172,7 @@ def render_verify_report(report) -> None:
     if report.failure:
         table.add_row(report.failure.step, "[bold red]FAILED[/]", escape(str(report.failure)))
     console.print(table)
+    _print_allowances(report.to_json()["allowed_files"])
     for s in report.signatures:
         who = f"{s.signer.name} ({s.key_id})" if s.signer else f"key {s.key_id}"
         if s.certificate:
@@ -210,6 +227,7 @@ def render_description(doc: dict) -> None:
             escape(_source(f.get("source"))),
         )
     console.print(table)
+    _print_allowances(doc["allowed_files"])
     if not doc["signatures"]:
         console.print("signatures: none (unsigned)")
     for s in doc["signatures"]:
@@ -227,24 +245,42 @@ def _certificate_text(certificate: dict) -> str:
     return f"certificate {certificate['subject']} (issuer {certificate['issuer']}, serial {certificate['serial']})"
 
 
+def _print_allowances(allowances: list[dict]) -> None:
+    from rich.markup import escape
+
+    for a in allowances:
+        files = ", ".join(a["files"]) or "no file"
+        console.print(
+            f"[yellow]allowance[/] --allow-file {escape(repr(a['glob']))} (signed): carries {escape(files)}, "
+            "of no kind sovpack checks (pickle-checked only)"
+        )
+
+
 def _details(details: dict | None) -> str:
-    if not details:
+    """One line for the inspector's details (read from an unsigned sovpack.json: any value may be of any type)."""
+    if not isinstance(details, dict) or not details:
         return ""
     if "file_type" in details:
-        mix = ", ".join(
-            f"{count} {name}" for name, count in sorted((details.get("tensor_types") or {}).items(), key=lambda kv: -kv[1])
-        )
+        types = details.get("tensor_types")
+        counts = sorted(types.items(), key=lambda kv: -kv[1] if isinstance(kv[1], int) else 0) if isinstance(types, dict) else []
+        mix = ", ".join(f"{count} {name}" for name, count in counts)
         parts = [
             details.get("architecture") or "?",
             details.get("file_type") or "type unknown",
             f"({mix})" if mix else "",
             f"ctx {details.get('context_length')}",
         ]
-        if details.get("chat_template_sha256"):
+        if isinstance(details.get("chat_template_sha256"), str):
             parts.append(f"template {details['chat_template_sha256'][:12]}")
         return " ".join(str(p) for p in parts if p)
-    dtypes = ",".join(details.get("dtypes", {}))
-    return f"{details.get('tensor_count')} tensors {dtypes} {details.get('parameter_count'):,} params"
+    if "image" in details:
+        size = f" {details.get('width')}x{details.get('height')}" if "width" in details else ""
+        return f"{details['image']} image{size}"
+    if "pieces" in details:
+        return f"{details['pieces']} pieces"
+    dtypes = ",".join(map(str, details.get("dtypes", {}))) if isinstance(details.get("dtypes"), dict) else ""
+    count = details.get("parameter_count")
+    return f"{details.get('tensor_count')} tensors {dtypes} {f'{count:,}' if isinstance(count, int) else count} params"
 
 
 def _source(source: dict | None) -> str:

@@ -81,6 +81,27 @@ def serve(
     full_verify: bool = typer.Option(
         False, "--full-verify", help="Re-hash the GGUF even when a recorded full check vouches for it."
     ),
+    header_timeout: float = typer.Option(
+        10.0,
+        "--header-timeout",
+        metavar="SECONDS",
+        help="Seconds a client has to send a request's head; then the connection is closed.",
+    ),
+    body_timeout: float = typer.Option(
+        30.0,
+        "--body-timeout",
+        metavar="SECONDS",
+        help="Seconds a client has to send a request's body after its head; then it is closed.",
+    ),
+    idle_timeout: float = typer.Option(
+        5.0, "--idle-timeout", metavar="SECONDS", help="Seconds a keep-alive connection may stay idle."
+    ),
+    max_pending_connections: int = typer.Option(
+        128,
+        "--max-pending-connections",
+        metavar="N",
+        help="Connections that have not yet sent a request with a valid API key; beyond it the oldest is closed.",
+    ),
     alias: List[str] = typer.Option(
         [],
         "--alias",
@@ -99,7 +120,11 @@ def serve(
 ) -> None:
     """Verify a bundle, then serve its GGUF over an OpenAI-compatible HTTP API (llama.cpp).
 
-    Exit codes: 1 the bundle failed verification or changed while served; 2 usage (including a
+    llama.cpp runs in worker processes: one that crashes fails only its request (500 engine_failed)
+    and is replaced after the model is verified again.
+
+    Exit codes: 1 the bundle failed verification, changed while served, or failed the re-verification
+    after an engine crash; 2 usage (including a
     non-loopback --host without --api-key-file, a missing TLS file, a store that does not exist:
     serve audits in it); 3 other failures (port in
     use, missing `serve` extra, audit or access log not writable, llama.cpp cannot load the verified file); 130
@@ -132,6 +157,10 @@ def serve(
         access_log=access_log,
         log_prompts=log_prompts,
         full_verify=full_verify,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        idle_timeout=idle_timeout,
+        max_pending_connections=max_pending_connections,
         aliases=tuple(alias),
         max_n=max_n,
         logprobs=logprobs,

@@ -87,8 +87,8 @@ def fetch(
 
     `progress` gets a note per resolved commit and per file left out, then a phase for the
     whole download and an item per file. Raises: UsageError (the request or `out`), Refused (a
-    file that does not match what the Hub published, a pickle, an unsafe name), Failure
-    (network, disk).
+    file that does not match what the Hub published, one the file-kind gate refuses: a pickle
+    by its bytes or a kind sovpack does not check; an unsafe name), Failure (network, disk).
     """
     progress = progress or Progress()
     now = now or datetime.now(timezone.utc)

@@ -11,8 +11,11 @@ Rules (docs/fetch.md):
   files, the README (model card). `consolidated*.safetensors` (Mistral's native-format copy of the
   same weights) is left out when transformers-format weights are there. `--include` replaces the
   default selection; `--exclude` removes from whichever selection applies.
-- Pickle-based files (.bin, .pt, .pth, .ckpt, .pkl, .pickle, .joblib) are never selected. When the
-  bundle would otherwise hold no weights and the model repository has only pickles, fetch refuses.
+- Files named as pickle-based weights (.bin, .pt, .pth, .ckpt, .pkl, .pickle, .joblib) are never
+  selected, and a repository whose weights are only such files is refused before any download:
+  a courtesy, so as not to download what the gate would refuse. What decides is the file-kind
+  gate (formats/gate.py), which every downloaded file passes by its bytes: a pickle under any
+  other name, or a file of a kind sovpack cannot check, is refused after its download.
 - `--gguf REPO:GLOB` takes the `.gguf` files matching GLOB; a split GGUF (`X-00001-of-00003.gguf`)
   is always taken whole.
 """
@@ -22,7 +25,6 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
 from sovpack.bundle.gguf_parts import split_of
 from sovpack.bundle.metadata import RESERVED_NAMES
@@ -30,7 +32,7 @@ from sovpack.common.safepath import case_collisions, unsafe_reason
 from sovpack.errors import Refused, UsageError
 from sovpack.fetch.hub import Hub, RemoteFile, Snapshot
 from sovpack.fetch.spec import FetchRequest, RepoSelection
-from sovpack.formats.pickle import PICKLE_SUFFIXES
+from sovpack.formats.pickle import pickle_suffix
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 WORK_DIR = ".sovpack-fetch"  # fetch's own bookkeeping inside the staging directory
@@ -74,7 +76,8 @@ def matches(path: str, pattern: str) -> bool:
 
 
 def is_pickle_name(path: str) -> bool:
-    return PurePosixPath(path.lower()).suffix in PICKLE_SUFFIXES
+    """Named as pickle-based weights: left out before downloading (the gate checks the bytes of everything else)."""
+    return pickle_suffix(path) is not None
 
 
 def is_weights(path: str) -> bool:

@@ -1,13 +1,18 @@
-"""What each file in a bundle is (role, format) and what its format inspector finds."""
+"""Inspectors of untrusted files, and the gate every bundle file passes (gate.py).
+
+What a file *is* (its format) is decided by its bytes: safetensors, GGUF, SentencePiece,
+card images, JSON, Jinja, text, or `other` under an operator allowance; pickles never pass.
+What a file is *for* (its role) is read from its name, for people and for serve's choices.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
 from sovpack.errors import FormatError
-from sovpack.formats.gguf import inspect_gguf
-from sovpack.formats.pickle import pickle_reason
-from sovpack.formats.safetensors import inspect_safetensors
+from sovpack.formats.gate import CHECKED_KINDS, OTHER, Examined, allowance_for, examine
+
+__all__ = ["CHECKED_KINDS", "OTHER", "ROLES", "Examined", "allowance_for", "examine", "inspect_file", "legacy_format", "role_of"]
 
 ROLES = ("weights", "weights-index", "config", "tokenizer", "chat-template", "license", "documentation", "other")
 
@@ -24,59 +29,50 @@ _TOKENIZER_FILES = {
     "tekken.json",
 }
 _CONFIG_FILES = {"config.json", "generation_config.json", "params.json", "preprocessor_config.json"}
+_LEGACY_FORMATS = {
+    ".safetensors": "safetensors",
+    ".gguf": "gguf",
+    ".json": "json",
+    ".jinja": "jinja",
+    ".md": "text",
+    ".txt": "text",
+    ".model": "sentencepiece",
+}
 
 
-def classify(path: str) -> tuple[str, str]:
-    """(role, format) of a bundle file, from its name."""
-    name = PurePosixPath(path).name
-    lower = name.lower()
-    suffix = PurePosixPath(lower).suffix
-    fmt = {
-        ".safetensors": "safetensors",
-        ".gguf": "gguf",
-        ".json": "json",
-        ".jinja": "jinja",
-        ".md": "text",
-        ".txt": "text",
-        ".model": "sentencepiece",
-    }.get(suffix, "other")
+def legacy_format(path: str) -> str:
+    """The format sovpack before the content gate recorded for a path, from its extension alone.
+
+    verify accepts it for the labels that were never checked against the bytes (json, jinja,
+    text, sentencepiece, other), so that bundles signed then still verify; the bytes must pass
+    the gate all the same.
+    """
+    return _LEGACY_FORMATS.get(PurePosixPath(path.lower()).suffix, OTHER)
+
+
+def role_of(path: str, fmt: str) -> str:
+    """What a bundle file is for, from its name and its (content-decided) format."""
+    lower = PurePosixPath(path).name.lower()
     if fmt in ("safetensors", "gguf"):
-        role = "weights"
-    elif lower.endswith(".safetensors.index.json"):
-        role = "weights-index"
-    elif lower in _TOKENIZER_FILES or lower.endswith(".tiktoken"):
-        role = "tokenizer"
-    elif lower.startswith("chat_template"):
-        role = "chat-template"
-    elif lower in _CONFIG_FILES or lower.endswith("config.json"):
-        role = "config"
-    elif lower.split(".")[0] in ("license", "licence", "notice", "copying", "use_policy"):
-        role = "license"
-    elif fmt == "text":
-        role = "documentation"
-    else:
-        role = "other"
-    return role, fmt
-
-
-def refuse_pickle(path: Path, name: str) -> None:
-    reason = pickle_reason(path)
-    if reason:
-        raise FormatError(
-            name,
-            f"refused as pickle-based weights: {reason}. Pickles can run arbitrary code when "
-            "loaded; convert the model to safetensors (or GGUF) first",
-        )
+        return "weights"
+    if lower.endswith(".safetensors.index.json"):
+        return "weights-index"
+    if lower in _TOKENIZER_FILES or lower.endswith(".tiktoken"):
+        return "tokenizer"
+    if lower.startswith("chat_template"):
+        return "chat-template"
+    if lower in _CONFIG_FILES or lower.endswith("config.json"):
+        return "config"
+    if lower.split(".")[0] in ("license", "licence", "notice", "copying", "use_policy"):
+        return "license"
+    if fmt in ("text", "jinja") or lower.endswith((".md", ".txt")):
+        return "documentation"
+    return "other"
 
 
 def inspect_file(path: Path, name: str, fmt: str) -> dict | None:
-    """Refuse pickles; validate safetensors and GGUF headers. Errors name the file as `name`."""
-    refuse_pickle(path, name)
-    try:
-        if fmt == "safetensors":
-            return inspect_safetensors(path)
-        if fmt == "gguf":
-            return inspect_gguf(path)
-        return None
-    except FormatError as e:
-        raise FormatError(name, e.detail) from None
+    """The gate, without allowances, for a caller that knows the kind: the bytes must be `fmt`; the inspector's details."""
+    examined = examine(path, name)
+    if fmt in ("safetensors", "gguf") and examined.format != fmt:
+        raise FormatError(name, f"expected a {fmt} file, but its bytes are {examined.format}")
+    return examined.details

@@ -2,21 +2,24 @@
 
 Only the header is read, never the tensors. The `safetensors` library validates too, but
 it reports failures without naming the tensor or field at fault and accepts duplicate
-JSON keys; a verifier needs both, so the (small, fully specified) header is parsed here.
+JSON keys; a verifier needs both, so the (small, fully specified) header is parsed here,
+by the bounded JSON loader: at most MAX_TENSORS entries, so that a 100 MB header of empty
+objects is refused before it becomes millions of Python objects.
 Layout: 8-byte little-endian header length N, N bytes of JSON, then the tensor data.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from pathlib import Path
 
+from sovpack.common import safe_json
 from sovpack.errors import FormatError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 MAX_RANK = 16
+MAX_TENSORS = 1 << 18  # per file; the largest published models hold a few thousand per file
 
 DTYPE_BYTES = {
     "BOOL": 1,
@@ -38,15 +41,6 @@ DTYPE_BYTES = {
 }
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
-        seen[key] = value
-    return seen
-
-
 def _read_header(path: Path, file_size: int) -> tuple[dict, int]:
     if file_size < 8:
         raise FormatError(path, f"safetensors file is {file_size} bytes, too short for the 8-byte header length")
@@ -60,8 +54,9 @@ def _read_header(path: Path, file_size: int) -> tuple[dict, int]:
             )
         raw = f.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+        # a tensor entry is an object holding two arrays; plus the header and __metadata__
+        header = safe_json.loads(raw, max_bytes=MAX_HEADER_BYTES, max_depth=8, max_containers=3 * MAX_TENSORS + 2)
+    except ValueError as e:  # UnicodeDecodeError and UnsafeJson included
         raise FormatError(path, f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise FormatError(path, f"safetensors header must be a JSON object, found {type(header).__name__}")
@@ -79,7 +74,7 @@ def _tensor_extent(path: Path, name: str, info: object) -> tuple[int, int, str, 
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(path, f"{where} must have exactly the fields dtype, shape, data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise FormatError(path, f"{where} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_count(d) for d in shape):
         raise FormatError(path, f"{where} has an invalid shape {shape!r}")

@@ -27,12 +27,14 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import httpx2
 
 from sovpack import __version__
+from sovpack.common import safe_json
 from sovpack.errors import Failure, Refused, SovpackError, UsageError
 from sovpack.oci.credentials import Credentials
 from sovpack.oci.layout import MAX_MANIFEST_BYTES, OCI_MANIFEST
 from sovpack.oci.reference import Reference
 
 TIMEOUT = httpx2.Timeout(120.0, connect=15.0)
+MAX_RESPONSE_JSON_BYTES = 1 << 20  # a token or an error list
 _CHALLENGE_PARAM = re.compile(r'([A-Za-z]+)="([^"]*)"')
 
 
@@ -155,7 +157,7 @@ class RegistryClient:
                 f"the token service {realm} of {self.ref.registry} answered HTTP {response.status_code}: {_errors(response)}"
             )
         try:
-            doc = response.json()
+            doc = _json_body(response)
             token = doc.get("token") or doc.get("access_token")
         except (ValueError, AttributeError):
             token = None
@@ -310,9 +312,14 @@ def _next_offset(range_header: str | None) -> int:
     return last + 1 if last > 0 else 0
 
 
+def _json_body(response: httpx2.Response) -> object:
+    """A token or error document from the registry: untrusted, so read with the bounded loader (a ValueError if not JSON)."""
+    return safe_json.loads(response.content, max_bytes=MAX_RESPONSE_JSON_BYTES)
+
+
 def _errors(response: httpx2.Response) -> str:
     try:
-        errors = response.json().get("errors") or []
+        errors = _json_body(response).get("errors") or []
         return "; ".join(
             f"{e.get('code')}: {e.get('message')}" + (f" ({e['detail']})" if e.get("detail") else "") for e in errors
         )

@@ -21,6 +21,7 @@ from pathlib import Path
 from sovpack.bundle.directory import is_signature_path
 from sovpack.bundle.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time
 from sovpack.bundle.signature import BUNDLE_MEDIA_TYPE as SIGSTORE_BUNDLE
+from sovpack.common import safe_json
 from sovpack.common.hashing import sha256_bytes
 from sovpack.common.jsonfields import HEX64
 from sovpack.common.safepath import check_safe_path
@@ -143,12 +144,14 @@ def parse_manifest(raw: bytes, where: str) -> PulledManifest:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise Refused(f"the manifest of {where} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        doc = json.loads(raw)
-    except ValueError as e:
+        doc = safe_json.loads(raw, max_bytes=MAX_MANIFEST_BYTES)
+    except ValueError as e:  # UnsafeJson and UnicodeDecodeError included
         raise Refused(f"the manifest of {where} is not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("mediaType", OCI_MANIFEST) != OCI_MANIFEST or doc.get("schemaVersion") != 2:
         raise Refused(f"the manifest of {where} is not an OCI image manifest ({OCI_MANIFEST}, schemaVersion 2)")
-    if doc.get("artifactType") != MODEL_ARTIFACT and (doc.get("config") or {}).get("mediaType") != MODEL_CONFIG:
+    config = doc.get("config")
+    config_type = config.get("mediaType") if isinstance(config, dict) else None
+    if doc.get("artifactType") != MODEL_ARTIFACT and config_type != MODEL_CONFIG:
         raise Refused(
             f"{where} is not a ModelPack model artifact (artifactType {doc.get('artifactType')!r}); "
             "was it pushed by `sovpack push`?"

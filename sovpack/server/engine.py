@@ -1,35 +1,44 @@
-"""The generation engine: N llama-cpp-python contexts ("slots") over one verified GGUF.
+"""The generation engine: N worker processes ("slots"), each one llama.cpp context over the verified GGUF.
 
-Each slot is a `llama_cpp.Llama` with its own context and KV cache; llama.cpp memory-maps
-the weights, so N slots share one copy of them in the page cache. Each slot runs its
-requests on its own worker thread (llama.cpp releases the GIL while it computes), one
-request at a time; the SlotPool in front decides who runs next. A request's output flows
-back to the event loop as events ("chunk", "result", "end", "error"), so a slow client
-never stalls generation and a client that leaves only sets a flag: the slot's stop
-check ends the generation at the next token and the slot is handed back.
+Each slot is a process of its own (worker.py) that loads the GGUF through the descriptors
+verification hashed (`/proc/self/fd/N`); llama.cpp memory-maps the weights, so N workers
+share one copy of them in the page cache. A worker runs one request at a time; the SlotPool
+in front decides who runs next. A request's output flows back to the event loop as events
+("chunk", "result", "end", "error"), so a slow client never stalls generation and a client
+that leaves only sends a cancel message: the worker's stop check ends the generation at the
+next token and the slot is handed back.
 
-What llama-cpp-python provides and is used as is: `Llama.create_chat_completion` and
-`create_completion` (OpenAI-shaped results and stream chunks), `create_embedding`, its
-chat formatter and handler machinery, and its server's request preparation
-(`prepare_request_resources`: logit_bias, grammar, min_tokens), called by generation.py.
+A worker that dies (segfault, abort, killed for memory) takes only itself down: the request
+it was running gets a 500 `engine_failed`, and the server (state.py) audits the crash,
+verifies the files again and starts a new worker (`respawn`) while the others keep serving.
+
+After a worker has loaded, and before each request, its memory map must show the verified
+inodes (opened.py): the bytes llama.cpp maps are the bytes that were hashed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import llama_cpp
-from llama_cpp.llama import StoppingCriteriaList
+from multiprocessing.connection import Connection
 
 from sovpack.errors import Failure, Refused
-from sovpack.server.generation import Job, run
+from sovpack.server.errors import ApiError
+from sovpack.server.generation import Job
+from sovpack.server.opened import check_mapped
 from sovpack.server.slots import SlotPool
-from sovpack.server.template import chat_handler
 from sovpack.server.verification import VerifiedModel
+from sovpack.server.worker import LoadedInfo, WorkerSettings
 
 EMBEDDING_ARCHITECTURES = {
     "bert",
@@ -41,20 +50,7 @@ EMBEDDING_ARCHITECTURES = {
     "modern-bert",
     "neo-bert",
 }
-
-
-class CountingLlama(llama_cpp.Llama):
-    """A Llama that counts the tokens of its last generation (stream chunks carry no usage)."""
-
-    prompt_tokens = 0
-    completion_tokens = 0
-
-    def generate(self, tokens, *args, **kwargs):
-        self.prompt_tokens, self.completion_tokens = len(tokens), 0
-        for token in super().generate(tokens, *args, **kwargs):
-            if not llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
-                self.completion_tokens += 1
-            yield token
+STOP_GRACE_SECONDS = 10  # a worker told to stop gets this long before it is killed
 
 
 @dataclass(frozen=True)
@@ -67,26 +63,13 @@ class EngineSettings:
     logprobs: bool = False  # logits_all: every position's logits kept, for requests' logprobs (--logprobs)
 
 
-class Slot:
-    def __init__(self, index: int):
-        self.llama: CountingLlama | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sovpack-slot{index}")
-        self.job: Generation | None = None
-
-    def should_stop(self) -> bool:
-        job = self.job
-        return job is not None and job.cancelled
-
-    def stopping_criteria(self) -> StoppingCriteriaList:
-        return StoppingCriteriaList([lambda tokens, logits: self.should_stop()])
-
-
 class Generation:
-    """One request on one slot: the worker thread emits events, the event loop reads them."""
+    """One request on one slot: the worker's events arrive here, the event loop reads them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
+        self.on_cancel: Callable[[], None] = lambda: None  # tells the worker
         self.cancelled = False
         self.interrupted: str | None = None  # why the server (not the client) stopped it
         self.started = time.monotonic()
@@ -100,96 +83,274 @@ class Generation:
     def cancel(self, interrupted: str | None = None) -> None:
         """Stop at the next token; `interrupted` says why when the client is still waiting."""
         self.interrupted = self.interrupted or interrupted
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.on_cancel()
+
+
+class Worker:
+    """The server's handle on one worker process: start it, send it jobs, read its events, notice its death."""
+
+    def __init__(self, index: int, engine: Engine):
+        self.index, self.engine = index, engine
+        self.proc: subprocess.Popen | None = None
+        self.info: LoadedInfo | None = None
+        self.alive = False
+        self.busy = False  # taken from the pool (event loop thread only)
+        self.generation: Generation | None = None
+        self._job_ids = itertools.count(1)
+        self._job_id = 0
+        self._sock: socket.socket | None = None
+        self._conn: Connection | None = None
+        self._send_lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self, settings: WorkerSettings) -> None:
+        """Start the process and wait until it has loaded the model (blocking)."""
+        ours, theirs = socket.socketpair()
+        fds = (theirs.fileno(), *(fd for _, fd in settings.parts))
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sovpack.server.worker", str(theirs.fileno())],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._sock, self._conn = ours, Connection(os.dup(ours.fileno()))
+        try:
+            self._conn.send(settings)
+            message = self._conn.recv()
+        except (EOFError, OSError):
+            raise Failure(f"{self._name()} died while loading the model ({self._exit_status()})") from None
+        if message[0] != "loaded":
+            raise Failure(message[1])
+        self.info = message[1]
+        self.alive = True
+        threading.Thread(target=self._receive, daemon=True, name=f"sovpack-slot{self.index}-events").start()
+
+    def submit(self, job: Job, generation: Generation) -> None:
+        job_id = self._job_id = next(self._job_ids)
+        self.generation = generation
+        generation.on_cancel = lambda: self.cancel(job_id)
+        self._send(("job", job_id, job))
+
+    def cancel(self, job_id: int) -> None:
+        if self.alive and job_id == self._job_id:
+            self._send(("cancel", job_id))
+
+    def _send(self, message) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except OSError:
+            pass  # the worker died: the receiving thread reports it
+
+    def _receive(self) -> None:
+        """The worker's events, until it closes its end: then it ended on request or crashed."""
+        try:
+            while True:
+                kind, job_id, value = self._conn.recv()
+                generation = self.generation
+                if generation is None or job_id != self._job_id:
+                    continue  # a job already given up on
+                if kind in ("end", "error"):
+                    self.generation = None
+                    generation.emit(kind, value)
+                    self._call_on_loop(self._finished, time.monotonic() - generation.started)
+                else:
+                    generation.emit(kind, value)
+        except (EOFError, OSError):
+            pass
+        self._died()
+
+    def _finished(self, busy_seconds: float | None = None) -> None:
+        if self.busy:
+            self.busy = False
+            self.engine.pool.release(self, busy_seconds)
+
+    def _died(self) -> None:
+        self.alive = False
+        if self.engine.closing:
+            return
+        status = self._exit_status()
+        generation, self.generation = self.generation, None
+        if generation is not None:
+            generation.emit("error", engine_failed(status))
+        self._call_on_loop(self._crashed, status, generation is not None)
+
+    def _crashed(self, status: str, during_request: bool) -> None:
+        self._finished()  # the slot goes back to the pool: whoever takes it waits for the new worker
+        self.engine.on_failure(self, status, during_request)
+
+    def _call_on_loop(self, fn, *args) -> None:
+        loop = self.engine.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _exit_status(self) -> str:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "stopped answering"
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exited with status {code}"
+
+    def _name(self) -> str:
+        return f"the engine's worker process {self.pid} (slot {self.index})"
+
+    def stop(self) -> None:
+        """Close the connection (the worker stops at the next token and exits); kill it if it does not."""
+        self.alive = False
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for closable in (self._conn, self._sock):
+            if closable is not None:
+                closable.close()
+        self._conn = self._sock = None
+
+
+def engine_failed(status: str) -> ApiError:
+    return ApiError(
+        500,
+        f"the generation engine failed while answering this request: its worker process {status}; "
+        "the engine is being restarted after the model is verified again",
+        type="server_error",
+        code="engine_failed",
+    )
 
 
 class Engine:
     def __init__(self, model: VerifiedModel, settings: EngineSettings):
         self.model = model
         self.settings = settings
-        self.slots: list[Slot] = []
-        self.pool: SlotPool[Slot] | None = None
+        self.slots: list[Worker] = []
+        self.pool: SlotPool[Worker] | None = None
         self.embeddings = (model.choice.entry.details or {}).get("architecture") in EMBEDDING_ARCHITECTURES
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.closing = False
+        self.failed: str | None = None  # set when the server stops serving: requests waiting for a slot give up
+        self.on_failure: Callable[[Worker, str, bool], None] = lambda worker, status, during_request: None
 
     # loading
 
-    def load(self) -> None:
-        """Create the slots (blocking: run it in a thread), then re-check the files just loaded."""
-        self.slots = [self._load_slot(i) for i in range(self.settings.parallel)]
-        self.model.ensure_unchanged()
-        loaded = self.slots[0].llama.metadata.get("tokenizer.chat_template")
+    def load(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the workers (blocking: run it in a thread), then check what they loaded against what was verified."""
+        self.loop = loop
+        self.slots = [Worker(i, self) for i in range(self.settings.parallel)]
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=self._start, args=(w, errors)) for w in self.slots]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        loaded = self.slots[0].info.chat_template
         if loaded != self.model.chat_template:
             raise Refused(f"{self.model.choice.entry.path}: llama.cpp loaded a chat template that is not the verified one")
+        self.model.ensure_unchanged()
         self.pool = SlotPool(self.slots, self.settings.max_queue)
 
-    def _load_slot(self, index: int) -> Slot:
-        slot = Slot(index)
-        s = self.settings
+    def _start(self, worker: Worker, errors: list[BaseException]) -> None:
         try:
-            slot.llama = CountingLlama(
-                model_path=str(self.model.gguf_path),
-                n_ctx=s.ctx_size,
-                n_threads=s.threads,
-                n_threads_batch=s.threads,
-                n_gpu_layers=s.n_gpu_layers,
-                embedding=self.embeddings,
-                logits_all=s.logprobs,
-                chat_handler=_no_chat_yet,  # never let llama-cpp-python guess a chat format
-                verbose=False,
-            )
-        except (ValueError, RuntimeError) as e:  # a verified file llama.cpp cannot run: not a refusal
-            raise Failure(f"llama.cpp could not load {self.model.choice.entry.path}: {e}") from None
-        slot.llama.chat_handler = chat_handler(slot.llama, self.model.chat_template, slot.should_stop)
-        return slot
+            worker.start(self._worker_settings())
+            self.check_loaded(worker)
+        except Failure as e:
+            errors.append(Failure(f"llama.cpp could not load {self.model.choice.entry.path}: {e}"))
+        except BaseException as e:
+            errors.append(e)
+
+    def _worker_settings(self) -> WorkerSettings:
+        s = self.settings
+        return WorkerSettings(
+            parts=tuple((f.name, f.fd) for f in self.model.opened),
+            ctx_size=s.ctx_size,
+            threads=s.threads,
+            n_gpu_layers=s.n_gpu_layers,
+            embedding=self.embeddings,
+            logprobs=s.logprobs,
+            chat_template=self.model.chat_template,
+        )
+
+    def check_loaded(self, worker: Worker | None = None) -> None:
+        """Refused unless each live worker maps the verified inodes (and no other file under their names)."""
+        for w in [worker] if worker else self.slots:
+            if not w.alive:
+                continue
+            try:
+                check_mapped(w.pid, list(self.model.opened), required=self.settings.n_gpu_layers == 0)
+            except Refused:
+                if w.proc.poll() is not None:  # it died just now (a zombie maps nothing): a crash, handled as one
+                    continue
+                raise
+
+    def dead_workers(self) -> list[Worker]:
+        return [w for w in self.slots if not w.alive]
+
+    def respawn(self, worker: Worker) -> None:
+        """Start a new process for a slot whose worker died (blocking), once the model has been verified again."""
+        if self.closing:
+            return
+        worker.stop()
+        worker.start(self._worker_settings())
+        if self.closing:  # the server began shutting down meanwhile: close() may have missed this process
+            worker.stop()
+            return
+        self.check_loaded(worker)
+        if worker.info.chat_template != self.model.chat_template:
+            raise Refused(f"{self.model.choice.entry.path}: llama.cpp loaded a chat template that is not the verified one")
 
     # running
 
     async def submit(self, job: Job) -> Generation:
         """Wait for a slot (FIFO; QueueFull when the line is full) and start `job` on it."""
         loop = asyncio.get_running_loop()
-        slot = await self.pool.acquire()
+        worker = await self.pool.acquire()
+        worker.busy = True
+        try:
+            while not worker.alive:  # its process died: a new one is being started
+                if self.failed or self.closing:
+                    reason = self.failed or "the server is shutting down"
+                    raise ApiError(503, reason, type="server_error", code="not_ready")
+                await asyncio.sleep(0.05)
+        except BaseException:
+            worker._finished()
+            raise
         generation = Generation(loop)
-        slot.job = generation
-        loop.run_in_executor(slot.executor, self._run, loop, slot, generation, job)
+        worker.submit(job, generation)
         return generation
 
-    def _run(self, loop, slot: Slot, generation: Generation, job: Job) -> None:
-        result = None
-        try:
-            result = run(slot.llama, job, slot.stopping_criteria())
-            if isinstance(result, dict):
-                generation.emit("result", result)
-            else:
-                for chunk in result:
-                    generation.emit("chunk", chunk)
-            generation.emit("end", (slot.llama.prompt_tokens, slot.llama.completion_tokens))
-        except Exception as e:  # reported to the client; the slot stays usable
-            generation.emit("error", e)
-        finally:
-            if hasattr(result, "close"):
-                result.close()
-            slot.job = None
-            loop.call_soon_threadsafe(self.pool.release, slot, time.monotonic() - generation.started)
-
     def cancel_all(self, reason: str) -> None:
-        for slot in self.slots:
-            if slot.job is not None:
-                slot.job.cancel(reason)
+        self.failed = self.failed or reason
+        for worker in self.slots:
+            if worker.generation is not None:
+                worker.generation.cancel(reason)
 
     def close(self) -> None:
         self.cancel_all("the server is shutting down")
-        for slot in self.slots:
-            slot.executor.shutdown(wait=True)
-            if slot.llama is not None:
-                slot.llama.close()
+        self.closing = True
+        for worker in self.slots:
+            worker.stop()
 
     @property
     def context_size(self) -> int:
-        return self.slots[0].llama.n_ctx() if self.slots else self.settings.ctx_size
-
-
-def _no_chat_yet(**kwargs):
-    raise RuntimeError("chat handler not installed")
+        loaded = next((w.info for w in self.slots if w.info), None)
+        return loaded.n_ctx if loaded else self.settings.ctx_size
 
 
 # what runs underneath
@@ -197,6 +358,8 @@ def _no_chat_yet(**kwargs):
 
 def gpu_layers(requested: int | None) -> tuple[int, str]:
     """(n_gpu_layers to pass to llama.cpp, a sentence saying which backend is used)."""
+    import llama_cpp
+
     features = _cpu_features()
     if not llama_cpp.llama_supports_gpu_offload():
         note = " (--n-gpu-layers ignored)" if requested not in (None, 0) else ""
@@ -207,6 +370,8 @@ def gpu_layers(requested: int | None) -> tuple[int, str]:
 
 
 def _cpu_features() -> str:
+    import llama_cpp
+
     info = llama_cpp.llama_print_system_info().decode(errors="replace")
     on = [name for name, value in re.findall(r"([A-Z0-9_]+) = (\d+)", info) if value != "0"]
     return ", ".join(on) or "baseline"

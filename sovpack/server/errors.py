@@ -77,6 +77,8 @@ def from_engine(exc: BaseException, body=None) -> ApiError:
 
     from sovpack.server.template import NoChatTemplate
 
+    if isinstance(exc, ApiError):  # already an answer (e.g. engine_failed, when a worker process dies)
+        return exc
     text = str(exc)
     match = _CONTEXT.search(text)
     if match:

@@ -39,7 +39,14 @@ class Fingerprint:
 
     @classmethod
     def of(cls, path: Path) -> Fingerprint:
-        st = os.stat(path)
+        return cls._of(os.stat(path))
+
+    @classmethod
+    def of_fd(cls, fd: int) -> Fingerprint:
+        return cls._of(os.fstat(fd))
+
+    @classmethod
+    def _of(cls, st: os.stat_result) -> Fingerprint:
         read_only = not stat.S_IMODE(st.st_mode) & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, read_only)
 

@@ -54,7 +54,7 @@ def run(llama, job: Job, stopping_criteria):
 def _choices(llama, plan: dict, kwargs: dict, stopping_criteria) -> Iterator:
     """Each of the n generations (results, or iterators of chunks), one after the other.
 
-    The engine's CountingLlama counts the tokens of its last generation, and the engine reads
+    The worker's CountingLlama (worker.py) counts the tokens of its last generation, and the worker reads
     the counts when a stream ends; with n > 1 they are left covering every choice.
     """
     from llama_cpp import LlamaGrammar, LogitsProcessorList, MinTokensLogitsProcessor

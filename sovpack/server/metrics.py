@@ -5,6 +5,7 @@ Series (all prefixed sovpack_):
   prompt_tokens_total, completion_tokens_total   counters
   queue_rejections_total               counter, 503s because the queue was full
   client_disconnects_total             counter
+  engine_failures_total                counter, engine worker processes that died while serving
   request_duration_seconds{path}       histogram, request start to last byte
   time_to_first_token_seconds          histogram, generation requests
   queue_wait_seconds                   histogram, time spent waiting for a slot
@@ -62,6 +63,7 @@ class Metrics:
         self.completion_tokens = 0
         self.rejections = 0
         self.disconnects = 0
+        self.engine_failures = 0
         self.durations: dict[str, Histogram] = defaultdict(Histogram)
         self.ttft = Histogram()
         self.queue_wait = Histogram()
@@ -98,6 +100,8 @@ class Metrics:
                 f"sovpack_queue_rejections_total {self.rejections}",
                 "# TYPE sovpack_client_disconnects_total counter",
                 f"sovpack_client_disconnects_total {self.disconnects}",
+                "# TYPE sovpack_engine_failures_total counter",
+                f"sovpack_engine_failures_total {self.engine_failures}",
                 "# TYPE sovpack_request_duration_seconds histogram",
                 *(
                     line

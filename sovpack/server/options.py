@@ -36,6 +36,12 @@ class ServeOptions:
     access_log: Path | None  # None: STORE/logs/access.jsonl
     log_prompts: bool
     full_verify: bool
+    # slow clients (connections.py): seconds for a request head, for its body, idle between requests;
+    # connections that have not sent an authenticated request head
+    header_timeout: float
+    body_timeout: float
+    idle_timeout: float
+    max_pending_connections: int
     aliases: tuple[str, ...] = ()  # other model names clients may send (--alias)
     max_n: int = 4  # the largest n (choices per request) accepted
     logprobs: bool = False  # keep every position's logits so that requests may ask for logprobs
@@ -66,6 +72,14 @@ def check_options(o: ServeOptions) -> None:
         _at_least("--max-tokens", o.max_tokens, 1)
     if o.threshold is not None:
         _at_least("--threshold", o.threshold, 1)
+    for flag, seconds in (
+        ("--header-timeout", o.header_timeout),
+        ("--body-timeout", o.body_timeout),
+        ("--idle-timeout", o.idle_timeout),
+    ):
+        if not seconds > 0:
+            raise UsageError(f"{flag} {seconds}: give a number of seconds greater than 0")
+    _at_least("--max-pending-connections", o.max_pending_connections, 1)
     _at_least("--max-n", o.max_n, 1)
     for alias in o.aliases:
         if not alias or len(alias) > 128 or any(c.isspace() for c in alias):

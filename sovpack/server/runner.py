@@ -132,6 +132,7 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
     import uvicorn
 
     from sovpack.server.app import create_app
+    from sovpack.server.connections import ConnectionLimits, guarded_protocol
     from sovpack.server.engine import Engine, gpu_layers
     from sovpack.server.requests import Limits
     from sovpack.server.state import ServerState
@@ -158,6 +159,7 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
         max_request_bytes=options.max_request_bytes,
         cors_origins=options.cors_origins,
         say=say,
+        audit=audit.event,
     )
     url = f"{scheme}://{_show_host(host)}:{port}"
     audit.start(model, settings, backend, url, is_loopback(host), keys, access_path)
@@ -172,10 +174,14 @@ def _run(options, keys, model, sock, access_log, audit, say) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=options.shutdown_timeout,  # seconds, fractions too; 0: cancel at once
-        timeout_keep_alive=5,
+        http=guarded_protocol(
+            ConnectionLimits(options.header_timeout, options.body_timeout, options.max_pending_connections, keys)
+        ),
+        timeout_keep_alive=options.idle_timeout,
         server_header=False,
         proxy_headers=False,
-        limit_concurrency=max(64, 4 * (options.parallel + options.max_queue)),
+        # pending connections are bounded by the protocol (the oldest closed); this bounds the rest
+        limit_concurrency=options.max_pending_connections + max(64, 4 * (options.parallel + options.max_queue)),
     )
     server = graceful_server(config, state)
     started = time.monotonic()
@@ -314,6 +320,10 @@ class Auditor:
             raise Failure(
                 f"cannot write the audit log {self.store.audit.path}: {e.strerror}; refusing to serve unaudited"
             ) from None
+
+    def event(self, event: str, **fields) -> None:
+        """Any other serve record (an engine crash, its restart); Failure if it cannot be written."""
+        self._append(event, **fields)
 
     def refused(self, error: SovpackError, **fields) -> None:
         step = getattr(error, "step", None)

@@ -20,12 +20,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sovpack.bundle.metadata import format_time
+from sovpack.common import safe_json
 from sovpack.common.files import lock_open_file, write_atomically
 from sovpack.common.hashing import sha256_bytes
 from sovpack.errors import Failure, Refused
 from sovpack.store import syslog
 
 GENESIS = "0" * 64
+MAX_LINE_BYTES = 1 << 20  # a record is a few hundred bytes
+
+
+def parse_line(line: bytes) -> object:
+    """One line of the log as JSON, bounded; a ValueError when it is not JSON sovpack reads."""
+    return safe_json.loads(line, max_bytes=MAX_LINE_BYTES, max_depth=16)
 
 
 @dataclass(frozen=True)
@@ -112,11 +119,15 @@ class AuditLog:
     def _read_witness(self) -> tuple[int, str, int | None] | None:
         """(records, digest of the last, byte offset of its end); the offset is absent from witnesses of sovpack 0.1."""
         try:
-            witness = json.loads(self.witness.read_bytes())
-            offset = witness.get("offset")
-            return int(witness["records"]), str(witness["head"]), None if offset is None else int(offset)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            witness = parse_line(self.witness.read_bytes())
+        except (OSError, ValueError):
             return None
+        if not isinstance(witness, dict):
+            return None
+        records, head, offset = witness.get("records"), witness.get("head"), witness.get("offset")
+        if not _is_whole(records) or not isinstance(head, str) or not (offset is None or _is_whole(offset)):
+            return None  # damaged: what sovpack writes is a count, a digest and a byte offset
+        return records, head, offset
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -124,7 +135,7 @@ class AuditLog:
         records = []
         for number, line in enumerate(self.path.read_bytes().splitlines(), start=1):
             try:
-                record = json.loads(line)
+                record = parse_line(line)
             except ValueError:
                 record = None
             if not isinstance(record, dict):
@@ -143,7 +154,7 @@ class AuditLog:
             raise Refused(f"{self.path}: the last line is incomplete (a write was cut off or the file was edited)")
         for number, line in enumerate(lines[:-1], start=1):
             try:
-                record = json.loads(line)
+                record = parse_line(line)
                 seq, prev = record["seq"], record["prev"]
             except (ValueError, KeyError, TypeError):
                 raise Refused(f"{self.path}: line {number} is not an audit record") from None
@@ -195,6 +206,10 @@ def _holds(f, count: int, head: str, offset: int | None) -> bool:
     return sha256_bytes(before[:-1].rsplit(b"\n", 1)[-1]) == head
 
 
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _last_line(f) -> bytes | None:
     """The log's last line without its newline, or None when the log is empty."""
     size = f.seek(0, os.SEEK_END)
@@ -222,7 +237,7 @@ def _next_seq(f, last: bytes | None) -> int:
     if not last:
         return 1
     try:
-        return int(json.loads(last)["seq"]) + 1
-    except (ValueError, KeyError, TypeError):  # the last line was tampered with: count lines instead
+        return int(parse_line(last)["seq"]) + 1
+    except (ValueError, KeyError, TypeError, OverflowError):  # the last line was tampered with: count lines instead
         f.seek(0)
         return sum(1 for _ in f) + 1

@@ -39,7 +39,17 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from sovpack.bundle.certificates import TrustedRoot, certificate_label, eku_oid, issued_by, load_certificates, load_crl
+from sovpack.bundle.certificates import (
+    TrustedRoot,
+    certificate_label,
+    crl_signed_by,
+    eku_oid,
+    issued_by,
+    load_certificates,
+    load_crl,
+    parse_crl,
+    parse_pem_certificates,
+)
 from sovpack.bundle.keys import public_pem
 from sovpack.bundle.metadata import METADATA_FILE, NAME_PATTERN, BundleMetadata, check_name, parse_metadata
 from sovpack.bundle.trust import TrustedKey, TrustPolicy, trusted_key_from_file
@@ -141,13 +151,21 @@ class Store:
     def _read_root(self, path: Path) -> TrustedRoot:
         repair = f"add the root again with `sovpack trust add-root` after removing {path}"
         try:
-            (certificate,) = x509.load_pem_x509_certificates(path.read_bytes())
-        except ValueError:
-            raise damaged(path, "it is not one PEM certificate", repair) from None
+            certificates = parse_pem_certificates(path.read_bytes())
+        except ValueError as e:
+            raise damaged(path, f"it is not a PEM certificate sovpack can read ({e})", repair) from None
+        if len(certificates) != 1:
+            raise damaged(path, f"it holds {len(certificates)} certificates, not one", repair)
+        certificate = certificates[0]
         rule = read_store_json(path.with_suffix(".json"), repair) or {}
         require_eku, subject = rule.get("require_eku"), rule.get("subject")
         if not all(v is None or isinstance(v, str) for v in (require_eku, subject)):
             raise damaged(path.with_suffix(".json"), "its 'require_eku' and 'subject' must be text or null", repair)
+        try:
+            if require_eku is not None:
+                eku_oid(require_eku)
+        except UsageError as e:
+            raise damaged(path.with_suffix(".json"), str(e), repair) from None
         return TrustedRoot(path.stem, certificate, require_eku, subject)
 
     def add_trusted_root(
@@ -189,15 +207,20 @@ class Store:
         return root
 
     def crls(self) -> list[x509.CertificateRevocationList]:
+        return [crl for _, crl in self._held_crls()]
+
+    def _held_crls(self) -> list[tuple[Path, x509.CertificateRevocationList]]:
         if not self.trust_crls_dir.is_dir():
             return []
         found = []
         for path in sorted(self.trust_crls_dir.glob("*.crl")):
             try:
-                found.append(x509.load_der_x509_crl(path.read_bytes()))
-            except ValueError:
+                found.append((path, parse_crl(path.read_bytes())))
+            except ValueError as e:
                 raise damaged(
-                    path, "it is not a DER CRL", "remove it and add the CRL again with `sovpack trust crl add`"
+                    path,
+                    f"it is not a CRL sovpack can read ({e})",
+                    "remove it and add the CRL again with `sovpack trust crl add`",
                 ) from None
         return found
 
@@ -208,8 +231,7 @@ class Store:
         """
         crl = load_crl(crl_file)
         issuer = self._crl_issuer(crl, crl_file, issuer_file)
-        held = sorted(self.trust_crls_dir.glob("*.crl")) if self.trust_crls_dir.is_dir() else []
-        same_issuer = [(p, c) for p in held if (c := x509.load_der_x509_crl(p.read_bytes())).issuer == crl.issuer]
+        same_issuer = [(p, c) for p, c in self._held_crls() if c.issuer == crl.issuer]
         for _, c in same_issuer:
             if c.last_update_utc > crl.last_update_utc:
                 raise Refused(
@@ -234,7 +256,7 @@ class Store:
         if not roots:
             raise UsageError(f"the store at {self.root} trusts no root yet: add one with `sovpack trust add-root ROOT.pem` first")
         for root in roots:
-            if crl.issuer == root.certificate.subject and crl.is_signature_valid(root.certificate.public_key()):
+            if crl_signed_by(crl, root.certificate):
                 return root.label
         if issuer_file is None:
             raise Refused(
@@ -245,7 +267,7 @@ class Store:
         root = next((r for r in roots if issued_by(issuer, r.certificate)), None)
         if root is None:
             raise Refused(f"--issuer {issuer_file}: certificate {certificate_label(issuer)} was not issued by a trusted root")
-        if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):
+        if not crl_signed_by(crl, issuer):
             raise Refused(f"{crl_file}: the CRL is not signed by {certificate_label(issuer)}")
         return f"{certificate_label(issuer)}, issued by {root.label}"
 
@@ -302,16 +324,18 @@ class Store:
         return TrustPolicy(tuple(keys), threshold or self.threshold)
 
     def policy_for(self, installed: InstalledBundle, threshold: int | None = None) -> TrustPolicy:
-        """The keys and threshold a bundle was accepted under, minus keys no longer trusted (revocation).
+        """The signers and threshold a bundle was accepted under, minus those no longer trusted (revocation).
 
+        Key signers count while their key is trusted; certificate signers while the root their chain built to is,
+        and their chains are checked again (at their signing time, against the CRLs held today) by the verification.
         `threshold` can raise the threshold (the larger of the import's and the store's applies); a lower one is refused.
         """
         accepted_by = installed.record.accepted_by if installed.record else ()
         still_trusted = {k.hint: k for k in self.trusted_keys()}
-        keys = tuple(still_trusted[s.hint] for s in accepted_by if s.hint in still_trusted)
-        # certified signers are checked again against today's roots and CRLs; they count while a root is trusted
-        roots = self.trusted_roots() if any(s.hint.startswith("x509:") for s in accepted_by) else []
-        certified = sum(1 for s in accepted_by if s.hint.startswith("x509:")) if roots else 0
+        keys = tuple(still_trusted[s.hint] for s in accepted_by if s.certificate is None and s.hint in still_trusted)
+        roots_now = {r.name: r for r in self.trusted_roots()} if any(s.certificate for s in accepted_by) else {}
+        certified = [s for s in accepted_by if s.certificate is not None and s.certificate.root in roots_now]
+        roots = tuple(roots_now[name] for name in dict.fromkeys(s.certificate.root for s in certified))
         required = max(installed.record.threshold if installed.record else 1, self.threshold)
         if threshold is not None and threshold < required:
             raise UsageError(
@@ -320,14 +344,15 @@ class Store:
                 f"it; to serve under other keys, pass them with --trust"
             )
         threshold = max(required, threshold or 0)
-        if len(keys) + certified < threshold:
+        if len(keys) + len(certified) < threshold:
+            what = "signers" if any(s.certificate for s in accepted_by) else "keys"
             raise Refused(
                 f"{installed.name} v{installed.version} was accepted by "
                 f"{', '.join(s.name for s in accepted_by) or 'no key'}, but only "
-                f"{len(keys)} of those keys are still trusted and {threshold} are required"
+                f"{len(keys) + len(certified)} of those {what} are still trusted and {threshold} are required"
             )
         if roots:
-            return TrustPolicy(keys, threshold, tuple(roots), tuple(self.crls()))
+            return TrustPolicy(keys, threshold, roots, tuple(self.crls()))
         return TrustPolicy(keys, threshold)
 
     # installed bundles

@@ -63,10 +63,10 @@ def send(target: str, data: bytes) -> None:
 
 def read_target(setting: Path) -> str | None:
     """The configured target, or None; a damaged setting is ignored here and named by `audit syslog`."""
-    import json
+    from sovpack.common import safe_json
 
     try:
-        target = json.loads(setting.read_bytes()).get("target")
+        target = safe_json.loads(setting.read_bytes(), max_bytes=1 << 16, max_depth=4).get("target")
     except (OSError, ValueError, AttributeError):
         return None
     return target if isinstance(target, str) else None

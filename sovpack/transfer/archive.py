@@ -9,7 +9,9 @@ bundle directory.
 Reading trusts nothing in the stream: only regular files (and directories, which are
 ignored), only safe relative paths under the expected top directory, only `sovpack.json`,
 signature files and files listed in that `sovpack.json`, each at exactly its listed size.
-Everything else is refused before a byte of it is written.
+Everything else is refused before a byte of it is written. GNU sparse members (old GNU
+headers or pax GNU.sparse.*) are refused as soon as tarfile meets their header: tarfile's
+own parsing of their maps is unbounded and raises ValueError on a malformed one.
 """
 
 from __future__ import annotations
@@ -130,6 +132,26 @@ class _BundleFile:
 # ---- reading
 
 
+class SparseMember(Exception):
+    """A GNU sparse member, which an export never holds (raised from inside tarfile, so not a TarError)."""
+
+
+class _ExportTarInfo(tarfile.TarInfo):
+    """tarfile's header reader, minus GNU sparse members: refused before their maps are read."""
+
+    def _proc_sparse(self, tarfile):
+        raise SparseMember(self.name)
+
+    def _proc_gnusparse_00(self, next, pax_headers, buf):
+        raise SparseMember(next.name)
+
+    def _proc_gnusparse_01(self, next, pax_headers):
+        raise SparseMember(next.name)
+
+    def _proc_gnusparse_10(self, next, pax_headers, tarfile):
+        raise SparseMember(next.name)
+
+
 @dataclass
 class Extracted:
     written: int = 0  # files whose bytes came from the stream
@@ -152,8 +174,10 @@ class ArchiveExtraction:
         files.root.mkdir(parents=True, exist_ok=True)
         reader.max_read = MAX_HEADER_BYTES
         try:
-            self._tar = tarfile.open(fileobj=reader, mode="r:")
-        except tarfile.TarError as e:
+            self._tar = tarfile.open(fileobj=reader, mode="r:", tarinfo=_ExportTarInfo)
+        except SparseMember as e:
+            raise _sparse_refusal(reader, e) from None
+        except (tarfile.TarError, ValueError, OverflowError) as e:
             raise Refused(f"{reader.where} does not hold a tar stream of a bundle ({e})") from None
         self._reader = reader
         self._extraction = _Extraction(reader, files, find_object, top)
@@ -178,8 +202,14 @@ class ArchiveExtraction:
 def _next_member(tar: tarfile.TarFile, reader: ConcatenatedReader) -> tarfile.TarInfo | None:
     try:
         return tar.next()
-    except (tarfile.TarError, EOFError) as e:
+    except SparseMember as e:
+        raise _sparse_refusal(reader, e) from None
+    except (tarfile.TarError, EOFError, ValueError, OverflowError) as e:  # ValueError: malformed numbers in headers
         raise Refused(f"{reader.where}: the tar stream is damaged or cut short ({e})") from None
+
+
+def _sparse_refusal(reader: ConcatenatedReader, e: SparseMember) -> Refused:
+    return Refused(f"{e.args[0]} in {reader.where} is a GNU sparse member; bundles hold only regular files")
 
 
 class _Extraction:

@@ -21,6 +21,7 @@ from pathlib import Path
 from sovpack.bundle.metadata import BundleMetadata, check_name, format_time
 from sovpack.bundle.signature import build_statement, parse_statement, read_signature_file, sign_statement
 from sovpack.bundle.trust import TrustPolicy
+from sovpack.common import safe_json
 from sovpack.common.hashing import sha256_bytes
 from sovpack.common.jsonfields import JsonFields
 from sovpack.common.safepath import check_safe_path
@@ -155,8 +156,8 @@ class ExportIndex:
 def parse_index(raw: bytes, source: str) -> ExportIndex:
     """Parse and validate an index file; every problem is a Refused naming `source` and the field."""
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        data = safe_json.loads(raw, max_bytes=MAX_INDEX_BYTES)
+    except ValueError as e:  # UnicodeDecodeError and UnsafeJson included
         raise Refused(f"{source} is not a sovpack export index (invalid JSON: {e})") from None
     top = JsonFields(data, source)
     if top.get("format", str) != INDEX_FORMAT or top.get("format_version", int) != INDEX_FORMAT_VERSION:
@@ -228,6 +229,8 @@ def find_index(path: Path, hint: str = "give the directory holding the volumes, 
 
 
 def read_index(path: Path) -> tuple[ExportIndex, bytes]:
+    """The index at `path` and its bytes; refused when it, or a volume it lists, is a link (media hold only files)."""
+    _refuse_link(path)
     if path.stat().st_size > MAX_INDEX_BYTES:
         raise Refused(f"{path.name} is larger than {MAX_INDEX_BYTES} bytes; not an export index")
     raw = path.read_bytes()
@@ -237,7 +240,15 @@ def read_index(path: Path) -> tuple[ExportIndex, bytes]:
             f"{path.name} describes {index.bundle.label}, whose index is named {index_name(index.bundle.stem)}; "
             "it was renamed or belongs to another export"
         )
+    for volume in index.volumes:
+        _refuse_link(path.parent / volume.file)
     return index, raw
+
+
+def _refuse_link(path: Path) -> None:
+    """A symbolic link on media would let an export read bytes from anywhere on the importing machine."""
+    if path.is_symlink():
+        raise Refused(f"{path.name} in {path.parent} is a symbolic link; export media must hold the files themselves")
 
 
 # ---- signing the index
@@ -250,7 +261,12 @@ def index_resources(index: ExportIndex, raw_index: bytes) -> dict[str, str]:
 
 def sign_index(private_key, index: ExportIndex, raw_index: bytes) -> bytes:
     """A model-signing signature over the index and every volume (so `model_signing verify key` accepts the export)."""
-    return sign_statement(private_key, build_statement(f"{index.bundle.stem} export", index_resources(index, raw_index)))
+    return sign_statement(private_key, build_statement(index_subject(index), index_resources(index, raw_index)))
+
+
+def index_subject(index: ExportIndex) -> str:
+    """The subject an index signature names: NAME-vV export."""
+    return f"{index.bundle.stem} export"
 
 
 def check_index_signature(directory: Path, index: ExportIndex, raw_index: bytes, policy: TrustPolicy | None) -> str:
@@ -259,8 +275,14 @@ def check_index_signature(directory: Path, index: ExportIndex, raw_index: bytes,
     path = directory / name
     if not path.is_file():
         return "index not signed"
+    _refuse_link(path)
     sig = read_signature_file(path, name)
     statement = parse_statement(sig.payload, name)
+    if statement.subject_name != index_subject(index):
+        raise Refused(
+            f"{name} signs a statement whose subject is {statement.subject_name!r}, not {index_subject(index)!r}: "
+            "it was made for another export"
+        )
     if statement.resources != index_resources(index, raw_index):
         raise Refused(
             f"{name} does not cover this {index_name(index.bundle.stem)}: the index was edited after it was "
