@@ -323,6 +323,11 @@ class CuttingProxy:
     `arm(b"GET /v2/...", [N, 0, None])`: the next requests whose bytes contain the pattern are cut,
     in turn, once N bytes of the answer have passed, at once (0), or not at all (None); later ones
     pass. With `downstream=False` the request's own bytes (a PATCH body) are counted instead.
+    With `late=True` (requests only) the cut request reaches the registry late, as one still in
+    flight in a busy registry or a buffering proxy does: the client sees its connection dropped at
+    once, but the registry gets the request's first N bytes and its end only when the next request
+    with the same pattern comes, which is forwarded once the registry is done with the late one.
+    With `flip=True` nothing is cut: byte N is inverted on its way (a network element that damages data).
     Everything clients send is kept in `sent` (plain HTTP only), for asserting Range requests.
     """
 
@@ -335,6 +340,10 @@ class CuttingProxy:
         self.pattern: bytes | None = None
         self.plan: list[int | None] = []
         self.downstream = True
+        self.late = False
+        self.flip = False  # instead of cutting at byte N, invert it and let the rest pass
+        self.flips = 0
+        self.held: tuple[socket.socket, bytes, threading.Event] | None = None  # a late request, not yet delivered
         self.cuts = 0
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -343,9 +352,12 @@ class CuttingProxy:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def arm(self, pattern: bytes, plan: list[int | None], *, downstream: bool = True) -> None:
+    def arm(
+        self, pattern: bytes, plan: list[int | None], *, downstream: bool = True, late: bool = False, flip: bool = False
+    ) -> None:
+        assert not (late and downstream), "only a request can arrive late"
         with self.lock:
-            self.pattern, self.plan, self.downstream = pattern, list(plan), downstream
+            self.pattern, self.plan, self.downstream, self.late, self.flip = pattern, list(plan), downstream, late, flip
 
     def _accept(self) -> None:
         while not self.closed:
@@ -354,36 +366,73 @@ class CuttingProxy:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.target))
-            state = {"limit": None, "counted": 0}
+            state = {"limit": None, "counted": 0, "hold": None, "answered": threading.Event()}
             threading.Thread(target=self._pump, args=(client, server, state, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, state, False), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, state: dict, upstream: bool) -> None:
+        keep_open = None  # the registry's end of a late request, closed once it is delivered
         try:
             while data := src.recv(65536):
-                cut = False
+                cut, released = False, None
                 with self.lock:
                     if upstream:
                         self.sent += data
+                        released = self._release_late(data)
                         if self.plan and self.pattern and self.pattern in data:
                             state["limit"], state["counted"] = self.plan.pop(0), 0
+                            state["hold"] = bytearray() if self.late and state["limit"] is not None else None
                     if state["limit"] is not None and upstream != self.downstream:
                         state["counted"] += len(data)
                         if state["counted"] > state["limit"]:
-                            data = data[: len(data) - (state["counted"] - state["limit"])]
-                            cut, state["limit"] = True, None
-                            self.cuts += 1
+                            at = len(data) - (state["counted"] - state["limit"])
+                            if self.flip:
+                                data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+                                self.flips += 1
+                            else:
+                                data = data[:at]
+                                cut = True
+                                self.cuts += 1
+                            state["limit"] = None
+                    if upstream and state["hold"] is not None:
+                        state["hold"] += data
+                        if cut:
+                            self.held, keep_open = (dst, bytes(state["hold"]), state["answered"]), dst
+                        data = b""
+                if upstream and released is not None:
+                    self._deliver(*released)
                 dst.sendall(data)
                 if cut:
                     break
         except OSError:
             pass
         for s in (src, dst):
+            if s is keep_open:
+                continue
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             s.close()
+        if not upstream:
+            state["answered"].set()
+
+    def _release_late(self, data: bytes):
+        """The late request, when `data` is the next request with the same pattern (called under the lock)."""
+        if self.held is None or not self.pattern or self.pattern not in data:
+            return None
+        held, self.held = self.held, None
+        return held
+
+    @staticmethod
+    def _deliver(server: socket.socket, request: bytes, answered: threading.Event) -> None:
+        """Send the late request's bytes, end it, and wait until the registry has answered it."""
+        try:
+            server.sendall(request)
+            server.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        answered.wait(30)
 
     def close(self) -> None:
         self.closed = True

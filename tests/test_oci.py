@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -480,3 +481,44 @@ def test_pull_without_trust_and_push_need_an_existing_store(cli, pushed, login, 
         result = cli(*args, "--store", missing, *login)
         assert result.code == 2 and f"no store exists at {missing} (--store)" in result.err, (args, result.err)
     assert not missing.exists()
+
+
+def test_a_cut_chunk_that_reaches_the_registry_late_does_not_fail_the_push(cli, big_bundle, registry, login, store):
+    """The distribution registry keeps the part of a cut PATCH it read, and cancels an upload whose size is not the offset
+    the client's upload location records (BLOB_UPLOAD_INVALID, HTTP 404). When the cut request lands after the client
+    asked where the upload stands, the client's next chunk is refused that way: push starts the blob afresh."""
+    proxy = CuttingProxy(registry.port)
+    try:
+        proxy.arm(b"Content-Range: 1048576-", [MiB // 2], downstream=False, late=True)
+        result = cli("push", big_bundle, f"{proxy.host}/models/tiny", "--chunk-size", "1MiB", *login)
+        assert result.code == 0, result.err
+        assert proxy.cuts == 1 and proxy.held is None  # the late request was delivered before the next chunk
+    finally:
+        proxy.close()
+    # the registry cancelled the upload when the next chunk came (sic: its spelling), and the push went on afresh
+    assert re.search(r"upload resumed at wrong offest: \d+ != 1048576", registry.log.read_text())
+    assert cli("pull", f"{registry.host}/models/tiny:5", "--store", store, *login).code == 0
+    assert cli("verify", "tiny@5", "--store", store).code == 0
+
+
+def test_bytes_damaged_on_the_way_are_sent_again_and_a_path_that_keeps_damaging_them_fails(
+    cli, big_bundle, registry, login, store
+):
+    """The registry refuses the blob (DIGEST_INVALID); the file itself still hashes to its signed digest, so push sends it
+    once more in a new upload — and names the registry when the second try is damaged too, instead of blaming the file."""
+    proxy = CuttingProxy(registry.port)
+    try:
+        proxy.arm(b"Content-Range: 1048576-", [MiB // 2], downstream=False, flip=True)
+        result = cli("push", big_bundle, f"{proxy.host}/models/tiny", "--chunk-size", "1MiB", *login)
+        assert result.code == 0, result.err
+        assert proxy.flips == 1 and proxy.cuts == 0
+
+        proxy.arm(b"Content-Range: 1048576-", [MiB // 2, MiB // 2], downstream=False, flip=True)
+        result = cli("push", big_bundle, f"{proxy.host}/models/other", "--chunk-size", "1MiB", *login)
+        assert result.code == 3 and proxy.flips == 3
+        assert f"the registry {proxy.host} twice found that the bytes sent of" in result.err
+        assert "weights-2.safetensors" in result.err and "although the file does" in result.err
+    finally:
+        proxy.close()
+    assert cli("pull", f"{registry.host}/models/tiny:5", "--store", store, *login).code == 0
+    assert cli("verify", "tiny@5", "--store", store).code == 0

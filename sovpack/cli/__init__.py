@@ -54,6 +54,7 @@ COMMAND_MODULES = (
     "quantize_commands",
     "transfer_commands",
     "oci_commands",
+    "deploy_commands",
     "store_commands",
     "serve_commands",
 )

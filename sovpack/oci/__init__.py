@@ -2,7 +2,8 @@
 
 Push (`push`): check the bundle as export does, lay it out as a CNCF ModelPack artifact
 (`layout`: one raw layer per file, digest = signed SHA-256, plus sovpack.json and the
-signatures), send only the blobs the registry lacks by chunked, resumable uploads, then the
+signatures), send only the blobs the registry lacks by chunked, resumable uploads (`upload`:
+continued from the byte the registry confirms, or afresh when it cancelled the upload), then the
 manifest.
 
 Pull (`pull`), leaving the installed store untouched until the last phase:

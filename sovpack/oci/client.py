@@ -228,8 +228,9 @@ class RegistryClient:
             "Content-Range": f"{offset}-{offset + length - 1}",
         }
         response = self.send("PATCH", location, headers=headers, content=body)
-        if response.status_code == 416:
-            raise UploadOutOfStep()
+        if response.status_code in (404, 416):  # the upload is unknown, cancelled, or at another offset
+            response.read()
+            raise UploadOutOfStep(f"HTTP {response.status_code} to a chunk: {_errors(response)}")
         return self._location(self.check(response, "a chunk of an upload", 202, 204))
 
     def finish_upload(self, location: str, digest: str) -> httpx2.Response:
@@ -287,7 +288,7 @@ class RegistryClient:
             raise self.failure(e) from None
 
     def failure(self, e: Exception) -> Failure:
-        if _is_certificate_error(e):
+        if is_certificate_error(e):
             return Failure(
                 f"the TLS certificate of the registry {self.ref.registry} is not trusted ({_reason(e)}): give the CA that "
                 "issued it with --ca-file"
@@ -301,7 +302,7 @@ class RegistryClient:
 
 
 class UploadOutOfStep(Exception):
-    """The registry holds another amount of the upload than the chunk assumed: ask it where it stands."""
+    """The registry holds another amount of the upload than the chunk assumed, or no longer has it: ask it where it stands."""
 
 
 def _next_offset(range_header: str | None) -> int:
@@ -333,13 +334,13 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
-def _is_certificate_error(e: Exception) -> bool:
+def is_certificate_error(e: Exception) -> bool:
     return any(isinstance(x, ssl.SSLCertVerificationError) for x in _chain(e)) or "CERTIFICATE_VERIFY_FAILED" in str(e)
 
 
 def _speaks_plain_http(e: Exception) -> bool:
     text = str(e)
-    return not _is_certificate_error(e) and ("WRONG_VERSION_NUMBER" in text or "record layer failure" in text)
+    return not is_certificate_error(e) and ("WRONG_VERSION_NUMBER" in text or "record layer failure" in text)
 
 
 def _reason(e: Exception) -> str:

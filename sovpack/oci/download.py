@@ -1,10 +1,15 @@
-"""One blob downloaded into a partial file, hashed as it streams, continued where an earlier attempt stopped.
+"""One blob downloaded into a partial file, checked as it streams, continued where an earlier attempt stopped.
 
-The whole-file SHA-256 (the blob's digest, which is the file's signed SHA-256) and the shard digests
-are computed on a thread beside the network reads, from the very bytes written. Bytes an earlier
-attempt left are hashed again from disk before the download continues after them with `Range`.
-A blob whose bytes do not hash to its digest is deleted and refused; a network failure keeps the
-partial file for the next attempt (in this run, or the next `pull`).
+The network reads stay on the calling thread; the bytes go, in blocks of a few MiB, to one thread
+beside it that writes them to the partial file and computes their shard digests (one SHA-256 per
+`shard_size` piece), from the very bytes written. Those are the digests the signed sovpack.json
+lists for the file, and the ones import's verification takes for a file hashed as it was written
+(`known_digests`): no byte is hashed twice. They cover every byte, so they check the blob as its
+whole SHA-256 (the blob's digest, which the manifest must list as the signed one) would.
+Bytes an earlier attempt left are hashed again from disk before the download continues after them
+with `Range`. A blob whose bytes do not match the signed shard digests is deleted and refused,
+naming the first shard that differs; a network failure keeps the partial file for the next attempt
+(in this run, or the next `pull`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import httpx2
 
-from sovpack.common.hashing import READ_SIZE, Digester, ShardDigests
+from sovpack.common.hashing import READ_SIZE, FileDigest, ShardDigests, ShardHasher, compare_shards
 from sovpack.common.pipeline import Lane, wait_all
 from sovpack.common.progress import Progress
 from sovpack.errors import Failure, Refused
@@ -33,11 +38,12 @@ class _ShortBody(Exception):
 
 
 def download_blob(
-    client: RegistryClient, layer: Layer, partial: Path, shard_size: int, progress: Progress, where: str
+    client: RegistryClient, layer: Layer, signed: FileDigest, partial: Path, shard_size: int, progress: Progress, where: str
 ) -> tuple[ShardDigests, bool]:
-    """Download `layer` into `partial` (continuing what is there); its shard digests, and whether earlier bytes were kept."""
+    """Download `layer` into `partial` (continuing what is there), checked against the `signed` digests of its file;
+    its shard digests, and whether earlier bytes were kept."""
     failures = 0
-    with _HashedFile(partial, layer, shard_size, progress) as target:
+    with _HashedFile(partial, layer, signed, shard_size, progress) as target:
         resumed = target.offset > 0
         while target.offset < layer.size:
             before = target.offset
@@ -69,18 +75,21 @@ def _transfer(client: RegistryClient, layer: Layer, target: _HashedFile, where: 
         client.check(response, f"the download of {layer.path} ({layer.digest})", 200, 206)
         if target.offset and response.status_code == 200:
             target.restart()  # the registry ignored the range: take the whole blob again
-        for chunk in response.iter_raw():
-            target.write(chunk)
+        try:
+            for chunk in response.iter_raw():
+                target.write(chunk)
+        finally:
+            target.settle()  # every byte received is on disk before a retry asks for what follows
     if target.offset < layer.size:
         raise _ShortBody(f"the answer ended after {target.offset} of {layer.size} bytes")
 
 
 class _HashedFile:
-    MAX_QUEUED = 4  # blocks waiting for the hashing thread: a network faster than hashing waits, memory stays bounded
+    MAX_QUEUED = 4  # blocks waiting for the writing thread: a network faster than the disk waits, memory stays bounded
 
-    def __init__(self, path: Path, layer: Layer, shard_size: int, progress: Progress):
-        self.path, self.layer, self.shard_size, self.progress = path, layer, shard_size, progress
-        self.offset = 0
+    def __init__(self, path: Path, layer: Layer, signed: FileDigest, shard_size: int, progress: Progress):
+        self.path, self.layer, self.signed, self.shard_size, self.progress = path, layer, signed, shard_size, progress
+        self.offset = 0  # bytes received (written, or queued for writing)
         self.file = None
         self.lane: Lane | None = None
         self.queued: deque[Future] = deque()
@@ -89,38 +98,43 @@ class _HashedFile:
 
     def __enter__(self) -> _HashedFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "ab")
-        self._start_hashing()
-        kept = self.file.tell()
+        self.file = open(self.path, "ab", buffering=0)
+        self._start()
+        kept = self.file.seek(0, os.SEEK_END)
         if kept > self.layer.size:
             self.restart()
         elif kept:
             self._rehash_prefix(kept)
         return self
 
-    def _start_hashing(self) -> None:
-        self.digester = Digester(self.shard_size)
-        self.lane = Lane("pull-sha256")
+    def _start(self) -> None:
+        self.hasher = ShardHasher(self.shard_size)
+        self.lane = Lane("pull-write-sha256")
         self.queued.clear()
 
     def _rehash_prefix(self, length: int) -> None:
         with open(self.path, "rb") as prefix:
             while self.offset < length and (block := prefix.read(min(READ_SIZE, length - self.offset))):
-                self._hash(block)
+                self._queue(self.hasher.update, block)
                 self.offset += len(block)
         self.progress.advance(self.offset)
 
-    def _hash(self, block: bytes) -> None:
+    def _queue(self, fn, block: bytes) -> None:
         if len(self.queued) >= self.MAX_QUEUED:
             self.queued.popleft().result()
-        self.queued.append(self.lane.submit(self.digester.update, block))
+        self.queued.append(self.lane.submit(fn, block))
+
+    def _write_and_hash(self, block: bytes) -> None:
+        view = memoryview(block)
+        while view:
+            view = view[self.file.write(view) :]
+        self.hasher.update(block)
 
     def write(self, chunk: bytes) -> None:
         if self.offset + len(chunk) > self.layer.size:
             raise Refused(
                 f"{self.layer.path}: the registry sent more than the {self.layer.size} bytes of blob {self.layer.digest}"
             )
-        self.file.write(chunk)
         self.offset += len(chunk)
         self.pending.append(chunk)
         self.pending_size += len(chunk)
@@ -130,8 +144,14 @@ class _HashedFile:
 
     def _hand_over(self) -> None:
         if self.pending:
-            self._hash(b"".join(self.pending))
+            self._queue(self._write_and_hash, b"".join(self.pending))
             self.pending, self.pending_size = [], 0
+
+    def settle(self) -> None:
+        """Write what is received and wait until the thread has written and hashed it."""
+        self._hand_over()
+        wait_all(list(self.queued))
+        self.queued.clear()
 
     def restart(self) -> None:
         self.pending, self.pending_size = [], 0
@@ -140,24 +160,24 @@ class _HashedFile:
         self.file.truncate()
         self.progress.advance(-self.offset)
         self.offset = 0
-        self._start_hashing()
+        self._start()
 
     def finish(self, where: str) -> ShardDigests:
-        self._hand_over()
-        self.file.flush()
+        self.settle()
+        self.lane.close()
         os.fsync(self.file.fileno())
         self.file.close()
-        self.lane.close()
-        wait_all(list(self.queued))
-        digest = self.digester.finish()
-        if (digest.size, "sha256:" + digest.sha256) != (self.layer.size, self.layer.digest):
+        found = self.hasher.finish()
+        mismatch = compare_shards(self.layer.path, self.signed, found, self.shard_size)
+        if mismatch is not None:
             self.path.unlink(missing_ok=True)
             raise Refused(
-                f"{self.layer.path}: the registry served blob {self.layer.digest} of {where} with bytes whose SHA-256 is "
-                f"{digest.sha256} ({digest.size} bytes), not the signed digest; the blob is damaged or was altered in the "
-                "registry, and nothing of it was kept"
+                f"{self.layer.path}: the registry served blob {self.layer.digest} of {where} with other bytes than those "
+                f"signed: shard {mismatch.index + 1} of {len(self.signed.shards)} (from byte {mismatch.offset}) does not hash "
+                f"to its signed digest ({found.size} of {self.signed.size} bytes received); the blob is damaged or was "
+                "altered in the registry, and nothing of it was kept"
             )
-        return ShardDigests(digest.size, digest.shards)
+        return found
 
     def __exit__(self, *exc) -> None:
         if self.lane is not None:

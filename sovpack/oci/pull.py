@@ -130,6 +130,7 @@ class _Puller:
             target.unlink(missing_ok=True)
             target.write_bytes(data)
         layers = {layer.path: layer for layer in manifest.files}
+        signed = {entry.path: entry.digest for entry in metadata.files}
         to_fetch = []
         for entry in metadata.files:
             target = _target(staging, entry.path)
@@ -148,7 +149,7 @@ class _Puller:
         for layer in to_fetch:
             partial = job.directory / "partial" / layer.sha256
             known[layer.path], resumed = download_blob(
-                self.client, layer, partial, metadata.shard_size, self.progress, self.where
+                self.client, layer, signed[layer.path], partial, metadata.shard_size, self.progress, self.where
             )
             os.rename(partial, _target(staging, layer.path))
             result.fetched += 1

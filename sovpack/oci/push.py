@@ -5,8 +5,9 @@
 3. for each blob the repository does not already hold (HEAD), a chunked upload (POST, PATCH per
    chunk, PUT with the digest); the registry refuses a blob whose bytes do not hash to the digest
    given, so a file that changed since it was signed never lands under its signed digest. An upload
-   cut off mid-way continues from the byte the registry says it holds, in this run or the next (the
-   upload locations are kept in STORE/tmp/push-<first 16 hex of SHA-256 of REGISTRY/REPO>/uploads.json);
+   cut off mid-way continues from the byte the registry says it holds, or afresh when the registry
+   cancelled it (upload.py), in this run or the next (the upload locations are kept in
+   STORE/tmp/push-<first 16 hex of SHA-256 of REGISTRY/REPO>/uploads.json);
 4. the manifest last, under the tag (default: the bundle's version): nothing names the artifact
    until every blob it lists is in place.
 
@@ -15,27 +16,22 @@ Every push, done or not, is appended to the audit log as a `push` event.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx2
-
 from sovpack.bundle.directory import read_metadata_bytes
 from sovpack.bundle.metadata import BundleMetadata, parse_metadata
-from sovpack.common.files import write_atomically
-from sovpack.common.hashing import MIB, READ_SIZE, sha256_bytes
+from sovpack.common.hashing import MIB, sha256_bytes
 from sovpack.common.progress import Progress
-from sovpack.errors import Failure, Refused, SovpackError, UsageError
-from sovpack.oci.client import RegistryClient, UploadOutOfStep
+from sovpack.errors import Failure, SovpackError, UsageError
+from sovpack.oci.client import RegistryClient
 from sovpack.oci.layout import Artifact, Layer, build_artifact, read_signatures
+from sovpack.oci.upload import BlobSource, BlobUpload, UploadJournal
 from sovpack.store.store import Store
 from sovpack.store.target import find_target
 from sovpack.transfer.export import check_exportable
 
 DEFAULT_CHUNK_SIZE = 64 * MIB
-MAX_ATTEMPTS = 3
 
 
 @dataclass
@@ -104,7 +100,7 @@ class _Pusher:
     def __init__(self, client: RegistryClient, store: Store, chunk_size: int, progress: Progress):
         self.client, self.chunk_size, self.progress = client, chunk_size, progress
         key = sha256_bytes(f"{client.ref.registry}/{client.ref.repository}".encode())[:16]
-        self.journal_path = store.tmp_dir / f"push-{key}" / "uploads.json"
+        self.journal = UploadJournal(store.tmp_dir / f"push-{key}" / "uploads.json")
 
     def run(self, metadata: BundleMetadata, raw: bytes, root: Path, signatures: list[str]) -> PushResult:
         artifact = build_artifact(parse_metadata(raw), raw, read_signatures(root, signatures))
@@ -131,64 +127,9 @@ class _Pusher:
         return result
 
     def _upload(self, layer: Layer, path: Path | None, data: bytes | None) -> bool:
-        """One blob, chunk by chunk; whether it continued an upload an earlier attempt left."""
-        journal = self._journal()
-        start = self.client.upload_offset(journal[layer.digest]) if layer.digest in journal else None
-        location, offset = start or (self.client.start_upload(), 0)
-        resumed = offset > 0
-        self.progress.advance(offset)
-        failures = 0
-        while offset < layer.size:
-            length = min(self.chunk_size, layer.size - offset)
-            try:
-                location = self.client.upload_chunk(location, offset, length, _body(path, data, offset, length))
-                offset += length
-                failures = 0
-                self.progress.advance(length)
-                self._remember(layer.digest, location)
-            except (httpx2.TransportError, UploadOutOfStep) as e:
-                if isinstance(e, httpx2.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(e):
-                    raise
-                failures += 1
-                if failures >= MAX_ATTEMPTS:
-                    raise Failure(
-                        f"uploading {layer.path or 'the ModelPack config'} ({layer.digest}) to {self.client.ref.registry} failed "
-                        f"{failures} times in a row ({e or type(e).__name__}) after {offset} of {layer.size} bytes: run the same "
-                        "push again to continue from there"
-                    ) from None
-                where = self.client.upload_offset(location)
-                before = offset
-                location, offset = where or (self.client.start_upload(), 0)
-                resumed = resumed or offset > 0
-                self.progress.advance(offset - before)
-        response = self.client.finish_upload(location, layer.digest)
-        if response.status_code == 400 and b"DIGEST_INVALID" in response.read():
-            self._forget(layer.digest)
-            raise Refused(
-                f"{path}: the registry {self.client.ref.registry} found that its bytes do not hash to {layer.digest}, "
-                "the SHA-256 the bundle's signed sovpack.json lists: the file changed after it was signed; nothing was pushed "
-                "under that digest"
-            )
-        self.client.check(response, f"the end of the upload of {layer.path or 'the ModelPack config'}", 201)
-        self._forget(layer.digest)
-        return resumed
-
-    def _journal(self) -> dict:
-        try:
-            return json.loads(self.journal_path.read_bytes())
-        except (OSError, ValueError):
-            return {}
-
-    def _remember(self, digest: str, location: str) -> None:
-        journal = self._journal()
-        journal[digest] = location
-        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.journal_path, json.dumps(journal).encode())
-
-    def _forget(self, digest: str) -> None:
-        journal = self._journal()
-        if journal.pop(digest, None) is not None:
-            write_atomically(self.journal_path, json.dumps(journal).encode())
+        """One blob, chunk by chunk (upload.py); whether it continued an upload an earlier push left."""
+        source = BlobSource(layer, path, data)
+        return BlobUpload(self.client, source, self.chunk_size, self.progress, self.journal).run()
 
 
 def _files(metadata: BundleMetadata) -> set[str]:
@@ -198,21 +139,3 @@ def _files(metadata: BundleMetadata) -> set[str]:
 def _blobs(artifact: Artifact) -> list[Layer]:
     """Every blob the manifest names: the layers, and the config (path "")."""
     return [*artifact.layers, Layer("", artifact.config_digest, len(artifact.config), "")]
-
-
-def _body(path: Path | None, data: bytes | None, offset: int, length: int):
-    def blocks() -> Iterator[bytes]:
-        if data is not None:
-            yield data[offset : offset + length]
-            return
-        with open(path, "rb") as f:
-            f.seek(offset)
-            left = length
-            while left:
-                block = f.read(min(READ_SIZE, left))
-                if not block:
-                    raise Failure(f"{path} became shorter while it was being pushed")
-                left -= len(block)
-                yield block
-
-    return blocks
