@@ -43,7 +43,7 @@ model: $(MODEL)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[serve,test,lint]'
+	$(BIN)/python -m pip install --quiet -e '.[serve,pkcs11,test,lint]'
 	touch $(STAMP)
 
 $(MODEL): scripts/get_model.py | $(STAMP)

@@ -21,6 +21,7 @@ READING_COMMANDS = [
     ["trust", "list"],
     ["trust", "remove", "alice"],
     ["trust", "threshold", "2"],
+    ["trust", "crl", "add", "issuing.crl"],
     ["audit", "verify"],
     ["audit", "show"],
     ["audit", "syslog", "off"],
@@ -99,6 +100,8 @@ def test_refused_for_a_usage_reason_a_creating_command_creates_nothing(cli, keys
     new = tmp_path / "new"
     for args in (
         ["trust", "add", keys / "nothing.pub"],
+        ["trust", "add-root", keys / "nothing.pem"],
+        ["trust", "add-root", keys / "alice.pub"],  # not a certificate
         ["import", tmp_path / "no-volumes", "--trust", keys / "alice.pub"],
         ["import", tmp_path, "--trust", keys / "nothing.pub"],
     ):
@@ -152,10 +155,13 @@ def test_usage_lines_read_as_the_readme_commands(cli):
             "--header-timeout SECONDS",
             "--max-pending-connections N",
         ],
-        ("export",): ["BUNDLE", "--to DIR|-", "--key KEYFILE", "--password-file FILE", "--volume-size SIZE"],
+        ("export",): ["BUNDLE", "--to DIR|-", "--key KEYFILE", "--password-file FILE", "--volume-size SIZE", "--pkcs11 URI"],
         ("import",): ["DIR_OR_INDEX_OR_-", "--store DIR"],
-        ("keygen",): ["NAME", "--dir DIR", "--curve p384|p256"],
+        ("keygen",): ["NAME", "--dir DIR", "--curve p384|p256", "--pkcs11 URI", "--pin-file FILE"],
+        ("sign",): ["BUNDLE", "--key KEYFILE", "--password-file FILE", "--pkcs11 URI", "--pin-file FILE", "--cert CHAIN.pem"],
         ("trust", "add"): ["PUBFILE", "--name NAME"],
+        ("trust", "add-root"): ["ROOT.pem", "--name NAME", "--require-eku USAGE", "--subject PATTERN", "--store DIR"],
+        ("trust", "crl", "add"): ["FILE", "--issuer CA.pem", "--store DIR"],
         ("remove",): ["NAME[@VERSION]"],
         ("audit", "syslog"): ["TARGET|off", "--store DIR"],
         ("push",): ["NAME_OR_BUNDLE REGISTRY/REPO[:TAG]", "--chunk-size SIZE", "--username USER", "--ca-file FILE"],

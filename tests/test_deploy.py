@@ -244,6 +244,18 @@ def test_usage_errors_name_the_option(cli, signed_bundle, store, tmp_path, model
     assert result.code == 2 and "tiny v3 has no GGUF for sovpack serve" in result.err and "--engine vllm" in result.err
 
 
+def test_a_store_trusting_certificate_roots_needs_trust_keys_for_the_pods(cli, signed_bundle, store, tmp_path, keys):
+    from test_certificates import CA
+
+    assert cli("trust", "add-root", CA(tmp_path / "ca").root_pem, "--name", "mod-root", "--store", store).code == 0
+    base = ("--ref", "r.example/m/tiny:3", "--image", "r.example/s:1", "--store", store)
+    result = cli("deploy", "kubernetes", signed_bundle, *base, "--out", tmp_path / "never")
+    assert result.code == 2 and "the store trusts certificate roots" in result.err and "--trust KEY.pub" in result.err
+    assert not (tmp_path / "never").exists()
+    files = _deploy(cli, tmp_path, signed_bundle, *base, "--trust", keys / "alice.pub")
+    assert list(files["trust-configmap.yaml"]["data"]) == ["alice.pub"]
+
+
 def test_an_existing_directory_is_replaced_only_with_force(cli, signed_bundle, store, tmp_path):
     base = ("--ref", "r.example/m/tiny:3", "--image", "r.example/s:1", "--store", store)
     out = tmp_path / "k8s"

@@ -3,8 +3,10 @@
 Each parser gets genuine input (written by sovpack or the format's own library) mutated by
 hypothesis - bytes flipped, inserted, deleted, repeated, cut, JSON values swapped for any
 JSON (deep nesting, huge numbers, wrong types) - and must either accept it or raise the one
-documented refusal. The commands (verify, inspect, import from a stream, audit verify) must
-end with a documented exit code, never an exception.
+documented refusal. That includes the X.509 a certificate signature carries (its chain's DER
+mutated, then checked against the trusted root), CRLs from outside and in the store, trusted
+roots in the store, and the signing time a statement records. The commands (verify, inspect,
+import from a stream, audit verify) must end with a documented exit code, never an exception.
 
 `make test` runs the "test" profile (a few seconds per parser); `make fuzz` sets
 SOVPACK_FUZZ=1 for the "fuzz" profile, which runs far more cases. Show the number of cases
@@ -185,6 +187,7 @@ def seeds(tmp_path_factory):
         assert main(["verify", str(bundle), "--trust", str(root / "keys" / "alice.pub")]) == 0
         assert main(["import", str(media), "--store", str(store)]) == 0
     signature = next((bundle / "signatures").glob("*.sig"))
+    pki = _certificate_seeds(root, model)
     images = {path.rsplit(".", 1)[1].upper(): data for path, data in card_images((4, 4)).items()}
     return {
         "root": root,
@@ -203,6 +206,35 @@ def seeds(tmp_path_factory):
         "sentencepiece": sentencepiece_model(),
         "wheel": python_wheel({"demo/data/case.pkl": b"\x80\x04K\x01."}),
         "lock": _runtime_lock(),
+        **pki,
+    }
+
+
+def _certificate_seeds(root: Path, model: Path) -> dict:
+    """A bundle signed with a certificate chain, a store trusting its root and holding its issuer's CRL."""
+    from test_certificates import CA
+
+    ca = CA(root / "ca")
+    key, chain, cert = ca.leaf("Officer Jones")
+    bundle, store = root / "certified", root / "pki-store"
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet, contextlib.redirect_stderr(io.StringIO()):
+        assert main(["pack", str(model), "--out", str(bundle), "--name", "tiny", "--version", "3"]) == 0
+        assert main(["sign", str(bundle), "--key", str(key), "--cert", str(chain)]) == 0
+        assert main(["trust", "add-root", str(ca.root_pem), "--name", "mod-root", "--store", str(store)]) == 0
+        crl = ca.crl()  # revokes nobody
+        assert main(["trust", "crl", "add", str(crl), "--issuer", str(ca.intermediate_pem), "--store", str(store)]) == 0
+        assert main(["verify", str(bundle), "--store", str(store)]) == 0
+    signature = next((bundle / "signatures").glob("*.sig"))
+    return {
+        "certified": bundle,
+        "pki_store": store,
+        "certificate_signature": signature.read_bytes(),
+        "certificate_statement": base64.b64decode(json.loads(signature.read_bytes())["dsseEnvelope"]["payload"]),
+        "crl_pem": crl.read_bytes(),
+        "crl_der": next((store / "trust" / "crls").glob("*.crl")).read_bytes(),
+        "root_pem": ca.root_pem.read_bytes(),
+        "intermediate_pem": ca.intermediate_pem,
     }
 
 
@@ -470,6 +502,168 @@ def test_oci_manifests(seeds):
     run()
 
 
+def _chain_mutated(signature: bytes):
+    """The certificate signature with one certificate of its chain byte-mutated (still base64 in valid JSON)."""
+    doc = json.loads(signature)
+    chain = doc["verificationMaterial"]["x509CertificateChain"]["certificates"]
+
+    @st.composite
+    def build(draw):
+        i = draw(st.integers(0, len(chain) - 1))
+        der = draw(mutated(base64.b64decode(chain[i]["rawBytes"])))
+        copy = json.loads(json.dumps(doc))
+        copy["verificationMaterial"]["x509CertificateChain"]["certificates"][i]["rawBytes"] = base64.b64encode(der).decode()
+        return json.dumps(copy).encode()
+
+    return build()
+
+
+def _certificate_policy(seeds):
+    from sovpack.store.store import Store
+
+    return Store(seeds["pki_store"]).trust_policy()
+
+
+def _with_chain_der(signature: bytes, i: int, change) -> bytes:
+    doc = json.loads(signature)
+    entry = doc["verificationMaterial"]["x509CertificateChain"]["certificates"][i]
+    entry["rawBytes"] = base64.b64encode(change(base64.b64decode(entry["rawBytes"]))).decode()
+    return json.dumps(doc).encode()
+
+
+def test_certificates_cryptography_parses_lazily_are_refused(seeds):
+    """What fuzzing found: cryptography parsed these only when a field was read, raising InvalidVersion,
+    UnsupportedAlgorithm or a warning (not ValueError) out of verify, inspect and trust crl add."""
+    from sovpack.bundle.certificates import load_crl
+
+    genuine = seeds["certificate_signature"]
+    ec_key = bytes.fromhex("06072a8648ce3d0201")  # the OID of an EC public key
+
+    def serial_negative(der: bytes) -> bytes:
+        at = der.index(b"\x02\x14", 4) + 2  # the 20-byte serial after the version
+        return der[:at] + bytes([der[at] | 0x80]) + der[at + 1 :]
+
+    for i, change in [
+        (0, lambda der: der.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x0a", 1)),  # version 11: InvalidVersion
+        (1, lambda der: der.replace(ec_key, ec_key[:-1] + b"\x05", 1)),  # unknown key type: UnsupportedAlgorithm
+        (0, serial_negative),  # a serial that is not positive: CryptographyDeprecationWarning
+    ]:
+        changed = _with_chain_der(genuine, i, change)
+        assert changed != genuine
+        with pytest.raises(Refused, match="not a certificate sovpack can read"):
+            parse_signature(changed, "signatures/x.sig")
+    crl = seeds["crl_der"].replace(b"\x02\x01\x01", b"\x02\x01\x7f", 1)  # CRL version 128: InvalidVersion
+    with scratch(crl, "issuing.crl") as path, pytest.raises(Refused, match="not a certificate revocation list"):
+        load_crl(path)
+
+
+def test_certificate_chains(seeds):
+    """Signature files carrying a certificate chain, the chain's DER mutated; what parses is checked against the root."""
+    from datetime import datetime, timezone
+
+    from sovpack.bundle.verify import _certified_signer
+
+    genuine = seeds["certificate_signature"]
+    policy = _certificate_policy(seeds)
+    now = datetime.now(timezone.utc)
+
+    @given(st.one_of(_chain_mutated(genuine), any_input(genuine, json.loads(genuine))))
+    @examples(300)
+    def run(raw):
+        try:
+            sig = parse_signature(raw, "signatures/x.sig")
+            if sig.certificates:
+                _certified_signer(sig, parse_statement(sig.payload, sig.name), policy, now)
+        except Refused:
+            pass
+
+    run()
+
+
+def test_certificate_revocation_lists(seeds):
+    """CRLs from outside (trust crl add) and as the store holds them (trust/crls/), DER and PEM, mutated."""
+    from sovpack.bundle.certificates import load_crl
+    from sovpack.store.store import Store
+
+    @given(st.one_of(mutated(seeds["crl_der"]), mutated(seeds["crl_pem"])))
+    @examples(200)
+    def run(raw):
+        with scratch(raw, "issuing.crl") as path:
+            _only(Refused, load_crl, path)
+        store = Path(tempfile.mkdtemp(prefix="sovpack-fuzz-")) / "store"
+        try:
+            shutil.copytree(seeds["pki_store"], store)
+            (held,) = (store / "trust" / "crls").glob("*.crl")
+            held.write_bytes(raw)
+            _only(Refused, Store(store).crls)
+            with scratch(raw, "issuing.crl") as path:
+                try:
+                    Store(store).add_crl(path, seeds["intermediate_pem"])
+                except SovpackError as e:
+                    assert e.exit_code in (1, 2), e
+        finally:
+            shutil.rmtree(store.parent, ignore_errors=True)
+
+    run()
+
+
+def test_trusted_roots_in_the_store(seeds):
+    """trust/roots/NAME.pem and its rule NAME.json, mutated: read as a root, or refused as damaged."""
+    from sovpack.store.store import Store
+
+    rule = b'{"require_eku": "codeSigning", "subject": "CN=*"}'
+
+    @given(st.one_of(mutated(seeds["root_pem"]), st.just(seeds["root_pem"])), any_input(rule, json.loads(rule)))
+    @examples(150)
+    def run(pem, rule_bytes):
+        store = Path(tempfile.mkdtemp(prefix="sovpack-fuzz-")) / "store"
+        try:
+            shutil.copytree(seeds["pki_store"], store)
+            (store / "trust" / "roots" / "mod-root.pem").write_bytes(pem)
+            (store / "trust" / "roots" / "mod-root.json").write_bytes(rule_bytes)
+            _only(Refused, Store(store).trusted_roots)
+        finally:
+            shutil.rmtree(store.parent, ignore_errors=True)
+
+    run()
+
+
+def _with_signed_at(statement: bytes, value) -> bytes:
+    doc = json.loads(statement)
+    doc["predicate"]["signed_at"] = value
+    return json.dumps(doc).encode()
+
+
+def test_signing_times(seeds):
+    """The signed_at a statement records, any text or JSON value; one that parses is then the time a chain is checked at."""
+    from datetime import datetime, timezone
+
+    from sovpack.bundle.signature import SignatureFile
+    from sovpack.bundle.verify import _certified_signer
+
+    statement = seeds["certificate_statement"]
+    sig = parse_signature(seeds["certificate_signature"], "signatures/x.sig")
+    policy = _certificate_policy(seeds)
+    now = datetime.now(timezone.utc)
+    times = st.one_of(
+        st.text(max_size=30),
+        st.datetimes().map(lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")),
+        st.sampled_from(["0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "2027-02-30T00:00:00Z", "2027-01-01T24:00:00Z"]),
+        json_values(),
+    )
+
+    @given(st.one_of(times.map(lambda t: _with_signed_at(statement, t)), json_mutated(json.loads(statement))))
+    @examples(200)
+    def run(raw):
+        try:
+            parsed = parse_statement(raw, "signatures/x.sig")
+            _certified_signer(SignatureFile(sig.name, sig.key_hint, raw, sig.signature, sig.certificates), parsed, policy, now)
+        except Refused:
+            pass
+
+    run()
+
+
 # ---- commands on untrusted input
 
 
@@ -501,6 +695,25 @@ def test_verify_command(seeds):
             doc = json.loads(raw) if target.endswith((".json", ".sig")) else None
             (bundle / target).write_bytes(data.draw(any_input(raw, doc)))
             run_cli("verify", bundle, "--trust", seeds["pub"])
+        finally:
+            shutil.rmtree(bundle.parent, ignore_errors=True)
+
+    run()
+
+
+def test_verify_command_with_certificate_signatures(seeds):
+    genuine = seeds["certificate_signature"]
+    signature_name = next((seeds["certified"] / "signatures").glob("*.sig")).name
+
+    @given(st.one_of(_chain_mutated(genuine), any_input(genuine, json.loads(genuine))))
+    @examples(40)
+    def run(raw):
+        bundle = Path(tempfile.mkdtemp(prefix="sovpack-fuzz-")) / "bundle"
+        try:
+            shutil.copytree(seeds["certified"], bundle)
+            (bundle / "signatures" / signature_name).write_bytes(raw)
+            run_cli("verify", bundle, "--store", seeds["pki_store"], "--json")
+            run_cli("inspect", bundle)
         finally:
             shutil.rmtree(bundle.parent, ignore_errors=True)
 

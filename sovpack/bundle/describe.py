@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sovpack.bundle.certificates import identity_of
 from sovpack.bundle.directory import read_metadata_bytes, require_bundle_dir, scan_tree
 from sovpack.bundle.metadata import BundleMetadata, format_time, parse_metadata
 from sovpack.bundle.signature import parse_statement, read_signature_file
@@ -55,5 +56,9 @@ def _signatures(root: Path, metadata_sha256: str) -> list[dict]:
         except Refused as e:
             found.append({"file": name, "key_id": None, "covers_metadata": False, "problem": str(e)})
             continue
-        found.append({"file": name, "key_id": sig.key_id, "covers_metadata": statement.covers(metadata_sha256), "problem": None})
+        entry = {"file": name, "key_id": sig.key_id, "covers_metadata": statement.covers(metadata_sha256), "problem": None}
+        if sig.certificates:  # a certificate signature: who it claims to be (not checked here: `verify` checks the chain)
+            signed_at = format_time(statement.signed_at) if statement.signed_at else None
+            entry |= {"certificate": identity_of(sig.certificates[0]), "signed_at": signed_at}
+        found.append(entry)
     return found

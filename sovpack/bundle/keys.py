@@ -38,7 +38,7 @@ def _check_curve(key, path: Path) -> None:
 
 @dataclass(frozen=True)
 class GeneratedKey:
-    private_path: Path
+    private_path: Path | None  # None: the private key stays on a PKCS#11 token
     public_path: Path
     key_id: str
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sovpack.bundle.certificates import check_signing_chain
 from sovpack.bundle.directory import read_metadata_bytes, require_bundle_dir, scan_tree, signature_path
 from sovpack.bundle.keys import key_id
 from sovpack.bundle.metadata import METADATA_FILE, BundleMetadata, parse_metadata
@@ -26,17 +29,29 @@ class SignResult:
     stale: list[str]  # other signature files that no longer cover this bundle
 
 
-def statement_for(metadata: BundleMetadata, metadata_sha256: str) -> bytes:
+def statement_for(metadata: BundleMetadata, metadata_sha256: str, signed_at: datetime | None = None) -> bytes:
     resources = {f.path: f.sha256 for f in metadata.files} | {METADATA_FILE: metadata_sha256}
-    return build_statement(metadata.name, resources)
+    return build_statement(metadata.name, resources, signed_at)
 
 
-def sign_bundle(root: Path, private_key: ec.EllipticCurvePrivateKey) -> SignResult:
+def sign_bundle(
+    root: Path,
+    private_key: ec.EllipticCurvePrivateKey,
+    chain: list[x509.Certificate] | None = None,
+    now: datetime | None = None,
+) -> SignResult:
     """Write signatures/KEY_ID.sig (OpenSSF model-signing v1.0) after checking the files against the inventory.
 
-    Raises: UsageError (not a bundle directory), Refused (a file that does not match sovpack.json, or
-    that sovpack cannot check), Failure (I/O).
+    `private_key` may be a PEM key or a key on a token (`pkcs11.TokenKey`). With `chain` (the signer's
+    certificate first, then its intermediates), the signature carries the chain instead of a key hint;
+    the signing time is recorded in the statement either way.
+
+    Raises: UsageError (not a bundle directory, a certificate not for this key or not valid now), Refused
+    (a file that does not match sovpack.json, or that sovpack cannot check), Failure (I/O).
     """
+    now = now or datetime.now(timezone.utc)
+    if chain:
+        check_signing_chain(chain, private_key.public_key(), now)
     require_bundle_dir(root)
     raw = read_metadata_bytes(root)
     metadata = parse_metadata(raw)
@@ -52,7 +67,9 @@ def sign_bundle(root: Path, private_key: ec.EllipticCurvePrivateKey) -> SignResu
     target = signature_path(root, signer)
     target.parent.mkdir(exist_ok=True)
     replaced = target.exists()
-    write_atomically(target, sign_statement(private_key, statement_for(metadata, metadata_sha256)), tmp_dir=root.resolve().parent)
+    write_atomically(
+        target, sign_statement(private_key, statement_for(metadata, metadata_sha256, now), chain), tmp_dir=root.resolve().parent
+    )
     stale = [name for name in tree.signatures if root / name != target and not _covers(root / name, name, metadata_sha256)]
     return SignResult(target, signer, metadata, replaced, stale)
 

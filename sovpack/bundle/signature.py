@@ -5,6 +5,11 @@ payload is an in-toto Statement with predicate type https://model_signing/signat
 serialization method "files": one whole-file SHA-256 per file. The key is identified by
 the SHA-256 of its PEM public key (`verificationMaterial.publicKey.hint`), exactly as
 model-signing's own key signer does, so `model_signing verify key` accepts these files.
+A certificate signature carries instead the signer's certificate chain, leaf first, DER
+(`verificationMaterial.x509CertificateChain`), as model-signing's certificate signer does, so
+`model_signing verify certificate` accepts it too. sovpack records when it signed in the
+signed predicate (`signed_at`, RFC 3339 UTC): verification checks certificates at that time;
+model-signing ignores the field.
 
 model-signing builds this statement by hashing the directory again and offers no public
 API to sign digests already computed, so the few lines of encoding live here, and the
@@ -19,14 +24,17 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sovpack.bundle.certificates import MAX_CHAIN, parse_certificate
 from sovpack.bundle.keys import key_hint
-from sovpack.bundle.metadata import METADATA_FILE, SIGNATURES_DIR
+from sovpack.bundle.metadata import METADATA_FILE, SIGNATURES_DIR, format_time, parse_time
 from sovpack.common import safe_json
 from sovpack.errors import Refused
 
@@ -55,8 +63,8 @@ def _root_digest(resources: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def build_statement(subject_name: str, resources: dict[str, str]) -> bytes:
-    """The in-toto statement over `resources` (bundle path -> SHA-256 hex)."""
+def build_statement(subject_name: str, resources: dict[str, str], signed_at: datetime | None = None) -> bytes:
+    """The in-toto statement over `resources` (bundle path -> SHA-256 hex), with the signing time if given."""
     statement = {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": subject_name, "digest": {"sha256": _root_digest(resources)}}],
@@ -66,16 +74,26 @@ def build_statement(subject_name: str, resources: dict[str, str]) -> bytes:
             "resources": [{"name": n, "algorithm": "sha256", "digest": resources[n]} for n in sorted(resources)],
         },
     }
+    if signed_at is not None:
+        statement["predicate"]["signed_at"] = format_time(signed_at)
     return json.dumps(statement, indent=2).encode("utf-8")
 
 
-def sign_statement(private_key: ec.EllipticCurvePrivateKey, payload: bytes) -> bytes:
-    """A complete signature file (Sigstore bundle JSON) over `payload`."""
+def sign_statement(private_key: ec.EllipticCurvePrivateKey, payload: bytes, chain: list[x509.Certificate] | None = None) -> bytes:
+    """A complete signature file (Sigstore bundle JSON) over `payload`; with `chain` (leaf first), a certificate signature.
+
+    `private_key` is anything with `public_key()` and `sign(data, ec.ECDSA(...))`: a PEM key or a `pkcs11.TokenKey`.
+    """
     public_key = private_key.public_key()
     signature = private_key.sign(_pae(payload), ec.ECDSA(_hash_for(public_key)))
+    if chain:
+        der = [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain]
+        material = {"x509CertificateChain": {"certificates": [{"rawBytes": d} for d in der]}}
+    else:
+        material = {"publicKey": {"hint": key_hint(public_key)}}
     bundle = {
         "mediaType": BUNDLE_MEDIA_TYPE,
-        "verificationMaterial": {"publicKey": {"hint": key_hint(public_key)}, "tlogEntries": []},
+        "verificationMaterial": material | {"tlogEntries": []},
         "dsseEnvelope": {
             "payload": base64.b64encode(payload).decode(),
             "payloadType": PAYLOAD_TYPE,
@@ -90,9 +108,10 @@ class SignatureFile:
     """A parsed signature file; `verify` checks it against a public key."""
 
     name: str  # the file's path inside the bundle, for messages
-    key_hint: str
+    key_hint: str  # of the signing key (for a certificate signature, the leaf certificate's key)
     payload: bytes
     signature: bytes
+    certificates: tuple[x509.Certificate, ...] = ()  # the chain a certificate signature carries, leaf first
 
     @property
     def key_id(self) -> str:
@@ -116,7 +135,9 @@ def parse_signature(raw: bytes, name: str) -> SignatureFile:
         doc = safe_json.loads(raw, max_bytes=MAX_SIGNATURE_BYTES)
         if doc["mediaType"] != BUNDLE_MEDIA_TYPE:
             raise bad(f"media type {doc['mediaType']!r}, expected {BUNDLE_MEDIA_TYPE}")
-        hint = doc["verificationMaterial"]["publicKey"]["hint"]
+        material = doc["verificationMaterial"]
+        certificates = _certificates(material["x509CertificateChain"]) if "x509CertificateChain" in material else ()
+        hint = key_hint(certificates[0].public_key()) if certificates else material["publicKey"]["hint"]
         envelope = doc["dsseEnvelope"]
         if envelope["payloadType"] != PAYLOAD_TYPE:
             raise bad(f"payload type {envelope['payloadType']!r}, expected {PAYLOAD_TYPE}")
@@ -128,7 +149,19 @@ def parse_signature(raw: bytes, name: str) -> SignatureFile:
         raise bad(f"{type(e).__name__}: {e}") from None
     if not isinstance(hint, str) or not _SHA256_HEX.fullmatch(hint):
         raise bad("the public key hint is not a SHA-256 hex digest (64 lower-case hex digits)")
-    return SignatureFile(name, hint, payload, signature)
+    return SignatureFile(name, hint, payload, signature, certificates)
+
+
+def _certificates(chain: dict) -> tuple[x509.Certificate, ...]:
+    """The DER certificates of a verification material's chain, each parsed whole; ValueError when it is empty, too
+    long, or holds a certificate sovpack cannot read."""
+    listed = chain["certificates"]
+    if not isinstance(listed, list) or not 1 <= len(listed) <= MAX_CHAIN:
+        raise ValueError(f"the certificate chain is not a list of 1 to {MAX_CHAIN} certificates")
+    certificates = tuple(parse_certificate(base64.b64decode(c["rawBytes"], validate=True)) for c in listed)
+    if not isinstance(certificates[0].public_key(), ec.EllipticCurvePublicKey):
+        raise ValueError("the signing certificate's key is not an ECDSA key")
+    return certificates
 
 
 def read_signature_file(path: Path, name: str) -> SignatureFile:
@@ -142,6 +175,7 @@ def read_signature_file(path: Path, name: str) -> SignatureFile:
 class Statement:
     subject_name: str
     resources: dict[str, str]  # path -> sha256 hex
+    signed_at: datetime | None = None  # when sovpack signed (recorded in the predicate); None in other signers' files
 
     def covers(self, metadata_sha256: str) -> bool:
         """Whether it signs this very sovpack.json: what makes a signature count for a bundle (else it is stale)."""
@@ -169,13 +203,25 @@ def parse_statement(payload: bytes, name: str) -> Statement:
         resources = _resources(doc["predicate"]["resources"], bad)
         (subject,) = doc["subject"]
         subject_name, subject_digest = subject["name"], subject["digest"]["sha256"]
+        signed_at = doc["predicate"].get("signed_at")
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError and UnsafeJson are ValueErrors
         raise bad(f"is malformed ({type(e).__name__}: {e})") from None
     if not isinstance(subject_name, str) or not _is_sha256_hex(subject_digest):
         raise bad("has a subject without a name or a lower-case SHA-256 hex digest")
     if subject_digest != _root_digest(resources):
         raise bad("is inconsistent: its subject digest does not match its resources")
-    return Statement(subject_name, resources)
+    if signed_at is not None and not isinstance(signed_at, str):
+        raise bad(f"has a signed_at that is not a time: {signed_at!r}")
+    return Statement(subject_name, resources, _signing_time(signed_at, name))
+
+
+def _signing_time(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_time(value, "signed_at")
+    except Refused:
+        raise Refused(f"{name}: the signed statement's signed_at {value!r} is not a UTC time like 2027-01-31T00:00:00Z") from None
 
 
 def _resources(listed: list, bad) -> dict[str, str]:

@@ -1,12 +1,14 @@
-"""The keys an organisation trusts, and how many of them must have signed."""
+"""The keys and certificate roots an organisation trusts, and how many distinct signers must have signed."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sovpack.bundle.certificates import TrustedRoot
 from sovpack.bundle.keys import key_hint, load_public_key
 from sovpack.errors import UsageError
 
@@ -25,16 +27,23 @@ class TrustedKey:
     def label(self) -> str:
         return f"{self.name} ({self.key_id})"
 
+    @property
+    def identity(self) -> str:
+        """What the threshold counts once: a key signer is its key."""
+        return self.hint
+
 
 @dataclass(frozen=True)
 class TrustPolicy:
     keys: tuple[TrustedKey, ...]
     threshold: int = 1
+    roots: tuple[TrustedRoot, ...] = ()  # certificate signers count when their chain builds to one of these
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
 
     def __post_init__(self):
-        if not self.keys:
+        if not self.keys and not self.roots:
             raise UsageError("no trusted keys: give --trust with a .pub file or a directory of them")
-        if not 1 <= self.threshold <= len(self.keys):
+        if self.threshold < 1 or (not self.roots and self.threshold > len(self.keys)):
             raise UsageError(f"threshold {self.threshold} cannot be met by {len(self.keys)} trusted key(s)")
 
     def key_for(self, hint: str) -> TrustedKey | None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sovpack.bundle.certificates import CertifiedSigner, identity_of, validate_chain
 from sovpack.bundle.describe import allowances
 from sovpack.bundle.directory import Tree, read_metadata_bytes, scan_tree
 from sovpack.bundle.metadata import METADATA_FILE, BundleMetadata, FileEntry, format_time, parse_metadata
@@ -32,8 +35,10 @@ from sovpack.formats import WHEEL, Examined, examine, legacy_format
 
 LEGACY_LABELS = ("json", "jinja", "text", "sentencepiece", "other")  # labels once given by name, never checked against bytes
 STEPS = ("signatures", "threshold", "metadata", "inventory", "digests", "formats", "expiry")
-# valid: trusted, covers this sovpack.json; stale: trusted, covers another one; untrusted: not in the trust policy
-SignatureStatus = Literal["valid", "stale", "untrusted"]
+# valid: trusted, covers this sovpack.json; stale: trusted, covers another one; untrusted: not in the trust policy;
+# rejected: a certificate signature whose chain reaches no trusted root or fails a check (`problem` says which certificate)
+SignatureStatus = Literal["valid", "stale", "untrusted", "rejected"]
+CLOCK_SKEW = timedelta(minutes=5)  # a recorded signing time this far ahead of the verifier's clock is still believed
 
 
 class StepFailed(Refused):
@@ -47,15 +52,25 @@ class SignatureResult:
     file: str
     key_id: str
     status: SignatureStatus
-    signer: TrustedKey | None = None
+    signer: TrustedKey | CertifiedSigner | None = None
     statement: Statement | None = None
+    certificate: dict | None = None  # a certificate signature's signer: subject, issuer, serial
+    problem: str | None = None  # why a certificate signature was rejected
 
     def to_json(self) -> dict:
-        return {
+        found = {
             "file": self.file,
             "key_id": self.key_id,
             "signer": self.signer.name if self.signer else None,
             "status": self.status,
+        }
+        if self.certificate is None:
+            return found
+        signed_at = self.statement.signed_at if self.statement else None
+        return found | {
+            "certificate": self.certificate,
+            "signed_at": format_time(signed_at) if signed_at else None,
+            "problem": self.problem,
         }
 
 
@@ -74,9 +89,9 @@ class VerifyReport:
         return self.failure is None
 
     @property
-    def signers(self) -> list[TrustedKey]:
-        """Distinct trusted keys whose signature covers this bundle."""
-        return list({s.signer.hint: s.signer for s in self.signatures if s.status == "valid"}.values())
+    def signers(self) -> list[TrustedKey | CertifiedSigner]:
+        """Distinct trusted signers (keys, or certificate subjects) whose signature covers this bundle."""
+        return list({s.signer.identity: s.signer for s in self.signatures if s.status == "valid"}.values())
 
     def raise_for_failure(self) -> None:
         if self.failure:
@@ -105,8 +120,16 @@ class VerifyReport:
         }
 
 
-def check_signatures(root: Path, tree: Tree, policy: TrustPolicy, metadata_sha256: str) -> list[SignatureResult]:
-    """Read every signature; a trusted key's signature must verify cryptographically."""
+def check_signatures(
+    root: Path, tree: Tree, policy: TrustPolicy, metadata_sha256: str, now: datetime | None = None
+) -> list[SignatureResult]:
+    """Read every signature; a trusted signer's signature must verify cryptographically.
+
+    A signature by a trusted key counts as that key. Otherwise, a certificate signature counts as
+    its subject when its chain passes `certificates.validate_chain` at the signing time its
+    statement records (else now); one that does not is "rejected", with the reason.
+    """
+    now = now or datetime.now(timezone.utc)
     results = []
     for name in tree.signatures:
         try:
@@ -114,22 +137,44 @@ def check_signatures(root: Path, tree: Tree, policy: TrustPolicy, metadata_sha25
         except Refused as e:
             raise StepFailed("signatures", str(e), name) from None
         signer = policy.key_for(sig.key_hint)
-        if signer is None:
-            results.append(SignatureResult(name, sig.key_id, "untrusted"))
+        certificate = identity_of(sig.certificates[0]) if sig.certificates else None
+        if signer is None and not (certificate and policy.roots):
+            results.append(SignatureResult(name, sig.key_id, "untrusted", certificate=certificate))
             continue
-        _check_cryptographic_signature(sig, signer)
-        try:
-            statement = parse_statement(sig.payload, name)
-        except Refused as e:
-            raise StepFailed("signatures", str(e), name) from None
-        results.append(
-            SignatureResult(name, sig.key_id, "valid" if statement.covers(metadata_sha256) else "stale", signer, statement)
-        )
+        statement = _statement(sig)
+        if signer is None:
+            try:
+                signer = _certified_signer(sig, statement, policy, now)
+            except Refused as e:
+                results.append(SignatureResult(name, sig.key_id, "rejected", None, statement, certificate, str(e)))
+                continue
+        _check_cryptographic_signature(sig, signer, signer.public_key if isinstance(signer, TrustedKey) else None)
+        status = "valid" if statement.covers(metadata_sha256) else "stale"
+        results.append(SignatureResult(name, sig.key_id, status, signer, statement, certificate))
     return results
 
 
-def _check_cryptographic_signature(sig: SignatureFile, signer: TrustedKey) -> None:
-    if not sig.verify(signer.public_key):
+def _statement(sig: SignatureFile) -> Statement:
+    try:
+        return parse_statement(sig.payload, sig.name)
+    except Refused as e:
+        raise StepFailed("signatures", str(e), sig.name) from None
+
+
+def _certified_signer(sig: SignatureFile, statement: Statement, policy: TrustPolicy, now: datetime) -> CertifiedSigner:
+    """The signer `sig`'s certificate chain proves at its recorded signing time (Refused naming the certificate at fault)."""
+    at, at_what = statement.signed_at, "the signing time"
+    if at is None:
+        at, at_what = now, "verification time (the signature records no signing time)"
+    elif at > now + CLOCK_SKEW:
+        raise Refused(f"{sig.name} records a signing time {format_time(at)} later than now ({format_time(now)})")
+    return validate_chain(sig.certificates, policy.roots, policy.crls, at, at_what)
+
+
+def _check_cryptographic_signature(
+    sig: SignatureFile, signer: TrustedKey | CertifiedSigner, public_key: ec.EllipticCurvePublicKey | None
+) -> None:
+    if not sig.verify(public_key or sig.certificates[0].public_key()):
         raise StepFailed(
             "signatures",
             f"{sig.name} names trusted signer {signer.label} but its signature does not verify: the file was altered or forged",
@@ -138,8 +183,8 @@ def _check_cryptographic_signature(sig: SignatureFile, signer: TrustedKey) -> No
 
 
 def check_threshold(results: list[SignatureResult], policy: TrustPolicy, metadata_sha256: str) -> str:
-    """Count distinct trusted keys whose signature covers this very sovpack.json."""
-    signers = {r.signer.hint: r.signer for r in results if r.status == "valid"}
+    """Count distinct trusted signers (keys, certificate subjects) whose signature covers this very sovpack.json."""
+    signers = {r.signer.identity: r.signer for r in results if r.status == "valid"}
     if len(signers) >= policy.threshold:
         return f"{len(signers)} of {policy.threshold} required trusted signer(s): " + ", ".join(k.label for k in signers.values())
     reasons = [f"threshold not met: {len(signers)} of {policy.threshold} required trusted signature(s)"]
@@ -153,6 +198,7 @@ def check_threshold(results: list[SignatureResult], policy: TrustPolicy, metadat
                 f"'{r.statement.subject_name}'); the metadata was changed "
                 "after signing or the signature belongs to another bundle"
             )
+    reasons += [f"{r.file} is not counted: {r.problem}" for r in results if r.status == "rejected"]
     untrusted = [f"{r.file} (key {r.key_id})" for r in results if r.status == "untrusted"]
     if untrusted:
         reasons.append("signed by key(s) not in the trust set: " + ", ".join(untrusted))
@@ -343,7 +389,7 @@ def verify_bundle(
         raw = read_metadata_bytes(root)  # read once: every later step uses these very bytes
         report.metadata_sha256 = metadata_sha256 = sha256_bytes(raw)
         step = "signatures"
-        report.signatures = check_signatures(root, tree, policy, metadata_sha256)
+        report.signatures = check_signatures(root, tree, policy, metadata_sha256, now)
         report.checks.append(("signatures", f"{len(report.signatures)} signature file(s) read"))
         step = "threshold"
         report.checks.append(("threshold", check_threshold(report.signatures, policy, metadata_sha256)))

@@ -9,8 +9,10 @@ import typer
 
 from sovpack.cli import app
 from sovpack.cli.options import STORE_HELP, THRESHOLD_HELP, TRUST_HELP, trust_store
-from sovpack.cli.passwords import load_signing_key, read_password
+from sovpack.cli.passwords import read_password
 from sovpack.cli.render import console, err_console, human_size, print_json, warn_if_expired
+from sovpack.cli.signing_keys import PIN_FILE_HELP, PKCS11_HELP, read_pin, signing_key
+from sovpack.errors import UsageError
 
 
 @app.command()
@@ -21,10 +23,29 @@ def keygen(
     password_file: Optional[Path] = typer.Option(
         None, "--password-file", metavar="FILE", help="Encrypt the private key with the password in this file."
     ),
+    pkcs11: Optional[str] = typer.Option(
+        None, "--pkcs11", metavar="URI", help="Create the key on this PKCS#11 token instead (RFC 7512 URI); writes only NAME.pub."
+    ),
+    pin_file: Optional[Path] = typer.Option(None, "--pin-file", metavar="FILE", help=PIN_FILE_HELP),
 ) -> None:
-    """Create an ECDSA signing key pair as PEM files. Never overwrites an existing key."""
+    """Create an ECDSA signing key pair as PEM files, or on a token with --pkcs11. Never overwrites an existing key."""
+    if pkcs11 is not None:
+        from sovpack.bundle.pkcs11 import generate_token_key, parse_uri
+
+        if password_file is not None:
+            raise UsageError("--password-file encrypts a key file; a key made with --pkcs11 stays on the token")
+        uri = parse_uri(pkcs11)
+        key = generate_token_key(name, dir, uri, read_pin(pin_file, uri.token_name), curve.lower())
+        console.print(
+            f"key id {key.key_id}\nprivate key on {uri.token_name} ({uri.object_name}; it cannot be exported)"
+            f"\npublic key  {key.public_path} (give it to verifiers)",
+            markup=False,
+        )
+        return
     from sovpack.bundle.keys import generate_key_pair
 
+    if pin_file is not None:
+        raise UsageError("--pin-file goes with --pkcs11")
     key = generate_key_pair(name, dir, curve.lower(), read_password(password_file))
     console.print(
         f"key id {key.key_id}\nprivate key {key.private_path} (keep it "
@@ -81,17 +102,34 @@ def pack(
 @app.command()
 def sign(
     bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory."),
-    key: Path = typer.Option(..., "--key", metavar="KEYFILE", help="Private key (PEM) from `sovpack keygen`."),
+    key: Optional[Path] = typer.Option(None, "--key", metavar="KEYFILE", help="Private key (PEM) from `sovpack keygen`."),
     password_file: Optional[Path] = typer.Option(
         None, "--password-file", metavar="FILE", help="File holding the private key's password."
     ),
+    pkcs11: Optional[str] = typer.Option(None, "--pkcs11", metavar="URI", help=PKCS11_HELP),
+    pin_file: Optional[Path] = typer.Option(None, "--pin-file", metavar="FILE", help=PIN_FILE_HELP),
+    cert: Optional[Path] = typer.Option(
+        None,
+        "--cert",
+        metavar="CHAIN.pem",
+        help="Sign as a certificate holder: the signer's certificate (for this key) first, then its intermediates.",
+    ),
 ) -> None:
-    """Check the bundle's files against its inventory, then add this key's signature."""
+    """Check the bundle's files against its inventory, then add this key's signature (--key file or --pkcs11 token)."""
     from sovpack.bundle.sign import sign_bundle
 
-    result = sign_bundle(bundle, load_signing_key(key, password_file))
+    chain = None
+    if cert is not None:
+        from sovpack.bundle.certificates import load_certificates
+
+        chain = load_certificates(cert, "--cert")
+    with signing_key(key, password_file, pkcs11, pin_file) as private_key:
+        result = sign_bundle(bundle, private_key, chain)
     action = "replaced the signature of" if result.replaced else "signed"
-    console.print(f"{action} {result.metadata.name} v{result.metadata.version} with key {result.key_id}: {result.path}")
+    who = f"as '{chain[0].subject.rfc4514_string()}' " if chain else ""
+    console.print(
+        f"{action} {result.metadata.name} v{result.metadata.version} {who}with key {result.key_id}: {result.path}", markup=False
+    )
     for stale in result.stale:
         console.print(f"[yellow]warning:[/] {stale} no longer matches this bundle; its signer must sign again")
 
@@ -139,9 +177,12 @@ def render_verify_report(report) -> None:
     _print_allowances(report.to_json()["allowed_files"], _wheels(report.to_json()["files"]))
     for s in report.signatures:
         who = f"{s.signer.name} ({s.key_id})" if s.signer else f"key {s.key_id}"
+        if s.certificate:
+            who = f"{_certificate_text(s.certificate)}, key {s.key_id}"
         verdict = {
             "valid": "[green]valid, trusted[/]",
             "stale": "[yellow]trusted, but signs another version of sovpack.json[/]",
+            "rejected": f"[red]not counted: {escape(s.problem or '')}[/]",
         }.get(s.status, "[yellow]not in the trust set[/]")
         console.print(f"  {escape(s.file)}: {escape(who)} {verdict}", soft_wrap=True)
     # the verdict: one line however wide the terminal; a refusal on stderr, as every other refusal
@@ -197,7 +238,13 @@ def render_description(doc: dict) -> None:
             if s["covers_metadata"]
             else f"[yellow]does not cover this metadata[/] {escape(s['problem'] or '')}"
         )
-        console.print(f"signature {escape(s['file'])}: key {s['key_id']} {state}")
+        certificate = s.get("certificate")
+        who = escape(_certificate_text(certificate)) + " " if certificate else ""
+        console.print(f"signature {escape(s['file'])}: {who}key {s['key_id']} {state}", soft_wrap=True)
+
+
+def _certificate_text(certificate: dict) -> str:
+    return f"certificate {certificate['subject']} (issuer {certificate['issuer']}, serial {certificate['serial']})"
 
 
 def _wheels(files: list[dict]) -> set[str]:

@@ -8,8 +8,11 @@ from pathlib import Path
 
 STORE_HELP = "Store directory (default $SOVPACK_HOME or the platform data directory); it must exist."
 NEW_STORE_HELP = "Store directory (default $SOVPACK_HOME or the platform data directory); created if there is none."
-THRESHOLD_HELP = "How many distinct trusted keys must have signed (default 1 with --trust, else the store's threshold)."
-TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for several. Default: the store's trusted keys."
+THRESHOLD_HELP = (
+    "How many distinct trusted signers (keys, certificate subjects) must have signed (default 1 with --trust, else the "
+    "store's threshold)."
+)
+TRUST_HELP = "Trusted public key (.pub) or a directory of them; repeat for several. Default: the store's trusted keys and roots."
 
 
 def existing_store(root: Path | None):
@@ -28,7 +31,7 @@ def trust_store(trust, root: Path | None):
 
 @contextmanager
 def new_or_existing_store(root: Path | None) -> Iterator:
-    """The store `trust add`, `import` and `pull` write to, which they create when there is none.
+    """The store `trust add`, `trust add-root`, `import` and `pull` write to, which they create when there is none.
 
     Says so on stderr once it exists, so a mistyped --store does not pass unseen, while a command refused
     before writing anything (a bad key file, no index) neither creates a store nor says it did.

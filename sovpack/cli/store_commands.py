@@ -13,9 +13,13 @@ from sovpack.cli.command import Typer
 from sovpack.cli.options import NEW_STORE_HELP, STORE_HELP, existing_store, new_or_existing_store
 from sovpack.cli.render import console, human_size, print_json
 
-trust_app = Typer(help="The keys the store trusts, and how many of them must have signed.", no_args_is_help=True)
+trust_app = Typer(
+    help="The keys and certificate roots the store trusts, and how many distinct signers must have signed.", no_args_is_help=True
+)
+crl_app = Typer(help="Certificate revocation lists carried across the gap, checked against a trusted root.", no_args_is_help=True)
 audit_app = Typer(help="The store's hash-chained audit log.", no_args_is_help=True)
 app.add_typer(trust_app, name="trust")
+trust_app.add_typer(crl_app, name="crl")
 app.add_typer(audit_app, name="audit")
 
 
@@ -132,24 +136,92 @@ def trust_add(
     console.print(f"trusted {key.name} (key id {key.key_id})")
 
 
+@trust_app.command("add-root")
+def trust_add_root(
+    root_file: Path = typer.Argument(..., metavar="ROOT.pem", help="CA certificate (PEM) whose certified signers to trust."),
+    name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="How to call this root (default: the file name)."),
+    require_eku: Optional[str] = typer.Option(
+        None,
+        "--require-eku",
+        metavar="USAGE",
+        help="Extended key usage the signer's certificate must have: codeSigning (the default rule when it has any), "
+        "clientAuth, ... or a dotted OID.",
+    ),
+    subject: Optional[str] = typer.Option(
+        None,
+        "--subject",
+        metavar="PATTERN",
+        help="Shell-style pattern the signer's subject (RFC 4514, e.g. 'CN=*,OU=Model Approval,O=MoD') must match.",
+    ),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=NEW_STORE_HELP),
+) -> None:
+    """Trust signers whose certificate chain builds to this root, checked offline at the signing time."""
+    with new_or_existing_store(store) as target:
+        root = target.add_trusted_root(root_file, name, require_eku, subject)
+    rule = ", ".join(f"{k} {v}" for k, v in (("extended key usage", require_eku), ("subject", subject)) if v)
+    console.print(
+        f"trusted root {root.name}: {root.certificate.subject.rfc4514_string()} (sha256 {root.fingerprint})"
+        + (f"; signers must have {rule}" if rule else ""),
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@crl_app.command("add")
+def trust_crl_add(
+    crl_file: Path = typer.Argument(..., metavar="FILE", help="Certificate revocation list (PEM or DER)."),
+    issuer: Optional[Path] = typer.Option(
+        None, "--issuer", metavar="CA.pem", help="The intermediate CA that signed the CRL, when a trusted root did not."
+    ),
+    store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
+) -> None:
+    """Hold a CRL: certificate signatures by a certificate it revokes no longer count. A newer CRL replaces an older one."""
+    crl = existing_store(store).add_crl(crl_file, issuer)
+    console.print(
+        f"holding the CRL of {crl.issuer.rfc4514_string()} ({len(crl)} revoked certificate(s), "
+        f"issued {crl.last_update_utc:%Y-%m-%dT%H:%M:%SZ})",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
 @trust_app.command("list")
 def trust_list(
     store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the documented JSON document."),
 ) -> None:
-    """The trusted keys and the threshold."""
+    """The trusted keys, roots and CRLs, and the threshold."""
     target = existing_store(store)
-    keys = target.trusted_keys()
+    keys, roots, crls = target.trusted_keys(), target.trusted_roots(), target.crls()
     if json_output:
         print_json(
             {
                 "threshold": target.threshold,
                 "keys": [{"name": k.name, "key_id": k.key_id, "hint": k.hint, "curve": k.public_key.curve.name} for k in keys],
+                "roots": [
+                    {
+                        "name": r.name,
+                        "subject": r.certificate.subject.rfc4514_string(),
+                        "sha256": r.fingerprint,
+                        "require_eku": r.require_eku,
+                        "subject_pattern": r.subject,
+                    }
+                    for r in roots
+                ],
+                "crls": [
+                    {"issuer": c.issuer.rfc4514_string(), "revoked": len(c), "issued": f"{c.last_update_utc:%Y-%m-%dT%H:%M:%SZ}"}
+                    for c in crls
+                ],
             }
         )
         return
     for k in keys:
         console.print(f"{k.name}  key id {k.key_id}  {k.public_key.curve.name}")
+    for r in roots:
+        rule = " ".join(f"{k}={v}" for k, v in (("eku", r.require_eku), ("subject", r.subject)) if v)
+        console.print(f"root {r.name}  {r.certificate.subject.rfc4514_string()}  {rule}", markup=False, soft_wrap=True)
+    for c in crls:
+        console.print(f"crl  {c.issuer.rfc4514_string()}  {len(c)} revoked", markup=False, soft_wrap=True)
     console.print(f"threshold: {target.threshold} of {len(keys)} trusted key(s) must have signed")
 
 
@@ -173,7 +245,7 @@ def trust_threshold(
     target.set_threshold(threshold)
     count = len(target.trusted_keys())
     console.print(f"threshold set to {threshold} ({count} key(s) trusted)")
-    if threshold > count:
+    if threshold > count and not target.trusted_roots():  # with a root, any number of certified signers may count
         console.print(
             f"[yellow]warning:[/] {threshold} signatures are required but only "
             f"{count} key(s) are trusted: add keys with `sovpack trust add`"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -10,8 +11,8 @@ import typer
 
 from sovpack.cli import app
 from sovpack.cli.options import NEW_STORE_HELP, STORE_HELP, THRESHOLD_HELP, TRUST_HELP, new_or_existing_store, trust_store
-from sovpack.cli.passwords import load_signing_key
 from sovpack.cli.render import console, err_console, human_size, print_json
+from sovpack.cli.signing_keys import PIN_FILE_HELP, signing_key
 from sovpack.errors import UsageError
 
 
@@ -39,6 +40,10 @@ def export(
     password_file: Optional[Path] = typer.Option(
         None, "--password-file", metavar="FILE", help="File holding the --key password."
     ),
+    pkcs11: Optional[str] = typer.Option(
+        None, "--pkcs11", metavar="URI", help="Sign the index with a key on a PKCS#11 token instead of --key (RFC 7512 URI)."
+    ),
+    pin_file: Optional[Path] = typer.Option(None, "--pin-file", metavar="FILE", help=PIN_FILE_HELP),
     since: Optional[Path] = typer.Option(
         None,
         "--since",
@@ -55,8 +60,10 @@ def export(
     from sovpack.transfer.index import DEFAULT_VOLUME_SIZE, parse_volume_size
 
     if to == "-":
-        if key or volume_size:
-            raise UsageError("--key and --volume-size apply to volumes; a stream (--to -) has neither index nor volumes")
+        if key or pkcs11 or volume_size:
+            raise UsageError(
+                "--key, --pkcs11 and --volume-size apply to volumes; a stream (--to -) has neither index nor volumes"
+            )
         if sys.stdout.isatty():
             raise UsageError(
                 "--to - writes the bundle to standard output, which is a terminal: redirect it to a file, pipe or diode"
@@ -66,8 +73,10 @@ def export(
         _render_export(result, err_console)
         return
     size = parse_volume_size(volume_size) if volume_size else DEFAULT_VOLUME_SIZE
-    private_key = load_signing_key(key, password_file) if key else None
-    with ProgressView(console, bars=err_console) as progress:
+    with (
+        signing_key(key, password_file, pkcs11, pin_file) if key or pkcs11 else nullcontext() as private_key,
+        ProgressView(console, bars=err_console) as progress,
+    ):
         result = export_volumes(bundle, Path(to), volume_size=size, private_key=private_key, since=since, progress=progress)
     _render_export(result, console)
 

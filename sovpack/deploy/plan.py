@@ -115,7 +115,17 @@ def app_name(bundle: str, given: str | None) -> str:
 
 
 def trust_files(policy: TrustPolicy) -> dict[str, str]:
-    """The trusted keys as ConfigMap entries: NAME.pub -> PEM."""
+    """The trusted keys as ConfigMap entries: NAME.pub -> PEM.
+
+    Certificate roots cannot go there: the pods' `sovpack pull --trust DIR` reads public keys only,
+    so under a policy with roots the pods would not accept what this host accepts; a usage error.
+    """
+    if policy.roots:
+        raise UsageError(
+            "the store trusts certificate roots (`sovpack trust add-root`), which the pods cannot: their "
+            "`sovpack pull --trust DIR` reads public keys only, so certificate signers would not count there; "
+            "give the keys the pods should trust with --trust KEY.pub (and --threshold K)"
+        )
     files = {}
     for key in policy.keys:
         name = re.sub(r"[^A-Za-z0-9._-]", "-", key.name) or key.key_id

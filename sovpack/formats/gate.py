@@ -13,17 +13,17 @@ Allowed kinds, and how each is recognised (docs/bundle-format.md, "Allowed file 
                    (formats/wheel.py); only under an allowance
 
 Before any of these, the bytes are searched for a pickle (formats/pickle.py): a pickle is
-refused whatever the file's name, kind or allowance. A file of no allowed kind is refused,
-naming what it looks like, unless an operator allowance (`pack --allow-file GLOB`, recorded in
-the signed sovpack.json) matches its path: then it is carried as `other`, still pickle-checked.
+refused whatever the file's name, kind or allowance (the one exception below). A file of no
+allowed kind is refused, naming what it looks like, unless an operator allowance (`pack
+--allow-file GLOB`, recorded in the signed sovpack.json) matches its path: then it is carried
+as `other`, still pickle-checked. The name never lets a file through: it only chooses between
+json/jinja/text labels for text, and refuses more (a pickle extension such as .bin needs an
+allowance, and its bytes are checked; a name an allowance gives as *.whl must be a valid wheel).
 
 Wheels are the one exception to the pickle search, in one place (`_wheel`): a wheel installs
 code, strictly more than a pickle can do, so the members of a valid wheel that an allowance
 names are not searched (numpy ships a test .pkl). A wheel outside an allowance is refused like
-any zip, pickles first; a file an allowance names `*.whl` must be a valid wheel; a zip that only
-looks like one gets no exemption.
-The name never lets a file through: it only chooses between json/jinja/text labels for text,
-and refuses more (a pickle extension such as .bin needs an allowance, and its bytes are checked).
+any zip, pickles first; a zip that only looks like a wheel gets no exemption.
 """
 
 from __future__ import annotations

@@ -418,7 +418,8 @@ def _signature_by(root: Path, hint: str, public_key: Path) -> tuple[dict, str]:
             continue
     raise Refused(
         f"{root / SIGNATURES_DIR} holds no signature by {public_key} (key sha256 {hint}): {LOCK_FILE} was not signed "
-        "by this officer's key"
+        "by this officer's key (a signature made with a certificate, `sovpack sign --cert`, names no key: the installer "
+        "checks key signatures only; sign the runtime with the officer's key too, or give --lock-sha256)"
     )
 
 

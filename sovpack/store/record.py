@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+from sovpack.bundle.certificates import CertifiedSigner, subject_identity
 from sovpack.bundle.metadata import format_time
 from sovpack.bundle.trust import TrustedKey
 from sovpack.bundle.verify import VerifyReport
@@ -27,19 +28,56 @@ REPAIR = "delete it and run the same import again, which verifies the bundle and
 
 
 @dataclass(frozen=True)
-class Signer:
-    """A trusted key that signed the bundle when it was accepted."""
+class SignerCertificate:
+    """The certificate a certificate signer was accepted by: who it named, and the trusted root its chain built to."""
 
-    name: str
-    hint: str  # SHA-256 of the PEM public key: what Store.policy_for matches against the keys trusted today
+    subject: str  # RFC 4514
+    issuer: str
+    serial: str  # hex
+    root: str  # the name of the store's trusted root (trust/roots/NAME.pem)
+
+    def to_json(self) -> dict:
+        return {"subject": self.subject, "issuer": self.issuer, "serial": self.serial, "root": self.root}
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A trusted signer of the bundle when it was accepted: a key, or a certificate holder (`certificate` set)."""
+
+    name: str  # the key's name in the store, or the certificate's subject
+    hint: str  # a key: SHA-256 of its PEM public key; a certificate signer: its identity, "x509:" + SHA-256 of the subject
+    certificate: SignerCertificate | None = None
 
     @property
     def key_id(self) -> str:
         return self.hint[:16]
 
     @classmethod
-    def of(cls, key: TrustedKey) -> Signer:
-        return cls(key.name, key.hint)
+    def of(cls, signer: TrustedKey | CertifiedSigner) -> Signer:
+        if isinstance(signer, CertifiedSigner):
+            certificate = SignerCertificate(signer.subject, signer.issuer, signer.serial, signer.root)
+            return cls(signer.name, signer.hint, certificate)
+        return cls(signer.name, signer.hint)
+
+    def to_json(self) -> dict:
+        if self.certificate is None:
+            return {"name": self.name, "hint": self.hint, "key_id": self.key_id}
+        return {"name": self.name, "hint": self.hint, "certificate": self.certificate.to_json()}
+
+    @classmethod
+    def from_json(cls, data: object, path: Path) -> Signer:
+        why = "its 'accepted_by' is not a list of signers with a name and a hint"
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(data.get("hint"), str):
+            raise damaged(path, why, REPAIR)
+        certificate = data.get("certificate")
+        if certificate is None:
+            return cls(data["name"], data["hint"])
+        fields = ("subject", "issuer", "serial", "root")
+        if not isinstance(certificate, dict) or not all(isinstance(certificate.get(f), str) for f in fields):
+            raise damaged(path, f"a certificate signer's 'certificate' in 'accepted_by' is not {{{', '.join(fields)}}}", REPAIR)
+        if data["hint"] != subject_identity(certificate["subject"]):
+            raise damaged(path, f"the certificate signer {certificate['subject']!r} in 'accepted_by' has another hint", REPAIR)
+        return cls(data["name"], data["hint"], SignerCertificate(*(certificate[f] for f in fields)))
 
 
 @dataclass(frozen=True)
@@ -84,7 +122,7 @@ class ImportRecord:
             "version": self.version,
             "metadata_sha256": self.metadata_sha256,
             "imported": self.imported,
-            "accepted_by": [{"name": s.name, "hint": s.hint, "key_id": s.key_id} for s in self.accepted_by],
+            "accepted_by": [s.to_json() for s in self.accepted_by],
             "threshold": self.threshold,
             "size": self.size,
             "files": self.files,
@@ -102,9 +140,7 @@ class ImportRecord:
         if not isinstance(data, dict):
             raise damaged(path, "it does not hold a JSON object", REPAIR)
         accepted_by = data.get("accepted_by", [])
-        if not isinstance(accepted_by, list) or not all(
-            isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("hint"), str) for a in accepted_by
-        ):
+        if not isinstance(accepted_by, list):
             raise damaged(path, "its 'accepted_by' is not a list of signers with a name and a hint", REPAIR)
         threshold = data.get("threshold", 1)
         if not is_count(threshold):
@@ -115,7 +151,7 @@ class ImportRecord:
         return cls(
             name=name,
             version=version,
-            accepted_by=tuple(Signer(a["name"], a["hint"]) for a in accepted_by),
+            accepted_by=tuple(Signer.from_json(a, path) for a in accepted_by),
             threshold=threshold,
             metadata_sha256=_text(data, "metadata_sha256", path),
             imported=_text(data, "imported", path),

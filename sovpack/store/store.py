@@ -4,6 +4,9 @@ Layout (documented in docs/store.md):
 
     STORE/
       trust/keys/NAME.pub          keys the organisation trusts
+      trust/roots/NAME.pem         CA certificates whose certified signers it trusts, with NAME.json: their rule
+                                   {"require_eku": "codeSigning" | null, "subject": PATTERN | null}
+      trust/crls/SHA256.crl        revocation lists (DER), each checked against a trusted root when added
       trust/policy.json            {"threshold": K}
       bundles/NAME/VERSION/        installed bundles exactly as signed; files 0444, directories 0555
       records/NAME/VERSION.json    how each bundle was accepted (keys, threshold, when, from where)
@@ -22,6 +25,7 @@ them if the process was killed in between.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,6 +36,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from sovpack.bundle.certificates import (
+    TrustedRoot,
+    certificate_label,
+    crl_signed_by,
+    eku_oid,
+    issued_by,
+    load_certificates,
+    load_crl,
+    parse_crl,
+    parse_pem_certificates,
+)
 from sovpack.bundle.keys import public_pem
 from sovpack.bundle.metadata import METADATA_FILE, NAME_PATTERN, BundleMetadata, check_name, parse_metadata
 from sovpack.bundle.trust import TrustedKey, TrustPolicy, trusted_key_from_file
@@ -66,6 +84,8 @@ class Store:
         self.root = Path(root) if root else default_store_root()
         self.trust_keys_dir = self.root / "trust" / "keys"
         self.policy_path = self.root / "trust" / "policy.json"
+        self.trust_roots_dir = self.root / "trust" / "roots"
+        self.trust_crls_dir = self.root / "trust" / "crls"
         self.bundles_dir = self.root / "bundles"
         self.records_dir = self.root / "records"
         self.versions_path = self.root / "state" / "versions.json"
@@ -123,6 +143,134 @@ class Store:
                 return key
         raise UsageError(f"no trusted key named or with id {name_or_id!r} in {self.trust_keys_dir}")
 
+    def trusted_roots(self) -> list[TrustedRoot]:
+        if not self.trust_roots_dir.is_dir():
+            return []
+        return [self._read_root(p) for p in sorted(self.trust_roots_dir.glob("*.pem"))]
+
+    def _read_root(self, path: Path) -> TrustedRoot:
+        repair = f"add the root again with `sovpack trust add-root` after removing {path}"
+        try:
+            certificates = parse_pem_certificates(path.read_bytes())
+        except ValueError as e:
+            raise damaged(path, f"it is not a PEM certificate sovpack can read ({e})", repair) from None
+        if len(certificates) != 1:
+            raise damaged(path, f"it holds {len(certificates)} certificates, not one", repair)
+        certificate = certificates[0]
+        rule = read_store_json(path.with_suffix(".json"), repair) or {}
+        require_eku, subject = rule.get("require_eku"), rule.get("subject")
+        if not all(v is None or isinstance(v, str) for v in (require_eku, subject)):
+            raise damaged(path.with_suffix(".json"), "its 'require_eku' and 'subject' must be text or null", repair)
+        try:
+            if require_eku is not None:
+                eku_oid(require_eku)
+        except UsageError as e:
+            raise damaged(path.with_suffix(".json"), str(e), repair) from None
+        return TrustedRoot(path.stem, certificate, require_eku, subject)
+
+    def add_trusted_root(
+        self, pem_file: Path, name: str | None = None, require_eku: str | None = None, subject: str | None = None
+    ) -> TrustedRoot:
+        """Trust the CA certificate in `pem_file` (one certificate, a CA) for certificate signatures, with its rule."""
+        certificates = load_certificates(pem_file, "root certificate")
+        if len(certificates) != 1:
+            raise UsageError(f"{pem_file} holds {len(certificates)} certificates; give the one root to trust")
+        certificate = certificates[0]
+        if require_eku is not None:
+            eku_oid(require_eku)
+        try:
+            constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            constraints = None
+        if constraints is None or not constraints.ca:
+            raise Refused(f"{pem_file}: certificate {certificate_label(certificate)} is not a CA certificate (basic constraints)")
+        root = TrustedRoot(name or pem_file.stem.removesuffix(".cert"), certificate, require_eku, subject)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", root.name):
+            raise UsageError(f"root name {root.name!r}: use letters, digits, '.', '_' or '-' (give --name)")
+        for existing in self.trusted_roots():
+            if existing.fingerprint == root.fingerprint:
+                raise UsageError(f"{certificate_label(certificate)} is already trusted as root {existing.name!r}")
+            if existing.name == root.name:
+                raise UsageError(f"a different root is already trusted as {root.name!r}; choose another --name")
+        rule = {"require_eku": require_eku, "subject": subject}
+        with self.audit.ahead_of(
+            "trust-add-root",
+            root=root.name,
+            certificate=certificate.subject.rfc4514_string(),
+            sha256=root.fingerprint,
+            require_eku=require_eku,
+            subject_pattern=subject,
+        ):
+            self.trust_roots_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.trust_roots_dir / f"{root.name}.json", json.dumps(rule).encode())
+            write_atomically(self.trust_roots_dir / f"{root.name}.pem", root.pem())
+        return root
+
+    def crls(self) -> list[x509.CertificateRevocationList]:
+        return [crl for _, crl in self._held_crls()]
+
+    def _held_crls(self) -> list[tuple[Path, x509.CertificateRevocationList]]:
+        if not self.trust_crls_dir.is_dir():
+            return []
+        found = []
+        for path in sorted(self.trust_crls_dir.glob("*.crl")):
+            try:
+                found.append((path, parse_crl(path.read_bytes())))
+            except ValueError as e:
+                raise damaged(
+                    path,
+                    f"it is not a CRL sovpack can read ({e})",
+                    "remove it and add the CRL again with `sovpack trust crl add`",
+                ) from None
+        return found
+
+    def add_crl(self, crl_file: Path, issuer_file: Path | None = None) -> x509.CertificateRevocationList:
+        """Hold a CRL signed by a trusted root, or by `issuer_file`, a CA certificate a trusted root issued.
+
+        A newer CRL from the same issuer replaces the one held; an older one is refused (no going back).
+        """
+        crl = load_crl(crl_file)
+        issuer = self._crl_issuer(crl, crl_file, issuer_file)
+        same_issuer = [(p, c) for p, c in self._held_crls() if c.issuer == crl.issuer]
+        for _, c in same_issuer:
+            if c.last_update_utc > crl.last_update_utc:
+                raise Refused(
+                    f"{crl_file} is older ({crl.last_update_utc:%Y-%m-%dT%H:%M:%SZ}) than the CRL of "
+                    f"'{crl.issuer.rfc4514_string()}' the store holds ({c.last_update_utc:%Y-%m-%dT%H:%M:%SZ})"
+                )
+        der = crl.public_bytes(serialization.Encoding.DER)
+        digest = hashlib.sha256(der).hexdigest()
+        with self.audit.ahead_of(
+            "trust-crl-add", issuer=crl.issuer.rfc4514_string(), revoked=len(crl), sha256=digest, checked_with=issuer
+        ):
+            self.trust_crls_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.trust_crls_dir / f"{digest}.crl", der)
+            for path, _ in same_issuer:
+                if path.name != f"{digest}.crl":
+                    path.unlink()
+        return crl
+
+    def _crl_issuer(self, crl: x509.CertificateRevocationList, crl_file: Path, issuer_file: Path | None) -> str:
+        """The certificate that signed `crl`, which must be a trusted root or a CA one issued; returns how it was checked."""
+        roots = self.trusted_roots()
+        if not roots:
+            raise UsageError(f"the store at {self.root} trusts no root yet: add one with `sovpack trust add-root ROOT.pem` first")
+        for root in roots:
+            if crl_signed_by(crl, root.certificate):
+                return root.label
+        if issuer_file is None:
+            raise Refused(
+                f"{crl_file}: the CRL of '{crl.issuer.rfc4514_string()}' is not signed by a trusted root; if an intermediate CA "
+                "issued it, give that CA's certificate with --issuer"
+            )
+        (issuer, *_) = load_certificates(issuer_file, "--issuer")
+        root = next((r for r in roots if issued_by(issuer, r.certificate)), None)
+        if root is None:
+            raise Refused(f"--issuer {issuer_file}: certificate {certificate_label(issuer)} was not issued by a trusted root")
+        if not crl_signed_by(crl, issuer):
+            raise Refused(f"{crl_file}: the CRL is not signed by {certificate_label(issuer)}")
+        return f"{certificate_label(issuer)}, issued by {root.label}"
+
     @property
     def threshold(self) -> int:
         repair = "set it again with `sovpack trust threshold K`"
@@ -163,9 +311,11 @@ class Store:
             write_atomically(self.policy_path, json.dumps({"threshold": threshold}).encode())
 
     def trust_policy(self, threshold: int | None = None) -> TrustPolicy:
-        keys = self.trusted_keys()
-        if not keys:
+        keys, roots = self.trusted_keys(), self.trusted_roots()
+        if not keys and not roots:
             raise UsageError(f"the store at {self.root} trusts no keys yet: run `sovpack trust add KEY.pub` or pass --trust")
+        if roots:
+            return TrustPolicy(tuple(keys), threshold or self.threshold, tuple(roots), tuple(self.crls()))
         if threshold is None and self.threshold > len(keys):
             raise UsageError(
                 f"the store's threshold ({self.policy_path}) is {self.threshold} but it trusts only {len(keys)} "
@@ -174,13 +324,18 @@ class Store:
         return TrustPolicy(tuple(keys), threshold or self.threshold)
 
     def policy_for(self, installed: InstalledBundle, threshold: int | None = None) -> TrustPolicy:
-        """The keys and threshold a bundle was accepted under, minus keys no longer trusted (revocation).
+        """The signers and threshold a bundle was accepted under, minus those no longer trusted (revocation).
 
+        Key signers count while their key is trusted; certificate signers while the root their chain built to is,
+        and their chains are checked again (at their signing time, against the CRLs held today) by the verification.
         `threshold` can raise the threshold (the larger of the import's and the store's applies); a lower one is refused.
         """
         accepted_by = installed.record.accepted_by if installed.record else ()
         still_trusted = {k.hint: k for k in self.trusted_keys()}
-        keys = tuple(still_trusted[s.hint] for s in accepted_by if s.hint in still_trusted)
+        keys = tuple(still_trusted[s.hint] for s in accepted_by if s.certificate is None and s.hint in still_trusted)
+        roots_now = {r.name: r for r in self.trusted_roots()} if any(s.certificate for s in accepted_by) else {}
+        certified = [s for s in accepted_by if s.certificate is not None and s.certificate.root in roots_now]
+        roots = tuple(roots_now[name] for name in dict.fromkeys(s.certificate.root for s in certified))
         required = max(installed.record.threshold if installed.record else 1, self.threshold)
         if threshold is not None and threshold < required:
             raise UsageError(
@@ -189,12 +344,15 @@ class Store:
                 f"it; to serve under other keys, pass them with --trust"
             )
         threshold = max(required, threshold or 0)
-        if len(keys) < threshold:
+        if len(keys) + len(certified) < threshold:
+            what = "signers" if any(s.certificate for s in accepted_by) else "keys"
             raise Refused(
                 f"{installed.name} v{installed.version} was accepted by "
                 f"{', '.join(s.name for s in accepted_by) or 'no key'}, but only "
-                f"{len(keys)} of those keys are still trusted and {threshold} are required"
+                f"{len(keys) + len(certified)} of those {what} are still trusted and {threshold} are required"
             )
+        if roots:
+            return TrustPolicy(keys, threshold, roots, tuple(self.crls()))
         return TrustPolicy(keys, threshold)
 
     # installed bundles

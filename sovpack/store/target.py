@@ -7,11 +7,13 @@ The policy (`choose_policy`), for verify, check-volumes, import, serve and runti
 
 - keys given with `--trust`: those keys, and `--threshold` (default 1);
 - an installed bundle being served (or installed as the runtime): the keys and threshold it was
-  imported under, minus keys revoked since (`Store.policy_for`); `--threshold` can only raise
-  that threshold; a refusal says how to use it after all (the keys of an import under
+  imported under, minus keys revoked since, and its certificate signers while the root they were
+  accepted under is still trusted, with the store's CRLs (`Store.policy_for`); `--threshold` can
+  only raise that threshold; a refusal says how to use it after all (the keys of an import under
   `--trust FILE` are trusted for that import only);
-- otherwise the store's trusted keys and the store's threshold, which `--threshold` replaces;
-  where trust is optional (check-volumes), none when the store trusts no key.
+- otherwise the store's trusted keys and roots (with its CRLs) and the store's threshold, which
+  `--threshold` replaces; where trust is optional (check-volumes), none when the store trusts
+  no key and no root.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def choose_policy(
         return load_trust(list(trust), threshold or 1)
     if imported_under is not None:
         return _policy_it_was_accepted_under(store, imported_under, threshold, alternative)
-    if not required and not store.trusted_keys():
+    if not required and not store.trusted_keys() and not store.trusted_roots():
         return None
     return store.trust_policy(threshold)
 
@@ -82,7 +84,8 @@ def _policy_it_was_accepted_under(
     except Refused as e:
         raise Refused(
             f"{e}: trust its signers in this store with `sovpack trust add FILE` (an import with --trust FILE "
-            "trusts FILE for that import only)" + (f", or {alternative}" if alternative else "")
+            "trusts FILE for that import only; certificate signers: `sovpack trust add-root ROOT.pem`)"
+            + (f", or {alternative}" if alternative else "")
         ) from None
 
 

@@ -360,8 +360,8 @@ class _Importer:
         }
 
     def _untrusted_signer_warnings(self, installed: InstalledBundle) -> list[str]:
-        store_keys = {k.hint for k in self.store.trusted_keys()}
-        outside = [s.name for s in installed.record.accepted_by if s.hint not in store_keys]
+        store_keys = {k.hint for k in self.store.trusted_keys()}  # certificate signers count only under the store's roots
+        outside = [s.name for s in installed.record.accepted_by if s.certificate is None and s.hint not in store_keys]
         if not outside:
             return []
         return [
