@@ -1,4 +1,5 @@
 # make demo   - set everything up, then run the whole flow on the embedded default model
+# make demo-offline - the same trip with sovpack itself carried across: the secure side has no network (root)
 # make test   - set everything up, then run the whole test suite
 # make fuzz   - the fuzz tests of every untrusted-input parser, with 50 times as many cases (minutes)
 # make lint   - ruff: lint and format check
@@ -10,10 +11,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test fuzz lint format bench model clean
+.PHONY: demo demo-offline test fuzz lint format bench model clean
 
 demo: $(STAMP) $(MODEL)
 	$(BIN)/python scripts/demo.py
+
+demo-offline: $(STAMP) $(MODEL)
+	$(BIN)/python scripts/demo_offline.py
 
 test: $(STAMP) $(MODEL)
 	$(BIN)/python -m pytest

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +181,36 @@ def card_images(size: tuple[int, int] = (16, 8)) -> dict[str, bytes]:
         picture.save(buffer, kind)
         out[f"card/figure.{kind.lower()}"] = buffer.getvalue()
     return out
+
+
+WHEEL_FILE = "Wheel-Version: 1.0\nGenerator: sovpack-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+
+
+def python_wheel(
+    members: dict[str, bytes] | None = None,
+    *,
+    dist_info: str = "demo-1.0.dist-info",
+    wheel: str | None = WHEEL_FILE,
+    record: bool = True,
+    listed: tuple[str, ...] = ("WHEEL", "RECORD"),
+) -> bytes:
+    """A wheel as the `wheel` package builds one (PEP 427): the package's files, then NAME-VERSION.dist-info/ with
+    WHEEL and RECORD (each file's urlsafe-base64 SHA-256 and size). `wheel`, `record` and `listed` spoil it."""
+    files = {"demo/__init__.py": b"VALUE = 1\n", **(members or {})}
+    if wheel is not None:
+        files[f"{dist_info}/WHEEL"] = wheel.encode()
+    if record:
+        rows = []
+        for path, data in files.items():
+            if path.startswith(f"{dist_info}/") and path.rsplit("/", 1)[1] not in listed:
+                continue
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            rows.append(f"{path},sha256={digest},{len(data)}")
+        if "RECORD" in listed:
+            rows.append(f"{dist_info}/RECORD,,")
+        files[f"{dist_info}/RECORD"] = ("\n".join(rows) + "\n").encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()

@@ -10,6 +10,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,20 @@ def unprivileged() -> dict:
     if probe.returncode != 0:
         pytest.skip("cannot drop CAP_DAC_OVERRIDE here, and root reads a file whatever its mode")
     return {"preexec_fn": drop_file_mode_override}
+
+
+def tar_member(name: str, data: bytes, *, pax: dict | None = None, kind: bytes = tarfile.REGTYPE) -> bytes:
+    """One member of a tar stream: header(s) and data, padded to whole blocks."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.pax_headers = kind, len(data), pax or {}
+    return info.tobuf(tarfile.PAX_FORMAT) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def tar_stream(members: list[tuple[str, bytes]], *extra: bytes) -> bytes:
+    return b"".join(tar_member(name, data) for name, data in members) + b"".join(extra) + bytes(2 * tarfile.BLOCKSIZE)
+
+
+def old_gnu_sparse_member(name: str) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    return info.tobuf(tarfile.GNU_FORMAT)  # an empty sparse map

@@ -166,6 +166,9 @@ def test_usage_lines_read_as_the_readme_commands(cli):
         ("audit", "syslog"): ["TARGET|off", "--store DIR"],
         ("push",): ["NAME_OR_BUNDLE REGISTRY/REPO[:TAG]", "--chunk-size SIZE", "--username USER", "--ca-file FILE"],
         ("pull",): ["REGISTRY/REPO:TAG|REGISTRY/REPO@sha256:D", "--trust DIR_OR_PUBFILE", "--password-file FILE"],
+        ("runtime", "build"): ["--out BUNDLE", "--version N", "--gpu cuda", "--source DIR"],
+        ("runtime", "install"): ["sovpack-runtime[@V]", "--prefix DIR", "--store DIR"],
+        ("runtime", "rollback"): ["--prefix DIR", "--store DIR"],
     }
     for path, pieces in expected.items():
         text = cli(*path, "--help").out

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from builders import card_images, sentencepiece_model, write_gguf, write_safetensors
+from builders import card_images, python_wheel, sentencepiece_model, write_gguf, write_safetensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,6 +43,9 @@ from sovpack.formats.images import inspect_image
 from sovpack.formats.pickle import hidden_pickle, pickle_stream
 from sovpack.formats.safetensors import inspect_safetensors
 from sovpack.formats.sentencepiece import inspect_sentencepiece
+from sovpack.formats.wheel import inspect_wheel
+from sovpack.runtime import installer
+from sovpack.runtime.upgrade import bounded_json
 from sovpack.store.audit import AuditLog
 from sovpack.store.record import read_record
 from sovpack.store.store import Store
@@ -201,6 +204,8 @@ def seeds(tmp_path_factory):
         "gguf": write_gguf(root / "w.gguf").read_bytes(),
         "images": images,
         "sentencepiece": sentencepiece_model(),
+        "wheel": python_wheel({"demo/data/case.pkl": b"\x80\x04K\x01."}),
+        "lock": _runtime_lock(),
         **pki,
     }
 
@@ -231,6 +236,27 @@ def _certificate_seeds(root: Path, model: Path) -> dict:
         "root_pem": ca.root_pem.read_bytes(),
         "intermediate_pem": ca.intermediate_pem,
     }
+
+
+def _runtime_lock() -> bytes:
+    """A runtime-lock.json as `sovpack runtime build` writes it (sovpack/runtime/build.py)."""
+    wheels = [{"path": f"wheels/{n}", "size": 1000 + i, "sha256": f"{i:064x}"} for i, n in enumerate(["pip-1-py3-none-any.whl"])]
+    return json.dumps(
+        {
+            "format": installer.LOCK_FORMAT,
+            "format_version": installer.LOCK_FORMAT_VERSION,
+            "name": installer.RUNTIME_NAME,
+            "version": 2,
+            "sovpack_version": "0.1.0",
+            "requirement": "sovpack[serve]==0.1.0",
+            "target": {"python": "3.11", "machine": "x86_64", "platform": "linux-x86_64", "libc": "glibc-2.36"},
+            "gpu": None,
+            "installer": {"path": installer.INSTALLER_FILE, "sha256": "ab" * 32},
+            "pip_wheel": wheels[0]["path"],
+            "wheels": wheels,
+        },
+        indent=2,
+    ).encode()
 
 
 def scratch_file(data: bytes, name: str = "f") -> Path:
@@ -371,12 +397,41 @@ def test_pickle_detection_never_raises(seeds):
 
 def test_the_gate(seeds):
     genuine = [seeds["safetensors"], seeds["gguf"], seeds["sentencepiece"], seeds["metadata"], *seeds["images"].values()]
+    genuine.append(seeds["wheel"])
 
     @given(st.one_of(st.binary(max_size=512), st.sampled_from(genuine).flatmap(mutated)), st.booleans())
     @examples(300)
     def run(raw, allowed):
         with scratch(raw, "file") as path:
             _only(FormatError, examine, path, "file", ["*"] if allowed else [])
+
+    run()
+
+
+def test_python_wheels(seeds):
+    @given(mutated(seeds["wheel"]), st.sampled_from(["demo-1.0-py3-none-any.whl", "file"]))
+    @examples(300)
+    def run(raw, name):
+        _only(FormatError, inspect_wheel, raw, name)
+        with scratch(raw, name) as path:
+            _only(FormatError, examine, path, f"wheels/{name}", ["wheels/*"])
+
+    run()
+
+
+def test_runtime_locks(seeds):
+    """The lock as the installer on the media reads it (its own bounded parse) and as sovpack reads it (safe_json)."""
+
+    @given(any_input(seeds["lock"], json.loads(seeds["lock"])))
+    @examples(300)
+    def run(raw):
+        for loads in (installer.bounded_loads, bounded_json):
+            _only(installer.Refused, installer.parse_lock, raw, "runtime-lock.json", loads)
+        try:
+            parsed = installer.bounded_loads(raw, 1 << 20)
+        except ValueError:
+            return
+        assert parsed == json.loads(raw)  # what it accepts, it reads as json does
 
     run()
 

@@ -7,14 +7,13 @@ import json
 import pickle
 import subprocess
 import sys
-import tarfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import card_images, sentencepiece_model, write_safetensors
-from helpers import ROOT, audit_records, export, volumes
+from builders import WHEEL_FILE, card_images, python_wheel, sentencepiece_model, write_safetensors
+from helpers import ROOT, audit_records, export, old_gnu_sparse_member, tar_member, tar_stream, volumes
 
 from sovpack.bundle.directory import read_metadata, read_metadata_bytes, write_metadata
 from sovpack.bundle.keys import key_id, load_private_key
@@ -256,6 +255,102 @@ def test_verify_checks_the_recorded_format_against_the_bytes(cli, signed_bundle,
     )
 
 
+# 1. the gate: Python wheels (the runtime bundle), a kind of their own, only under an allowance
+
+WHEEL_NAME = "wheels/demo-1.0-py3-none-any.whl"
+DATA_PICKLE = {"demo/tests/data/case.pkl": pickle.dumps(Payload(), protocol=4)}  # as numpy ships one
+
+
+def test_a_wheel_without_an_allowance_is_refused(tmp_path, cli, model_dir):
+    for members, says in ((None, "it is a Python wheel, which installs code"), (DATA_PICKLE, "refused as pickle-based weights")):
+        pickle_case(WHEEL_NAME, python_wheel(members), model_dir / WHEEL_NAME)
+        message = refusal(cli("pack", model_dir, "--out", tmp_path / "b", "--name", "tiny"))
+        assert f"{WHEEL_NAME}: " in message and says in message, message
+        assert not (tmp_path / "b").exists()
+    pickle_case(WHEEL_NAME, python_wheel(), model_dir / WHEEL_NAME)  # an allowance naming other files is not one for it
+    message = refusal(cli("pack", model_dir, "--out", tmp_path / "b", "--name", "tiny", "--allow-file", "README.md"))
+    assert f"{WHEEL_NAME}: refused: it is a Python wheel, which installs code" in message
+
+
+def test_a_wheel_under_an_allowance_is_carried_with_its_own_data_pickle_and_shown(tmp_path, cli, model_dir, keys, store):
+    pickle_case(WHEEL_NAME, python_wheel(DATA_PICKLE), model_dir / WHEEL_NAME)
+    bundle = tmp_path / "b"
+    packed = cli("pack", model_dir, "--out", bundle, "--name", "tiny", "--allow-file", "wheels/*.whl")
+    assert packed.code == 0, packed.err
+    assert "--allow-file 'wheels/*.whl' (signed): carries 1 Python wheel(s)" in packed.out
+    entry = {f["path"]: f for f in json.loads((bundle / "sovpack.json").read_text())["files"]}[WHEEL_NAME]
+    assert entry["format"] == "wheel" and entry["details"]["distribution"] == "demo"
+    assert entry["details"]["tags"] == ["py3-none-any"] and entry["details"]["wheel_version"] == "1.0"
+    described = json.loads(cli("inspect", bundle, "--json").out)
+    assert described["allowed_files"] == [{"glob": "wheels/*.whl", "files": [WHEEL_NAME]}]
+
+    assert cli("sign", bundle, "--key", keys / "alice.key").code == 0
+    verified = cli("verify", bundle, "--trust", keys / "alice.pub", "--json")
+    assert verified.code == 0, verified.out
+    report = json.loads(verified.out)
+    formats = next(c["detail"] for c in report["checks"] if c["step"] == "formats")
+    assert formats.startswith("no pickles outside the allowed wheels;") and "1 wheel" in formats
+    assert f"carried under the signed allowance: {WHEEL_NAME} (--allow-file 'wheels/*.whl')" in formats
+    assert report["allowed_files"] == [{"glob": "wheels/*.whl", "files": [WHEEL_NAME]}]
+    from sovpack.cli.bundle_commands import _details  # the details column of `inspect`
+
+    assert _details(entry["details"]) == "wheel demo 1.0 (py3-none-any), 4 members"
+    imported = cli("import", export(cli, bundle, tmp_path / "media"), "--store", store)
+    assert imported.code == 0, imported.err
+
+
+PRETENDERS = [
+    ("no RECORD", python_wheel(record=False), "it has no demo-1.0.dist-info/RECORD"),
+    ("no WHEEL", python_wheel(wheel=None), "it has no demo-1.0.dist-info/WHEEL"),
+    ("Wheel-Version 2", python_wheel(wheel=WHEEL_FILE.replace("1.0", "2.0")), "Wheel-Version '2.0', not 1.x"),
+    ("no Tag", python_wheel(wheel="Wheel-Version: 1.0\nRoot-Is-Purelib: true\n"), "no Tag"),
+    ("RECORD without WHEEL", python_wheel(listed=("RECORD",)), "its RECORD does not list demo-1.0.dist-info/WHEEL"),
+    ("two dist-info", python_wheel({"other-2.0.dist-info/WHEEL": WHEEL_FILE.encode()}), "2 top-level .dist-info"),
+    ("bytes in front", b"\0" * 64 + python_wheel(), "does not start with a zip member"),
+    ("bytes after", python_wheel() + b"\0" * 8, "bytes follow its zip end record"),
+    ("plain zip", zipped({"a.txt": b"hello"}), "0 top-level .dist-info directories"),
+    ("another name", python_wheel(dist_info="evil-1.0.dist-info"), "it holds evil-1.0.dist-info/"),
+    ("text", b"just text\n", "does not start with a zip member"),
+]
+
+
+@pytest.mark.parametrize("data, problem", [p[1:] for p in PRETENDERS], ids=[p[0] for p in PRETENDERS])
+def test_a_file_that_only_pretends_to_be_a_wheel_is_refused_under_the_allowance(tmp_path, cli, model_dir, data, problem):
+    pickle_case(WHEEL_NAME, data, model_dir / WHEEL_NAME)
+    message = refusal(cli("pack", model_dir, "--out", tmp_path / "b", "--name", "tiny", "--allow-file", "wheels/*.whl"))
+    assert f"{WHEEL_NAME}: refused: it is not a valid Python wheel (" in message and problem in message, message
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_pretend_wheel_holding_a_pickle_gets_no_exemption(tmp_path, cli, model_dir, keys):
+    """A WHEEL file alone (the old stopgap's test) does not make a wheel: its pickle is refused, at pack and at verify."""
+    pretender = python_wheel(DATA_PICKLE, record=False)
+    pickle_case(WHEEL_NAME, pretender, model_dir / WHEEL_NAME)
+    message = refusal(cli("pack", model_dir, "--out", tmp_path / "b", "--name", "tiny", "--allow-file", "wheels/*.whl"))
+    assert f"{WHEEL_NAME}: refused as pickle-based weights: it is a zip archive holding a pickle" in message
+
+
+def test_a_pickle_outside_a_wheel_is_refused_whatever_the_allowance(tmp_path, cli, model_dir):
+    pickle_case(WHEEL_NAME, python_wheel(DATA_PICKLE), model_dir / WHEEL_NAME)
+    pickle_case("extra/case.pkl", pickle.dumps(Payload(), protocol=4), model_dir / "extra" / "case.pkl")
+    message = refusal(cli("pack", model_dir, "--out", tmp_path / "b", "--name", "tiny", "--allow-file", "*"))
+    assert "extra/case.pkl: refused as pickle-based weights: it is a pickle of protocol 4" in message
+    (model_dir / "extra" / "case.pkl").unlink()
+    pickle_case("extra/model.zip", zipped({"case.pkl": pickle.dumps(Payload())}), model_dir / "extra" / "model.zip")
+    message = refusal(cli("pack", model_dir, "--out", tmp_path / "b", "--name", "tiny", "--allow-file", "*"))
+    assert "extra/model.zip: refused as pickle-based weights: it is a zip archive holding a pickle" in message
+    (model_dir / "extra" / "model.zip").unlink()
+    assert cli("pack", model_dir, "--out", tmp_path / "b", "--name", "tiny", "--allow-file", "*").code == 0
+
+
+def test_verify_refuses_a_signed_wheel_without_its_allowance(cli, signed_bundle, keys):
+    pickle_case(WHEEL_NAME, python_wheel(), signed_bundle / WHEEL_NAME)
+    smuggle(signed_bundle, WHEEL_NAME, keys / "alice.key", fmt="wheel")
+    report = json.loads(cli("verify", signed_bundle, "--trust", keys / "alice.pub", "--json").out)
+    assert report["error"]["step"] == "formats" and report["error"]["subject"] == WHEEL_NAME
+    assert "it is a Python wheel, which installs code" in report["error"]["message"]
+
+
 # 2. no input gets a traceback
 
 
@@ -406,23 +501,6 @@ def test_a_file_and_a_path_inside_it_are_refused_not_an_io_error(tmp_path, cli, 
     result = import_stream(stream, store)
     assert result.returncode == 1, result.stderr
     assert b"lists README.md as a file and README.md/inner inside it" in result.stderr
-
-
-def tar_member(name: str, data: bytes, *, pax: dict | None = None, kind: bytes = tarfile.REGTYPE) -> bytes:
-    """One member of a tar stream: header(s) and data, padded to whole blocks."""
-    info = tarfile.TarInfo(name)
-    info.type, info.size, info.pax_headers = kind, len(data), pax or {}
-    return info.tobuf(tarfile.PAX_FORMAT) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
-
-
-def tar_stream(members: list[tuple[str, bytes]], *extra: bytes) -> bytes:
-    return b"".join(tar_member(name, data) for name, data in members) + b"".join(extra) + bytes(2 * tarfile.BLOCKSIZE)
-
-
-def old_gnu_sparse_member(name: str) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.GNUTYPE_SPARSE
-    return info.tobuf(tarfile.GNU_FORMAT)  # an empty sparse map
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from sovpack.bundle.metadata import BundleMetadata, format_time, parse_metadata
 from sovpack.bundle.signature import parse_statement, read_signature_file
 from sovpack.common.hashing import sha256_bytes
 from sovpack.errors import Refused
-from sovpack.formats import OTHER, allowance_for
+from sovpack.formats import CARRIED_KINDS, allowance_for
 
 
 def describe_bundle(root: Path) -> dict:
@@ -39,8 +39,8 @@ def describe_bundle(root: Path) -> dict:
 
 
 def allowances(metadata: BundleMetadata) -> list[dict]:
-    """Each signed allowance (--allow-file GLOB) with the files of no checked kind it lets through."""
-    carried = [f.path for f in metadata.files if f.format == OTHER]
+    """Each signed allowance (--allow-file GLOB) with the files it lets through (wheels, files of no checked kind)."""
+    carried = [f.path for f in metadata.files if f.format in CARRIED_KINDS]
     return [
         {"glob": glob, "files": [p for p in carried if allowance_for(p, metadata.allowed_files) == glob]}
         for glob in metadata.allowed_files

@@ -128,7 +128,8 @@ def pack(
     """Pack `src` into a new unsigned bundle at `out`; returns its metadata and the skipped paths.
 
     `allowances` (--allow-file) are globs of bundle paths that may hold files of no kind sovpack
-    checks; each must match a file. They are recorded in the signed metadata; pickles stay refused.
+    checks, or Python wheels; each must match a file. They are recorded in the signed metadata;
+    pickles stay refused (except as members of an allowed wheel, formats/gate.py).
 
     Raises: UsageError (a bad name, version, expiry or allowance, one that matches no file, `out`
     exists, nothing to pack), Refused (a file the file-kind gate refuses, a pickle whatever the

@@ -31,7 +31,7 @@ from sovpack.common.hashing import (
     shard_jobs,
 )
 from sovpack.errors import Refused, SovpackError
-from sovpack.formats import Examined, examine, legacy_format
+from sovpack.formats import WHEEL, Examined, examine, legacy_format
 
 LEGACY_LABELS = ("json", "jinja", "text", "sentencepiece", "other")  # labels once given by name, never checked against bytes
 STEPS = ("signatures", "threshold", "metadata", "inventory", "digests", "formats", "expiry")
@@ -324,7 +324,8 @@ def check_formats(root: Path, metadata: BundleMetadata) -> str:
         kinds[examined.format] = kinds.get(examined.format, 0) + 1
         if examined.allowed_by:
             carried.append(f"{f.path} (--allow-file {examined.allowed_by!r})")
-    detail = "no pickles; every file of a checked kind (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")"
+    pickles = "no pickles outside the allowed wheels" if WHEEL in kinds else "no pickles"
+    detail = f"{pickles}; every file of a checked kind (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")"
     if carried:
         detail += f"; carried under the signed allowance: {_list(carried)}"
     return detail

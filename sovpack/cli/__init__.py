@@ -5,7 +5,8 @@ commands that need them so that `sovpack --help` and `sovpack verify` start fast
 
 - commands, one module per stage: `bundle_commands` (keygen, pack, sign, verify, inspect),
   `fetch_commands`, `quantize_commands`, `transfer_commands` (export, check-volumes, import),
-  `store_commands` (list, remove, trust, audit), `oci_commands` (push, pull), `serve_commands`
+  `oci_commands` (push, pull), `deploy_commands` (deploy kubernetes), `store_commands` (list, remove,
+  trust, audit), `serve_commands`, `runtime_commands` (runtime build, install, rollback, list)
 - shared: `command` (usage lines and one-line usage errors), `options` (help texts, which
   commands need an existing store), `passwords` (the one password prompt), `render` (consoles,
   JSON), `progress_view` (the one renderer of the progress protocol, common/progress.py)
@@ -57,6 +58,7 @@ COMMAND_MODULES = (
     "deploy_commands",
     "store_commands",
     "serve_commands",
+    "runtime_commands",
 )
 for _module in COMMAND_MODULES:
     importlib.import_module(f"sovpack.cli.{_module}")

@@ -69,14 +69,16 @@ def pack(
         "--allow-file",
         metavar="GLOB",
         help="Carry files matching GLOB (whole bundle path, e.g. 'onnx/*.onnx') even though sovpack cannot check "
-        "their kind; recorded in the signed metadata and shown by inspect and verify. Pickles are refused regardless. "
+        "their kind, or Python wheels (e.g. 'wheels/*.whl'); recorded in the signed metadata and shown by inspect and "
+        "verify. Pickles are refused regardless, except inside an allowed wheel (which installs code anyway). "
         "Repeatable.",
     ),
 ) -> None:
     """Turn a local model directory into an unsigned bundle (files copied or hard-linked).
 
     Every file must be of a kind sovpack checks by its bytes: safetensors, GGUF, SentencePiece, PNG/JPEG/GIF/WebP,
-    JSON, Jinja or plain text. Pickles are always refused.
+    JSON, Jinja or plain text; --allow-file carries other kinds and Python wheels. Pickles are always refused,
+    except inside an allowed wheel.
     """
     from datetime import datetime, timezone
 
@@ -91,7 +93,7 @@ def pack(
     for s in skipped:
         console.print(f"skipped {s} (git metadata)")
     warn_if_expired(metadata)
-    _print_allowances(allowances(metadata))  # the allowances just recorded, and what each carries
+    _print_allowances(allowances(metadata), _wheels(metadata.to_json()["files"]))  # the allowances just recorded
     total = sum(f.size for f in metadata.files)
     console.print(f"packed {metadata.name} v{metadata.version}: {len(metadata.files)} files, {human_size(total)} -> {out}")
     console.print(f"next: sovpack sign {out} --key KEYFILE")
@@ -172,7 +174,7 @@ def render_verify_report(report) -> None:
     if report.failure:
         table.add_row(report.failure.step, "[bold red]FAILED[/]", escape(str(report.failure)))
     console.print(table)
-    _print_allowances(report.to_json()["allowed_files"])
+    _print_allowances(report.to_json()["allowed_files"], _wheels(report.to_json()["files"]))
     for s in report.signatures:
         who = f"{s.signer.name} ({s.key_id})" if s.signer else f"key {s.key_id}"
         if s.certificate:
@@ -227,7 +229,7 @@ def render_description(doc: dict) -> None:
             escape(_source(f.get("source"))),
         )
     console.print(table)
-    _print_allowances(doc["allowed_files"])
+    _print_allowances(doc["allowed_files"], _wheels(doc["files"]))
     if not doc["signatures"]:
         console.print("signatures: none (unsigned)")
     for s in doc["signatures"]:
@@ -245,15 +247,25 @@ def _certificate_text(certificate: dict) -> str:
     return f"certificate {certificate['subject']} (issuer {certificate['issuer']}, serial {certificate['serial']})"
 
 
-def _print_allowances(allowances: list[dict]) -> None:
+def _wheels(files: list[dict]) -> set[str]:
+    return {f["path"] for f in files if f.get("format") == "wheel"}
+
+
+def _print_allowances(allowances: list[dict], wheels: set[str]) -> None:
+    """Each allowance and what it carries: Python wheels (validated as wheels), files of no kind sovpack checks."""
     from rich.markup import escape
 
     for a in allowances:
-        files = ", ".join(a["files"]) or "no file"
-        console.print(
-            f"[yellow]allowance[/] --allow-file {escape(repr(a['glob']))} (signed): carries {escape(files)}, "
-            "of no kind sovpack checks (pickle-checked only)"
-        )
+        carried = []
+        if wheel_count := sum(1 for f in a["files"] if f in wheels):
+            carried.append(
+                f"{wheel_count} Python wheel(s) (validated as wheels; they install code, "
+                "their members are not searched for pickles)"
+            )
+        if others := [f for f in a["files"] if f not in wheels]:
+            carried.append(f"{', '.join(others)}, of no kind sovpack checks (pickle-checked only)")
+        what = "; ".join(carried) or "no file"
+        console.print(f"[yellow]allowance[/] --allow-file {escape(repr(a['glob']))} (signed): carries {escape(what)}")
 
 
 def _details(details: dict | None) -> str:
@@ -278,6 +290,10 @@ def _details(details: dict | None) -> str:
         return f"{details['image']} image{size}"
     if "pieces" in details:
         return f"{details['pieces']} pieces"
+    if "wheel_version" in details:
+        tags = details.get("tags")
+        tags = ", ".join(map(str, tags)) if isinstance(tags, list) else tags
+        return f"wheel {details.get('distribution')} {details.get('version')} ({tags}), {details.get('members')} members"
     dtypes = ",".join(map(str, details.get("dtypes", {}))) if isinstance(details.get("dtypes"), dict) else ""
     count = details.get("parameter_count")
     return f"{details.get('tensor_count')} tensors {dtypes} {f'{count:,}' if isinstance(count, int) else count} params"

@@ -1,7 +1,8 @@
 """Inspectors of untrusted files, and the gate every bundle file passes (gate.py).
 
 What a file *is* (its format) is decided by its bytes: safetensors, GGUF, SentencePiece,
-card images, JSON, Jinja, text, or `other` under an operator allowance; pickles never pass.
+card images, JSON, Jinja, text, or a Python wheel or `other` under an operator allowance;
+pickles never pass (except as members of an allowed wheel, which installs code anyway).
 What a file is *for* (its role) is read from its name, for people and for serve's choices.
 """
 
@@ -10,9 +11,21 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from sovpack.errors import FormatError
-from sovpack.formats.gate import CHECKED_KINDS, OTHER, Examined, allowance_for, examine
+from sovpack.formats.gate import CARRIED_KINDS, CHECKED_KINDS, OTHER, WHEEL, Examined, allowance_for, examine
 
-__all__ = ["CHECKED_KINDS", "OTHER", "ROLES", "Examined", "allowance_for", "examine", "inspect_file", "legacy_format", "role_of"]
+__all__ = [
+    "CARRIED_KINDS",
+    "CHECKED_KINDS",
+    "OTHER",
+    "ROLES",
+    "WHEEL",
+    "Examined",
+    "allowance_for",
+    "examine",
+    "inspect_file",
+    "legacy_format",
+    "role_of",
+]
 
 ROLES = ("weights", "weights-index", "config", "tokenizer", "chat-template", "license", "documentation", "other")
 

@@ -9,13 +9,21 @@ Allowed kinds, and how each is recognised (docs/bundle-format.md, "Allowed file 
     json, jinja, text
                    UTF-8 text without control characters (formats/text.py); JSON when the bounded
                    loader reads it as an object or array, Jinja when the (text) file is a chat template
+    wheel          a Python wheel: a zip with one *.dist-info/ holding a valid WHEEL and RECORD
+                   (formats/wheel.py); only under an allowance
 
 Before any of these, the bytes are searched for a pickle (formats/pickle.py): a pickle is
-refused whatever the file's name, kind or allowance. A file of no allowed kind is refused,
-naming what it looks like, unless an operator allowance (`pack --allow-file GLOB`, recorded in
-the signed sovpack.json) matches its path: then it is carried as `other`, still pickle-checked.
-The name never lets a file through: it only chooses between json/jinja/text labels for text,
-and refuses more (a pickle extension such as .bin needs an allowance, and its bytes are checked).
+refused whatever the file's name, kind or allowance (the one exception below). A file of no
+allowed kind is refused, naming what it looks like, unless an operator allowance (`pack
+--allow-file GLOB`, recorded in the signed sovpack.json) matches its path: then it is carried
+as `other`, still pickle-checked. The name never lets a file through: it only chooses between
+json/jinja/text labels for text, and refuses more (a pickle extension such as .bin needs an
+allowance, and its bytes are checked; a name an allowance gives as *.whl must be a valid wheel).
+
+Wheels are the one exception to the pickle search, in one place (`_wheel`): a wheel installs
+code, strictly more than a pickle can do, so the members of a valid wheel that an allowance
+names are not searched (numpy ships a test .pkl). A wheel outside an allowance is refused like
+any zip, pickles first; a zip that only looks like a wheel gets no exemption.
 """
 
 from __future__ import annotations
@@ -34,17 +42,20 @@ from sovpack.formats.pickle import NPY_MAGIC, hidden_pickle, pickle_stream, pick
 from sovpack.formats.safetensors import inspect_safetensors
 from sovpack.formats.sentencepiece import inspect_sentencepiece, looks_like_sentencepiece
 from sovpack.formats.text import is_json_document, text_problem
+from sovpack.formats.wheel import inspect_wheel, looks_like_wheel
 
 CHECKED_KINDS = ("safetensors", "gguf", "sentencepiece", "image", "json", "jinja", "text")
 OTHER = "other"
+WHEEL = "wheel"
+CARRIED_KINDS = (WHEEL, OTHER)  # the kinds only an allowance lets into a bundle
 ALLOWED_KINDS_TEXT = "safetensors, GGUF, SentencePiece models, PNG/JPEG/GIF/WebP images, JSON, Jinja templates and plain text"
 
 
 @dataclass(frozen=True)
 class Examined:
-    format: str  # one of CHECKED_KINDS, or "other" for a file an allowance lets through
+    format: str  # one of CHECKED_KINDS, or one of CARRIED_KINDS for a file an allowance lets through
     details: dict | None  # what the kind's inspector found
-    allowed_by: str | None = None  # the allowance glob, for "other"
+    allowed_by: str | None = None  # the allowance glob, for CARRIED_KINDS
 
 
 def allowance_for(path: str, allowances: tuple[str, ...] | list[str]) -> str | None:
@@ -59,6 +70,8 @@ def examine(path: Path, name: str, allowances: tuple[str, ...] | list[str] = ())
     if suffix and not allowed_by:
         raise _pickle_refusal(name, f"its extension {suffix} is used for pickle-based weights")
     with _mapped(path) as data:
+        if looks_like_wheel(data) or (allowed_by and name.lower().endswith(".whl")):
+            return _wheel(data, path, name, allowed_by)
         kind = _structured_kind(data) or _claimed_weights(name)
         pickle = _pickle_in(data, kind, path, name)
         if pickle:
@@ -76,6 +89,36 @@ def examine(path: Path, name: str, allowances: tuple[str, ...] | list[str] = ())
             f"Bundles carry {ALLOWED_KINDS_TEXT}, recognised by their bytes; to carry this file anyway, "
             "pack with --allow-file GLOB naming it (recorded in the signed metadata)",
         )
+
+
+def _wheel(data, path: Path, name: str, allowed_by: str | None) -> Examined:
+    """A Python wheel (or a file an allowance names *.whl): accepted only valid and allowed; its members' pickles are its own.
+
+    Outside an allowance, or when it is not a valid wheel, it is searched for pickles as any file
+    is and refused; an allowed, valid wheel only may not itself be a pickle from its first byte.
+    """
+    try:
+        details = inspect_wheel(data, name)
+    except FormatError as e:
+        problem = e
+    else:
+        problem = None if allowed_by else _wheel_refusal(name)
+    if problem is not None:
+        pickle = _pickle_in(data, None, path, name)
+        raise _pickle_refusal(name, f"it is {pickle}") if pickle else problem
+    stream = pickle_stream(data)
+    if stream is not None:
+        raise _pickle_refusal(name, f"it is {stream.describe()}")
+    return Examined(WHEEL, details, allowed_by)
+
+
+def _wheel_refusal(name: str) -> FormatError:
+    return FormatError(
+        name,
+        "refused: it is a Python wheel, which installs code. Bundles carry "
+        f"{ALLOWED_KINDS_TEXT}, recognised by their bytes; a wheel is carried only under an explicit allowance: "
+        "pack with --allow-file GLOB naming it (recorded in the signed metadata), as `sovpack runtime build` does",
+    )
 
 
 def _structured_kind(data) -> str | None:

@@ -177,7 +177,7 @@ def _central_directory_members(data):
     if ZIP_END_RECORD not in data[-(65535 + 22) :]:
         return
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else _MapFile(data))
+        archive = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else MapFile(data))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, OSError, EOFError, zlib.error):
         return
     with archive:
@@ -222,8 +222,8 @@ def _local_member(data, position: int) -> tuple[str, bytes] | None:
     return None
 
 
-class _MapFile(io.RawIOBase):
-    """A read-only seekable file over a memory map, for zipfile."""
+class MapFile(io.RawIOBase):
+    """A read-only seekable file over a memory map, for zipfile (here and in wheel.py)."""
 
     def __init__(self, data: mmap.mmap):
         self.data, self.pos = data, 0

@@ -3,13 +3,13 @@
 The argument is a bundle directory when it is an existing directory, contains "/" or starts
 with "."; otherwise NAME or NAME@VERSION of a bundle installed in the store (`find_target`).
 
-The policy (`choose_policy`), for verify, check-volumes, import and serve alike:
+The policy (`choose_policy`), for verify, check-volumes, import, serve and runtime install alike:
 
 - keys given with `--trust`: those keys, and `--threshold` (default 1);
-- an installed bundle being served: the keys and threshold it was imported under, minus keys
-  revoked since, and its certificate signers while the root they were accepted under is still
-  trusted, with the store's CRLs (`Store.policy_for`); `--threshold` can only raise that
-  threshold; a refusal says how to serve it after all (the keys of an import under
+- an installed bundle being served (or installed as the runtime): the keys and threshold it was
+  imported under, minus keys revoked since, and its certificate signers while the root they were
+  accepted under is still trusted, with the store's CRLs (`Store.policy_for`); `--threshold` can
+  only raise that threshold; a refusal says how to use it after all (the keys of an import under
   `--trust FILE` are trusted for that import only);
 - otherwise the store's trusted keys and roots (with its CRLs) and the store's threshold, which
   `--threshold` replaces; where trust is optional (check-volumes), none when the store trusts
@@ -56,32 +56,36 @@ def choose_policy(
     *,
     imported_under: InstalledBundle | None = None,
     required: bool = True,
+    alternative: str | None = "serve it with --trust FILE",
 ) -> TrustPolicy | None:
     """The trust policy of the module docstring; None only when not `required` and there is no trust at all.
 
-    `imported_under`: an installed bundle held to the policy it was accepted under (serve).
+    `imported_under`: an installed bundle held to the policy it was accepted under (serve, runtime
+    install); `alternative`: the other way out a refusal then names, if the command has one.
     Raises UsageError (no keys, a threshold they cannot meet) or Refused (too many of the
     bundle's signers revoked).
     """
     if trust:
         return load_trust(list(trust), threshold or 1)
     if imported_under is not None:
-        return _policy_it_was_accepted_under(store, imported_under, threshold)
+        return _policy_it_was_accepted_under(store, imported_under, threshold, alternative)
     if not required and not store.trusted_keys() and not store.trusted_roots():
         return None
     return store.trust_policy(threshold)
 
 
-def _policy_it_was_accepted_under(store: Store, installed: InstalledBundle, threshold: int | None) -> TrustPolicy:
-    """Store.policy_for, whose refusal (too few of the accepting keys trusted now) says how to serve it after all."""
+def _policy_it_was_accepted_under(
+    store: Store, installed: InstalledBundle, threshold: int | None, alternative: str | None
+) -> TrustPolicy:
+    """Store.policy_for, whose refusal (too few of the accepting keys trusted now) says how to use it after all."""
     _ = store.trusted_keys(), store.threshold  # a damaged key or policy file is refused here, with its own repair
     try:
         return store.policy_for(installed, threshold)
     except Refused as e:
         raise Refused(
             f"{e}: trust its signers in this store with `sovpack trust add FILE` (an import with --trust FILE "
-            "trusts FILE for that import only; certificate signers: `sovpack trust add-root ROOT.pem`), "
-            "or serve it with --trust FILE"
+            "trusts FILE for that import only; certificate signers: `sovpack trust add-root ROOT.pem`)"
+            + (f", or {alternative}" if alternative else "")
         ) from None
 
 
