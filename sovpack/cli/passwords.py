@@ -10,17 +10,21 @@ import typer
 from sovpack.errors import UsageError
 
 
-def read_password(password_file: Path | None) -> bytes | None:
-    """The password in `password_file` (its trailing newline dropped); None without a file."""
-    if password_file is None:
+def read_secret_file(path: Path | None, option: str = "--password-file") -> bytes | None:
+    """The password or PIN in `path` (its trailing newline dropped); None without a file."""
+    if path is None:
         return None
     try:
-        password = password_file.read_bytes().rstrip(b"\r\n")
+        secret = path.read_bytes().rstrip(b"\r\n")
     except OSError as e:
-        raise UsageError(f"cannot read --password-file {password_file}: {e.strerror}") from None
-    if not password:
-        raise UsageError(f"--password-file {password_file} is empty")
-    return password
+        raise UsageError(f"cannot read {option} {path}: {e.strerror}") from None
+    if not secret:
+        raise UsageError(f"{option} {path} is empty")
+    return secret
+
+
+def read_password(password_file: Path | None) -> bytes | None:
+    return read_secret_file(password_file)
 
 
 def load_signing_key(key: Path, password_file: Path | None):

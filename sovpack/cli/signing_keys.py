@@ -17,14 +17,10 @@ PIN_FILE_HELP = "File holding the token's user PIN (else it is asked for on a te
 
 def read_pin(pin_file: Path | None, token_name: str) -> bytes:
     """The token PIN from --pin-file (trailing newline dropped), else typed at a terminal."""
+    from sovpack.cli.passwords import read_secret_file
+
     if pin_file is not None:
-        try:
-            pin = pin_file.read_bytes().rstrip(b"\r\n")
-        except OSError as e:
-            raise UsageError(f"cannot read --pin-file {pin_file}: {e.strerror}") from None
-        if not pin:
-            raise UsageError(f"--pin-file {pin_file} is empty")
-        return pin
+        return read_secret_file(pin_file, "--pin-file")
     if not sys.stdin.isatty():
         raise UsageError(f"{token_name} needs its PIN: give --pin-file FILE (no terminal to ask on)")
     return typer.prompt(f"PIN for {token_name}", hide_input=True).encode()
