@@ -224,6 +224,8 @@ def test_serve_threshold_can_raise_the_one_an_installed_bundle_is_held_to_but_a_
         s.policy_for(installed, 1)
     result = cli("serve", "tiny", "--threshold", "1", "--store", store)
     assert result.code == 2 and "--threshold 1 is below the 2 trusted signatures tiny v3" in result.err, result.err
+    by_path = cli("serve", store / "bundles" / "tiny" / "3", "--threshold", "1", "--store", store)  # no way around it
+    assert by_path.code == 2 and "--threshold 1 is below the 2 trusted signatures tiny v3" in by_path.err, by_path.err
 
 
 def test_a_failed_import_changes_nothing_but_the_audit_log(cli, signed_bundle, store, tmp_path):

@@ -41,12 +41,27 @@ def is_bundle_path(spec: str) -> bool:
 
 
 def find_target(spec: str, store: Store) -> Target:
-    """Raises UsageError when `spec` is neither a bundle directory nor installed in the store."""
+    """Raises UsageError when `spec` is neither a bundle directory nor installed in the store.
+
+    A path into the store's own bundles/NAME/VERSION is that installed bundle, held to the policy it
+    was imported under exactly as by its name: a path is no way around its threshold.
+    """
     if is_bundle_path(spec):
         require_bundle_dir(Path(spec))
-        return Target(Path(spec), None)
+        installed = _installed_at(Path(spec), store)
+        return Target(Path(spec), None) if installed is None else Target(installed.path, installed)
     installed = store.find(spec)
     return Target(installed.path, installed)
+
+
+def _installed_at(path: Path, store: Store) -> InstalledBundle | None:
+    try:
+        rel = path.resolve().relative_to(store.bundles_dir.resolve())
+    except ValueError:
+        return None
+    if len(rel.parts) != 2 or not rel.parts[1].isdigit():
+        return None
+    return store.find(f"{rel.parts[0]}@{rel.parts[1]}")
 
 
 def choose_policy(
