@@ -274,3 +274,14 @@ def test_a_syslog_target_that_does_not_answer_is_refused_and_changes_nothing(cli
     assert (store / "audit.log").read_bytes() == before and not (store / "state" / "syslog.json").exists()
     bad = cli("audit", "syslog", "syslog.example:514", "--store", store)
     assert bad.code == 2 and "give the absolute path of a Unix socket" in bad.err
+
+
+def test_a_damaged_syslog_setting_is_named_by_audit_verify(cli, store):
+    setting = store / "state" / "syslog.json"
+    setting.parent.mkdir(parents=True, exist_ok=True)
+    setting.write_text("{")
+    result = cli("audit", "verify", "--store", store)
+    assert result.code == 1 and f"{setting} is damaged: audit records are not being copied to syslog" in result.err
+    assert cli("trust", "threshold", "1", "--store", store).code == 0  # appends stay best effort
+    assert cli("audit", "syslog", "off", "--store", store).code == 0 and not setting.exists()
+    assert cli("audit", "verify", "--store", store).code == 0

@@ -301,7 +301,14 @@ class Store:
                 write_atomically(self.syslog_setting, json.dumps({"target": target}).encode())
 
     def syslog_target(self) -> str | None:
-        return syslog.read_target(self.syslog_setting)
+        """The syslog target; Refused naming the setting when it exists but cannot be read (copies have stopped)."""
+        target = syslog.read_target(self.syslog_setting)
+        if target is None and self.syslog_setting.exists():
+            raise Refused(
+                f"{self.syslog_setting} is damaged: audit records are not being copied to syslog; "
+                "set it again with `sovpack audit syslog TARGET` (or `off`)"
+            )
+        return target
 
     def set_threshold(self, threshold: int) -> None:
         if threshold < 1:

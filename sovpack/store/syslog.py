@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from sovpack.common import safe_json
 from sovpack.errors import UsageError
 
 FACILITY_AUTHPRIV = 10
@@ -62,9 +63,8 @@ def send(target: str, data: bytes) -> None:
 
 
 def read_target(setting: Path) -> str | None:
-    """The configured target, or None; a damaged setting is ignored here and named by `audit syslog`."""
-    from sovpack.common import safe_json
-
+    """The configured target, or None; a damaged setting is ignored here (appends stay best effort) and
+    named by `audit verify` (Store.syslog_target)."""
     try:
         target = safe_json.loads(setting.read_bytes(), max_bytes=1 << 16, max_depth=4).get("target")
     except (OSError, ValueError, AttributeError):
